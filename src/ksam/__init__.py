@@ -1,0 +1,35 @@
+"""ksam: sharpness-aware training at SGD's cost.
+
+K-SAM and the methods it is measured against, all on one two-pass step engine::
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ksam_opt = ksam.KSAM(model, opt, rho=0.05, k=0.25)
+    result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+"""
+
+from .engine import SharpnessAwareOptimizer, StepResult
+from .methods import ESAM, KSAM, METHODS, SAM, SGD, OrderedSGD, RandomSubsetSAM, create
+from .perturbation import (
+    AdaptivePerturbation,
+    GradientNormPerturbation,
+    PerturbationRule,
+    StochasticWeightPerturbation,
+)
+from .selection import (
+    LargestLossIncrease,
+    RandomSubset,
+    SelectionContext,
+    SelectionRule,
+    TopLoss,
+    WholeBatch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SharpnessAwareOptimizer", "StepResult", "create", "METHODS",
+    "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD",
+    "SelectionRule", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
+    "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
+    "AdaptivePerturbation", "StochasticWeightPerturbation",
+]

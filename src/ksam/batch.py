@@ -1,0 +1,70 @@
+"""Batches as nested structures of tensors that share a leading batch dimension.
+
+A batch may be a tensor, or a (nested) tuple / list / dict of tensors. Non-tensor leaves
+(strings, ints, None) are carried along unchanged, so that e.g. a Hugging Face batch with a
+``return_loss`` flag still works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Batch = Any  # Tensor | tuple | list | dict of those
+
+
+def _tensor_leaves(batch: Batch, path: str = "batch") -> list[tuple[str, Tensor]]:
+    if isinstance(batch, Tensor):
+        return [(path, batch)]
+    if isinstance(batch, Mapping):
+        out: list[tuple[str, Tensor]] = []
+        for key, value in batch.items():
+            out.extend(_tensor_leaves(value, f"{path}[{key!r}]"))
+        return out
+    if isinstance(batch, (tuple, list)):
+        out = []
+        for i, value in enumerate(batch):
+            out.extend(_tensor_leaves(value, f"{path}[{i}]"))
+        return out
+    return []
+
+
+def batch_size(batch: Batch) -> int:
+    """Leading size shared by every tensor of ``batch``; raises ValueError if there is none."""
+    leaves = _tensor_leaves(batch)
+    if not leaves:
+        raise ValueError("batch holds no tensor: pass a tensor or a tuple/list/dict of tensors")
+    sizes = {}
+    for path, tensor in leaves:
+        if tensor.dim() == 0:
+            raise ValueError(f"{path} is a 0-d tensor: every batch tensor needs a batch dimension")
+        sizes.setdefault(tensor.shape[0], path)
+    if len(sizes) > 1:
+        listing = ", ".join(f"{path} has {n}" for n, path in sizes.items())
+        raise ValueError(f"batch tensors have different leading sizes: {listing}")
+    return next(iter(sizes))
+
+
+def batch_device(batch: Batch) -> torch.device:
+    return _tensor_leaves(batch)[0][1].device
+
+
+def index_batch(batch: Batch, index: Tensor | None) -> Batch:
+    """The sub-batch at ``index`` (a LongTensor of rows); ``None`` means the whole batch."""
+    if index is None:
+        return batch
+    if isinstance(batch, Tensor):
+        if index.device != batch.device:
+            index = index.to(batch.device, non_blocking=True)
+        return batch.index_select(0, index)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: index_batch(v, index) for k, v in batch.items()}) \
+            if type(batch) is not dict else {k: index_batch(v, index) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(index_batch(v, index) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(index_batch(v, index) for v in batch)
+    return batch

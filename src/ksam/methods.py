@@ -1,0 +1,125 @@
+"""The methods: each is the two-pass engine with one choice of rules, nothing more.
+
+All take ``(model, optimizer, **options)`` and share :class:`SharpnessAwareOptimizer`'s
+engine options (``grad_scaler``, ``autocast_dtype``, ``fast_path``, ``seed``,
+``sync_perturbation``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import SharpnessAwareOptimizer
+from .perturbation import (
+    AdaptivePerturbation,
+    GradientNormPerturbation,
+    StochasticWeightPerturbation,
+)
+from .selection import LargestLossIncrease, RandomSubset, TopLoss, WholeBatch
+
+
+class SGD(SharpnessAwareOptimizer):
+    """One plain step of the base optimizer on the whole batch: the reference."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **engine: Any):
+        super().__init__(model, optimizer, ascent=None, perturbation=None,
+                         descent=WholeBatch(), **engine)
+
+
+class SAM(SharpnessAwareOptimizer):
+    """Sharpness-aware minimization (Foret et al. 2021); ``adaptive=True`` is ASAM (Kwon et
+    al. 2021) with its ``eta``. Both gradients over the whole batch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **engine: Any):
+        rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
+        super().__init__(model, optimizer, ascent=WholeBatch(), perturbation=rule,
+                         descent=WholeBatch(), **engine)
+
+
+class KSAM(SharpnessAwareOptimizer):
+    """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
+
+    One gradient-free forward over the batch gives per-sample losses l at w; the ascent
+    gradient uses the top-``k_ascent`` (K1) examples of l, the descent gradient the
+    top-``k_descent`` (K2) of the same l. ``k`` (a fraction in (0, 1] or an int count)
+    sets both unless overridden. Three forward passes (B, K1, K2), two backward passes
+    (K1, K2), none over the whole batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
+                 k_descent: float | int | None = None, adaptive: bool = False,
+                 eta: float = 0.01, **engine: Any):
+        rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
+        ascent = TopLoss(k if k_ascent is None else k_ascent,
+                         "k" if k_ascent is None else "k_ascent")
+        descent = TopLoss(k if k_descent is None else k_descent,
+                          "k" if k_descent is None else "k_descent")
+        super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
+                         descent=descent, **engine)
+
+
+class RandomSubsetSAM(SharpnessAwareOptimizer):
+    """SAM with the ascent gradient on a random subset of the batch (Bahri et al. 2022);
+    the descent gradient uses the whole batch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.05, k_ascent: float | int = 0.25, **engine: Any):
+        super().__init__(model, optimizer, ascent=RandomSubset(k_ascent, "k_ascent"),
+                         perturbation=GradientNormPerturbation(rho), descent=WholeBatch(),
+                         **engine)
+
+
+class ESAM(SharpnessAwareOptimizer):
+    """Efficient SAM (Du et al. 2022): stochastic weight perturbation (each parameter
+    tensor perturbed with probability ``beta``, eps scaled by 1/beta) and sharpness-
+    sensitive data selection (the descent uses the ``gamma`` fraction of examples whose
+    loss rises most under eps)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.05, beta: float = 0.6, gamma: float = 0.5, **engine: Any):
+        super().__init__(model, optimizer, ascent=WholeBatch(),
+                         perturbation=StochasticWeightPerturbation(rho, beta),
+                         descent=LargestLossIncrease(gamma), **engine)
+
+
+class OrderedSGD(SharpnessAwareOptimizer):
+    """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 k: float | int = 0.25, **engine: Any):
+        super().__init__(model, optimizer, ascent=None, perturbation=None,
+                         descent=TopLoss(k), **engine)
+
+
+def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,
+          eta: float = 0.01, **engine: Any) -> SAM:
+    """ASAM with its paper's CIFAR default rho=0.5."""
+    return SAM(model, optimizer, rho=rho, adaptive=True, eta=eta, **engine)
+
+
+METHODS = {
+    "sgd": SGD,
+    "sam": SAM,
+    "asam": _asam,
+    "ksam": KSAM,
+    "random-sam": RandomSubsetSAM,
+    "esam": ESAM,
+    "osgd": OrderedSGD,
+}
+
+
+def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+           **kwargs: Any) -> SharpnessAwareOptimizer:
+    """Build a method by name: one of ``sgd, sam, asam, ksam, random-sam, esam, osgd``."""
+    try:
+        factory = METHODS[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(
+            f"unknown method {name!r}; choose one of: {', '.join(METHODS)}"
+        ) from None
+    return factory(model, optimizer, **kwargs)

@@ -1,0 +1,188 @@
+"""Selection rules: which examples of the mini-batch a gradient pass uses.
+
+A rule sees a :class:`SelectionContext` and returns a LongTensor of row indices, or ``None``
+for the whole batch. The returned size depends on the batch size only, never on tensor
+values, so a step has static shapes and can be captured as a CUDA graph.
+
+Rules:
+
+- :class:`WholeBatch` - every example (SGD, SAM, the descent of random-subset SAM).
+- :class:`TopLoss` - the K examples with the largest loss at w (K-SAM, Ordered SGD).
+- :class:`RandomSubset` - K examples drawn uniformly without replacement (Bahri et al.).
+- :class:`LargestLossIncrease` - the examples whose loss rises most from w to w+eps
+  (ESAM's sharpness-sensitive data selection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+
+def check_subset_size(k: float | int, name: str = "k") -> float | int:
+    """Validate a subset size: a fraction in (0, 1] or an int >= 1. Returns it unchanged."""
+    if isinstance(k, bool) or not isinstance(k, Real):
+        raise ValueError(f"{name} must be a fraction in (0, 1] or an int >= 1, got {k!r}")
+    if isinstance(k, Integral):
+        if k < 1:
+            raise ValueError(f"{name} must be >= 1 when given as an int, got {k}")
+        return int(k)
+    k = float(k)
+    if not math.isfinite(k) or not 0.0 < k <= 1.0:
+        raise ValueError(
+            f"{name} must be a fraction in (0, 1] (or an int >= 1 for a count), got {k!r}"
+        )
+    return k
+
+
+def resolve_subset_size(k: float | int, batch_size: int, name: str = "k") -> int:
+    """Number of examples that ``k`` selects from a batch of ``batch_size``.
+
+    A float is a fraction of the batch, rounded to the nearest int and at least 1; an int is
+    a count and must not exceed the batch.
+    """
+    if isinstance(k, int):
+        if k > batch_size:
+            raise ValueError(f"{name}={k} is larger than the batch ({batch_size} examples)")
+        return k
+    return max(1, min(batch_size, round(k * batch_size)))
+
+
+@dataclass
+class SelectionContext:
+    """What a rule may look at. ``scores`` are per-sample losses at w (detached);
+    ``perturbed_losses`` are per-sample losses at w+eps (detached)."""
+
+    batch_size: int
+    device: torch.device
+    scores: Tensor | None = None
+    perturbed_losses: Tensor | None = None
+    generator: torch.Generator | None = None
+    step: int = 0
+
+
+def top_indices(values: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` largest values, ties broken by the lower index.
+
+    A stable descending sort is deterministic where ``torch.topk`` is not (it does not
+    promise an order for ties); for a mini-batch the sort is negligible next to a forward.
+    """
+    order = torch.sort(values, descending=True, stable=True).indices
+    return order[:count]
+
+
+class SelectionRule:
+    """Base class. ``needs_scores``: the rule reads per-sample losses at w, so the engine
+    runs a gradient-free forward over the batch first (or reuses a full-batch pass at w).
+    ``needs_perturbed_losses``: the rule reads losses at w+eps (ESAM)."""
+
+    needs_scores: bool = False
+    needs_perturbed_losses: bool = False
+
+    def size(self, batch_size: int) -> int:
+        """How many examples the rule selects from a batch of ``batch_size``."""
+        raise NotImplementedError
+
+    def select(self, ctx: SelectionContext) -> Tensor | None:
+        raise NotImplementedError
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        """The scalar whose gradient the pass takes, from the selected rows' losses: their
+        mean. Distributed rules override it to normalize over all ranks' selections."""
+        return losses.float().mean()
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise ValueError if the rule cannot select from a batch of this size."""
+        self.size(batch_size)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class WholeBatch(SelectionRule):
+    """Every example: the pass runs on the whole batch."""
+
+    def size(self, batch_size: int) -> int:
+        return batch_size
+
+    def select(self, ctx: SelectionContext) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "WholeBatch()"
+
+
+class TopLoss(SelectionRule):
+    """The ``k`` examples with the largest loss at w (Kawaguchi & Lu; Ni et al.)."""
+
+    needs_scores = True
+
+    def __init__(self, k: float | int, name: str = "k") -> None:
+        self.k = check_subset_size(k, name)
+        self.name = name
+
+    def size(self, batch_size: int) -> int:
+        return resolve_subset_size(self.k, batch_size, self.name)
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        assert ctx.scores is not None
+        return top_indices(ctx.scores, self.size(ctx.batch_size))
+
+    def __repr__(self) -> str:
+        return f"TopLoss({self.name}={self.k})"
+
+
+class RandomSubset(SelectionRule):
+    """``k`` examples drawn uniformly without replacement (Bahri et al.), in index order.
+
+    Draws come from the engine's generator (on the CPU, saved in its state_dict) so runs
+    are reproducible and resumable.
+    """
+
+    def __init__(self, k: float | int, name: str = "k") -> None:
+        self.k = check_subset_size(k, name)
+        self.name = name
+
+    def size(self, batch_size: int) -> int:
+        return resolve_subset_size(self.k, batch_size, self.name)
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        count = self.size(ctx.batch_size)
+        gen = ctx.generator
+        perm = torch.randperm(ctx.batch_size, generator=gen, device=gen.device if gen else "cpu")
+        return perm[:count].sort().values.to(ctx.device, non_blocking=True)
+
+    def __repr__(self) -> str:
+        return f"RandomSubset({self.name}={self.k})"
+
+
+class LargestLossIncrease(SelectionRule):
+    """ESAM's sharpness-sensitive selection: the ``fraction`` of examples whose loss rises
+    most from w to w+eps (Du et al. 2022)."""
+
+    needs_scores = True
+    needs_perturbed_losses = True
+
+    def __init__(self, fraction: float) -> None:
+        if isinstance(fraction, bool) or not isinstance(fraction, Real) \
+                or not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"gamma must be a fraction in (0, 1], got {fraction!r}")
+        self.fraction = float(fraction)
+
+    def size(self, batch_size: int) -> int:
+        return resolve_subset_size(self.fraction, batch_size, "gamma")
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        assert ctx.scores is not None and ctx.perturbed_losses is not None
+        increase = ctx.perturbed_losses - ctx.scores
+        return top_indices(increase, self.size(ctx.batch_size))
+
+    def __repr__(self) -> str:
+        return f"LargestLossIncrease(gamma={self.fraction})"
