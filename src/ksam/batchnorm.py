@@ -9,8 +9,8 @@ SyncBatchNorm too, where the common trick of setting momentum to 0 is not.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn

@@ -26,7 +26,8 @@ ESAM            whole batch     stochastic weights, 1/beta     largest loss incr
 Ordered SGD     (no ascent)     -                              top-K of l
 =============== =============== ============================== ======================
 
-BatchNorm running statistics change only in the step's first full-batch pass; the others run
+BatchNorm running statistics change only in the step's first full-batch pass (at w, but for
+random-subset SAM whose only full-batch pass is the perturbed descent); the others run
 with them frozen (see :mod:`ksam.batchnorm`). A step whose losses or gradients are not finite
 is skipped: weights, BatchNorm statistics and optimizer state stay exactly as they were.
 """
@@ -74,6 +75,12 @@ class StepResult:
         whose only full-batch pass is the perturbed one)."""
         if isinstance(self._loss, Tensor):
             self._loss = float(self._loss)
+        return self._loss
+
+    @property
+    def raw_loss(self) -> float | Tensor:
+        """The loss as computed: a float, or on the fast path a 0-d device tensor that can be
+        accumulated without a host sync."""
         return self._loss
 
     @property
@@ -275,7 +282,7 @@ class SharpnessAwareOptimizer:
         for p in params:
             buf = self._saved_w.get(id(p))
             if buf is None or buf.shape != p.shape or buf.device != p.device:
-                buf = self._saved_w[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+                buf = self._saved_w[id(p)] = torch.empty_like(p)
             out.append(buf)
         return out
 
@@ -287,11 +294,13 @@ class SharpnessAwareOptimizer:
         """
         model = self.model
         device = batch_device(batch)
-        bn_pending = True  # the first full-batch pass at w updates BatchNorm statistics
+        # The step's first full-batch pass updates BatchNorm statistics. It is at w for every
+        # method but random-subset SAM, whose only full-batch pass is the perturbed descent.
+        bn_pending = True
 
-        def forward(index: Tensor | None, *, grad: bool, at_w: bool) -> Tensor:
+        def forward(index: Tensor | None, *, grad: bool) -> Tensor:
             nonlocal bn_pending
-            update_bn = index is None and at_w and bn_pending
+            update_bn = index is None and bn_pending
             expected = n if index is None else index.numel()
             sub = index_batch(batch, index)
             with self._bn.frozen(not update_bn), self._autocast(device), \
@@ -310,7 +319,7 @@ class SharpnessAwareOptimizer:
         empty = torch.empty(0, dtype=torch.long, device=device)
 
         if self._needs_scoring:
-            ctx.scores = forward(None, grad=False, at_w=True).detach().float()
+            ctx.scores = forward(None, grad=False).detach().float()
 
         ascent_idx: Tensor | None = empty
         if self.ascent is not None:
@@ -323,9 +332,9 @@ class SharpnessAwareOptimizer:
             try:
                 with self._ascent_context():
                     if len(frozen) == len(self._params):  # nothing to perturb this step
-                        losses = forward(ascent_idx, grad=False, at_w=True)
+                        losses = forward(ascent_idx, grad=False)
                     else:
-                        losses = forward(ascent_idx, grad=True, at_w=True)
+                        losses = forward(ascent_idx, grad=True)
                         self._backward(self.ascent.reduce(losses))
             finally:
                 for p in frozen:
@@ -345,13 +354,13 @@ class SharpnessAwareOptimizer:
             at_w = not perturbed
             if self.descent.needs_perturbed_losses:
                 # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
-                losses = forward(None, grad=True, at_w=at_w)
+                losses = forward(None, grad=True)
                 ctx.perturbed_losses = losses.detach().float()
                 descent_idx = self.descent.select(ctx)
                 self._backward(self.descent.reduce(losses.index_select(0, descent_idx)))
             else:
                 descent_idx = self.descent.select(ctx)
-                losses = forward(descent_idx, grad=True, at_w=at_w)
+                losses = forward(descent_idx, grad=True)
                 self._backward(self.descent.reduce(losses))
             if descent_idx is None and ctx.scores is None and at_w:
                 ctx.scores = losses.detach().float()  # SGD: its one pass is at w

@@ -92,12 +92,14 @@ class FastStep:
             return "DistributedDataParallel models run eagerly"
         for group in e.optimizer.param_groups:
             if "fused" not in group:
-                return f"{type(e.optimizer).__name__} has no fused kernel to skip steps on the device"
+                name = type(e.optimizer).__name__
+                return f"{name} has no fused kernel to skip steps on the device"
             if group.get("differentiable"):
                 return "a differentiable optimizer cannot be fused"
         return None
 
     def _fall_back(self, why: str) -> None:
+        """Step eagerly from now on; say why once."""
         self.reason = why
         if not self._warned:
             warnings.warn(f"ksam fast path off, stepping eagerly: {why}", stacklevel=3)
@@ -141,6 +143,7 @@ class FastStep:
     def step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult | None:
         """A fast step, or ``None`` when the caller must step eagerly."""
         if self.reason is not None:
+            self._fall_back(self.reason)
             return None
         e = self.engine
         device = next(iter(_tensor_leaves(batch)))[1].device

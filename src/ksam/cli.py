@@ -1,0 +1,267 @@
+"""The ``ksam`` command: ``compare``, ``train``, ``bench``, ``tasks``.
+
+Bad input gives one ``ksam: error: ...`` line and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .methods import METHODS
+
+
+def _task_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.data_dir is not None:
+        opts["data_dir"] = args.data_dir
+    if args.train_subset is not None:
+        opts["train_subset"] = args.train_subset
+    if args.label_noise:
+        opts["label_noise"] = args.label_noise
+    if args.validation_split:
+        opts["validation_split"] = args.validation_split
+    if args.model is not None:
+        opts["model"] = args.model
+    for item in args.task_option or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--task-option {item!r} is not of the form key=value")
+        from .compare import _parse_value
+
+        opts[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return opts
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="mnist1d", help="task name (see `ksam tasks`)")
+    p.add_argument("--data-dir", type=Path, help="where the task's data files are")
+    p.add_argument("--model", help="model variant of the task (e.g. cnn, mlp, resnet18)")
+    p.add_argument("--train-subset", type=int, help="train on the first N examples only")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="fraction of training labels replaced by another class")
+    p.add_argument("--validation-split", type=float, default=0.0,
+                   help="hold out this fraction of the training set as the test set "
+                        "(for tuning without touching the test set)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                   help="extra task option, repeatable")
+    p.add_argument("--k", type=_number, help="K-SAM / Ordered SGD subset: fraction or count")
+    p.add_argument("--rho", type=float, help="perturbation radius")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    fast = p.add_mutually_exclusive_group()
+    fast.add_argument("--fast", dest="fast", action="store_true", default=None,
+                      help="whole-step CUDA graphs (default on CUDA)")
+    fast.add_argument("--no-fast", dest="fast", action="store_false")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            lo, hi = text.split("-")
+            return list(range(int(lo), int(hi) + 1))
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds must be a count (3), a list (0,1,2) or a range (0-4), got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ksam", description="Sharpness-aware training at SGD's cost (K-SAM and friends).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="train several methods x seeds and compare them")
+    _add_common(p)
+    p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
+                   help="method specs, e.g. sgd sam ksam ksam:k=16 osgd:k=16 "
+                        f"(methods: {', '.join(METHODS)}); default: sgd sam ksam")
+    p.add_argument("--seeds", type=str, default="3",
+                   help="a count (3 = seeds 0,1,2), a list (0,4,7) or a range (0-4)")
+    p.add_argument("--preset", help="a named configuration (see docs/results.md)")
+
+    p = sub.add_parser("train", help="train one method once (checkpoints every epoch)")
+    _add_common(p)
+    p.add_argument("--method", default="ksam", help="method spec, e.g. ksam:k=16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+    p = sub.add_parser("bench", help="time optimizer steps of every method side by side")
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+    sub.add_parser("tasks", help="list the tasks")
+    return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    seeds = _seeds(text)
+    if len(seeds) == 1 and text.strip().isdigit():
+        if seeds[0] < 1:
+            raise ValueError("--seeds as a count must be >= 1")
+        return list(range(seeds[0]))
+    return seeds
+
+
+def _base_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        device=args.device, precision=args.precision, fast=args.fast,
+        task_options=_task_options(args))
+
+
+class _Progress:
+    """A tqdm bar over epochs of all runs; off with --quiet or when stdout is no terminal."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.bar = None
+        if not quiet and sys.stdout.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def __call__(self, label: str, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label)
+            self.bar.set_postfix(acc=f"{row['test_acc']:.2f}", loss=f"{row['train_loss']:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _dist():
+    """torchrun sets WORLD_SIZE; then every rank joins the process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from . import distributed
+
+    return distributed.init_from_env()
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .tasks import get_task
+    from .train import resolve_device
+
+    if args.preset:
+        from .presets import apply_preset
+
+        apply_preset(args)
+    base = _base_config(args)
+    base.validate()
+    seeds = _seed_list(args.seeds)
+    specs = args.methods or ["sgd", "sam", "ksam"]
+    dist_info = _dist()
+    device = resolve_device(base.device)
+    if dist_info is not None:
+        device = str(dist_info.device)
+        base.device = device
+    task = get_task(base.task, device=device, seed=seeds[0], **base.task_options)
+    epochs = base.epochs or task.defaults["epochs"]
+    out = args.out or Path("runs") / f"compare-{base.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    is_main = dist_info is None or dist_info.rank == 0
+    progress = _Progress(len(specs) * len(seeds) * epochs, args.quiet or not is_main)
+    try:
+        report = compare(base, specs, seeds, out, shared={"k": args.k, "rho": args.rho},
+                         task=task, progress=progress, is_main=is_main, dist_info=dist_info)
+    finally:
+        progress.close()
+    if is_main:
+        print(f"{base.task}: {len(seeds)} seeds x {len(specs)} methods, results in {out}")
+        print(report["table"])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .compare import method_config
+    from .train import train
+
+    base = _base_config(args)
+    name, options = method_config(args.method, {"k": args.k, "rho": args.rho})
+    base.method, base.method_options, base.seed = name, options, args.seed
+    out = args.out or Path("runs") / f"train-{base.task}-{name}-seed{args.seed}"
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+    dist_info = _dist()
+    if dist_info is not None:
+        base.device = str(dist_info.device)
+    is_main = dist_info is None or dist_info.rank == 0
+
+    def report(row: dict[str, Any]) -> None:
+        if is_main and not args.quiet:
+            print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
+                  f"test acc {row['test_acc']:6.2f}%  epoch {row['epoch_time']:.2f}s  "
+                  f"step {1000 * row['step_time_median']:.2f} ms", flush=True)
+
+    result = train(base, out_dir=out, resume=args.resume, on_epoch=report, dist_info=dist_info)
+    if is_main:
+        final = result["final"]
+        print(json.dumps({k: final[k] for k in ("epoch", "test_acc", "train_time",
+                                                 "skipped_steps")}))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS
+
+    for name, spec in TASKS.items():
+        doc = getattr(spec, "description", None) or (spec.__doc__ or "").strip()
+        print(f"{name:16s} {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"compare": cmd_compare, "train": cmd_train, "tasks": cmd_tasks}
+    try:
+        if args.command == "bench":
+            from .bench import run_from_args
+
+            return run_from_args(args)
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"ksam: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ksam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

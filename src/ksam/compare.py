@@ -1,0 +1,283 @@
+"""Methods x seeds on one task, and a report a person can read: table, CSV, JSON, plot."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import math
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import METHODS
+from .train import TrainConfig, atomic_write_bytes, atomic_write_text, train
+
+ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation"}
+COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
+
+
+def method_options(name: str) -> set[str]:
+    """The options a method takes (besides model, optimizer and the engine's)."""
+    factory = METHODS[name]
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    params = inspect.signature(target).parameters
+    return {p for p, v in params.items()
+            if v.kind == v.KEYWORD_ONLY and p not in ENGINE_OPTIONS}
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ksam:k=16,rho=0.1"`` -> ``("ksam", {"k": 16, "rho": 0.1})``."""
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    options: dict[str, Any] = {}
+    allowed = method_options(name)
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is not of the form key=value")
+        if key not in allowed:
+            raise ValueError(f"method {name!r} takes no option {key!r} "
+                             f"(it takes: {', '.join(sorted(allowed)) or 'none'})")
+        options[key] = _parse_value(value.strip())
+    return name, options
+
+
+def method_config(spec: str, shared: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Method name and options: the spec's own, then the shared ones (--k, --rho) that the
+    method takes."""
+    name, options = parse_method_spec(spec)
+    allowed = method_options(name)
+    for key, value in shared.items():
+        if value is not None and key in allowed and key not in options:
+            options[key] = value
+    return name, options
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per method label: accuracy over seeds, time, time relative to the reference,
+    steps/s and the collapse count (final accuracy > 10 points below the reference's mean)."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    by_label = {lab: [r for r in runs if r["label"] == lab] for lab in labels}
+    ref_runs = by_label.get(reference, [])
+    ref_time = statistics.fmean(r["final"]["train_time"] for r in ref_runs) if ref_runs \
+        else math.nan
+    ref_acc = statistics.fmean(r["final"]["test_acc"] for r in ref_runs) if ref_runs \
+        else math.nan
+    rows = []
+    for lab in labels:
+        finals = [r["final"] for r in by_label[lab]]
+        accs = [f["test_acc"] for f in finals]
+        times = [f["train_time"] for f in finals]
+        mean, std = _mean_std(accs)
+        t = statistics.fmean(times)
+        rows.append({
+            "method": lab,
+            "seeds": len(finals),
+            "test_acc_mean": mean,
+            "test_acc_std": std,
+            "test_acc_min": min(accs),
+            "test_acc_all": accs,
+            "collapsed": sum(a < ref_acc - COLLAPSE_MARGIN for a in accs)
+            if not math.isnan(ref_acc) else None,
+            "train_time_s": t,
+            "time_vs_ref": t / ref_time if ref_time and not math.isnan(ref_time) else math.nan,
+            "steps_per_s": statistics.fmean(f["steps"] / f["train_time"] for f in finals),
+            "step_ms_median": 1000 * statistics.fmean(f["step_time_median"] for f in finals),
+            "skipped_steps": sum(f["skipped_steps"] for f in finals),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
+    lines = [
+        f"| method | test acc % (mean ± std) | min | collapsed | train time s "
+        f"| time / {reference} | steps/s | step ms (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        collapsed = "-" if r["collapsed"] is None else f"{r['collapsed']}/{r['seeds']}"
+        lines.append(
+            f"| {r['method']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
+            f"| {r['test_acc_min']:.2f} | {collapsed} | {r['train_time_s']:.1f} "
+            f"| {r['time_vs_ref']:.2f}x | {r['steps_per_s']:.1f} | {r['step_ms_median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Test accuracy against training wall-clock, one line per run, a colour per method.
+    Returns False (and writes nothing) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, lab in enumerate(labels):
+        for j, run in enumerate(r for r in runs if r["label"] == lab):
+            ts = [e["train_time"] for e in run["epochs"]]
+            acc = [e["test_acc"] for e in run["epochs"]]
+            ax.plot(ts, acc, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
+                    label=lab if j == 0 else None)
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    finals = [e["test_acc"] for r in runs for e in r["epochs"][-1:]]
+    if finals:
+        ax.set_ylim(max(0.0, min(finals) - 10), min(100.0, max(finals) + 2))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
+
+
+def environment() -> dict[str, Any]:
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} / {torch.get_num_threads()} threads",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path | None, *,
+            shared: dict[str, Any] | None = None, task: Any = None,
+            progress: Callable[[str, dict[str, Any]], None] | None = None,
+            is_main: bool = True, dist_info: Any = None) -> dict[str, Any]:
+    """Train every method spec with every seed; write the report to ``out_dir``.
+
+    Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
+    Everything is validated before the first file is written.
+    """
+    from .tasks import get_task
+    from .train import resolve_device
+
+    base.validate()
+    configs = [(spec, *method_config(spec, shared or {})) for spec in specs]
+    if len({spec for spec, _, _ in configs}) != len(configs):
+        raise ValueError("the same method spec is given twice")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if task is None:
+        task = get_task(base.task, device=resolve_device(base.device), seed=seeds[0],
+                        **base.task_options)
+    resolved = base.resolved(task.defaults)
+    _dry_run(resolved, configs, task)
+
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps({
+            "base": resolved.to_dict(), "methods": specs, "seeds": seeds,
+            "environment": environment(), "task": task.description}, indent=2))
+
+    runs = []
+    for seed in seeds:
+        for spec, name, options in configs:
+            cfg = replace(base, method=name, method_options=options, seed=seed)
+            run_dir = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" if out_dir else None
+            result = train(cfg, out_dir=run_dir, task=task, dist_info=dist_info,
+                           on_epoch=(lambda row, s=spec: progress(s, row)) if progress else None)
+            result.pop("model")
+            result["label"] = spec
+            result["seed"] = seed
+            runs.append(result)
+
+    reference = "sgd" if "sgd" in specs else specs[0]
+    rows = summarize(runs, reference)
+    table = markdown_table(rows, reference)
+    report = {"rows": rows, "table": table, "reference": reference, "runs": runs,
+              "config": resolved.to_dict(), "environment": environment()}
+    if out_dir is not None and is_main:
+        _write_report(out_dir, report, task.description, seeds)
+    return report
+
+
+def _dry_run(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]], task: Any) -> None:
+    """Build every method once on a throw-away model so bad options fail before any run."""
+    from .train import build_engine
+
+    for spec, name, options in configs:
+        model = task.make_model()
+        try:
+            engine, _ = build_engine(name, model, replace(cfg, method_options=options,
+                                                          fast=False, device="cpu"), 1)
+            engine.check_batch(cfg.batch_size)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"method {spec!r}: {exc}") from None
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
+
+
+def _write_report(out_dir: Path, report: dict[str, Any], description: str,
+                  seeds: list[int]) -> None:
+    env = report["environment"]
+    cfg = report["config"]
+    header = (
+        f"# ksam compare: {cfg['task']}\n\n{description}\n\n"
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {cfg['epochs']} epochs, "
+        f"batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['schedule']}), momentum "
+        f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
+        f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}.\n"
+        f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n\n"
+        f"Test accuracy at the end of training; train time is the wall-clock of the training "
+        f"steps only (evaluation excluded), mean over seeds; 'collapsed' counts runs ending "
+        f"more than {COLLAPSE_MARGIN:.0f} points below {report['reference']}'s mean.\n\n"
+    )
+    atomic_write_text(out_dir / "summary.md", header + report["table"] + "\n")
+    slim = {k: v for k, v in report.items() if k != "runs"}
+    slim["runs"] = [{k: r[k] for k in ("label", "seed", "final")} for r in report["runs"]]
+    atomic_write_text(out_dir / "summary.json", json.dumps(slim, indent=2, default=str))
+    buffer = io.StringIO()
+    fields = ["method", "seed", "epoch", "train_loss", "test_loss", "test_acc", "epoch_time",
+              "train_time", "step_time_median", "steps", "skipped_steps", "lr"]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for r in report["runs"]:
+        for e in r["epochs"]:
+            writer.writerow({"method": r["label"], "seed": r["seed"],
+                             **{k: e[k] for k in fields[2:]}})
+    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+    plot_accuracy_vs_time(report["runs"], out_dir / "accuracy_vs_time.png",
+                          f"{cfg['task']}: test accuracy vs training time")

@@ -1,0 +1,405 @@
+"""Training tasks: a dataset on the device, a model factory, augmentation and defaults.
+
+A :class:`Task` keeps the whole dataset as tensors on the training device, because K-SAM
+and friends rank the examples of a batch by loss, which is cheap only if batches are
+sliced on the device instead of coming from a CPU data loader.
+
+>>> task = get_task("mnist1d", device="cpu", train_subset=1000, label_noise=0.2, seed=0)
+>>> model = task.make_model()
+
+Adding a task takes a few lines: decorate a builder with :func:`register_task`, returning a
+:class:`TaskData` of raw arrays; :func:`get_task` does the rest (split, subset, label noise,
+transfer, normalization) identically for every task.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import data as _data
+from . import models as _models
+from .augment import RandomCropFlip, random_crop_flip
+
+__all__ = [
+    "TASKS",
+    "RandomCropFlip",
+    "Task",
+    "TaskData",
+    "TaskSpec",
+    "available_tasks",
+    "get_task",
+    "per_sample_cross_entropy",
+    "random_crop_flip",
+    "register_task",
+]
+
+Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
+
+
+@dataclass(eq=False, repr=False)
+class Task:
+    """A ready-to-train task: tensors already on the device, normalized, labels int64."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    make_model: Callable[[], nn.Module]
+    augment: Augment | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    # Which training examples got a noisy label (bool [n_train]); None without label noise.
+    # Lets analyses check e.g. how often K-SAM's top-K examples are the mislabelled ones.
+    noisy_mask: Tensor | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"Task(name={self.name!r}, train={tuple(self.train_x.shape)}, "
+            f"test={tuple(self.test_x.shape)}, num_classes={self.num_classes}, "
+            f"device={self.train_x.device}, augment={self.augment!r})"
+        )
+
+
+def per_sample_cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Unreduced cross-entropy ``[n]``: the per-example losses K-SAM ranks to pick its top-K."""
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+@dataclass
+class TaskData:
+    """What a task builder returns: raw arrays (see :mod:`ksam.tasks.data`) plus metadata.
+
+    Images are uint8 (scaled to [0, 1] then normalized with ``mean``/``std`` per channel on
+    the device) or float already normalized (``mean``/``std`` None).
+    """
+
+    splits: _data.RawSplits
+    num_classes: int
+    make_model: Callable[[], nn.Module]
+    defaults: dict[str, Any]
+    description: str
+    augment: Augment | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+Builder = Callable[..., TaskData]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its builder, a one-line description and its options' defaults."""
+
+    name: str
+    build: Builder
+    description: str
+    options: dict[str, Any]
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(
+    name: str, description: str, options: dict[str, Any] | None = None
+) -> Callable[[Builder], Builder]:
+    """Decorator registering ``build(data_dir, need_test, **options) -> TaskData`` as ``name``.
+
+    ``options`` lists the task-specific options and their defaults; any other option passed
+    to :func:`get_task` is rejected, so typos fail instead of being ignored.
+    """
+
+    def deco(build: Builder) -> Builder:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        TASKS[name] = TaskSpec(name, build, description, dict(options or {}))
+        return build
+
+    return deco
+
+
+def available_tasks() -> list[str]:
+    """Names accepted by :func:`get_task`, sorted."""
+    return sorted(TASKS)
+
+
+# --------------------------------------------------------------------------- get_task
+
+# Independent random streams per selection step, so that e.g. the validation set does not
+# change when train_subset or label_noise change.
+_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_NOISE = 1, 2, 3
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream]))
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def _to_device(
+    x: np.ndarray,
+    device: torch.device,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> Tensor:
+    """Transfer (as uint8 when possible, 4x less traffic) then scale and normalize there."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    if t.dtype == torch.uint8:
+        t = t.float().div_(255.0)
+    else:
+        t = t.float()
+    if mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (t.dim() - 2)
+        m = torch.tensor(mean, dtype=t.dtype, device=device).view(shape)
+        s = torch.tensor(std, dtype=t.dtype, device=device).view(shape)
+        t = t.sub_(m).div_(s)
+    return t
+
+
+def get_task(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    data_dir: str | os.PathLike[str] | None = None,
+    train_subset: int | None = None,
+    label_noise: float = 0.0,
+    seed: int = 0,
+    validation_split: float = 0.0,
+    **options: Any,
+) -> Task:
+    """Load task ``name`` onto ``device``.
+
+    Args:
+        name: one of :func:`available_tasks`.
+        device: where the tensors go.
+        data_dir: where the task looks for its files (task-specific default otherwise).
+        train_subset: keep only the first N training examples after a shuffle seeded by
+            ``seed`` (nested: a smaller N gives a subset of a larger N's examples).
+        label_noise: fraction of TRAINING examples whose label is replaced by one drawn
+            uniformly from the other classes (exactly ``round(fraction * n_train)`` of them,
+            chosen with ``seed``); the test labels are never touched.
+        seed: seeds the split, subset and noise (not the model: seed torch before
+            ``make_model``).
+        validation_split: hold out this fraction of the training set and use it as the test
+            set (to tune hyperparameters without seeing the test set). The real test set is
+            then not loaded, and ``Task.name`` gets a ``-val<fraction>`` suffix.
+        **options: task-specific options, see ``TASKS[name].options``.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(available_tasks())}")
+    spec = TASKS[name]
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, (int, np.integer))
+        or train_subset <= 0
+    ):
+        raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
+    label_noise = _check_fraction("label_noise", label_noise)
+    validation_split = _check_fraction("validation_split", validation_split)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(sorted(spec.options)) or "none"
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for task {name!r}; accepted options: "
+            f"{accepted}"
+        )
+    opts = {**spec.options, **options}
+    td = spec.build(data_dir=data_dir, need_test=validation_split == 0.0, **opts)
+    raw = td.splits
+    n = len(raw.train_y)
+
+    task_name = name
+    if validation_split > 0:
+        n_val = round(validation_split * n)
+        if n_val < 1 or n_val >= n:
+            raise ValueError(
+                f"validation_split={validation_split} leaves {n_val} of {n} training examples "
+                "for validation; need at least one on each side"
+            )
+        perm = _rng(seed, _STREAM_SPLIT).permutation(n)
+        train_idx, test_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        test_x, test_y = raw.train_x[test_idx], raw.train_y[test_idx]
+        task_name = f"{name}-val{validation_split:g}"
+    else:
+        assert raw.test_x is not None and raw.test_y is not None
+        train_idx = np.arange(n)
+        test_x, test_y = raw.test_x, raw.test_y
+
+    if train_subset is not None:
+        if train_subset > len(train_idx):
+            raise ValueError(
+                f"train_subset={train_subset} exceeds the {len(train_idx)} training examples "
+                f"of task {task_name!r}"
+            )
+        train_idx = train_idx[_rng(seed, _STREAM_SUBSET).permutation(len(train_idx))]
+        train_idx = train_idx[:train_subset]
+
+    train_y = raw.train_y[train_idx].astype(np.int64)  # fancy indexing: a copy, safe to edit
+    noisy_mask = None
+    if label_noise > 0:
+        c = td.num_classes
+        if c < 2:
+            raise ValueError(f"label_noise needs at least 2 classes, task {name!r} has {c}")
+        rng = _rng(seed, _STREAM_NOISE)
+        n_noisy = round(label_noise * len(train_y))
+        idx = rng.choice(len(train_y), size=n_noisy, replace=False)
+        # Adding 1..c-1 modulo c gives a label uniform over the other classes.
+        train_y[idx] = (train_y[idx] + rng.integers(1, c, size=n_noisy)) % c
+        mask = np.zeros(len(train_y), dtype=bool)
+        mask[idx] = True
+        noisy_mask = torch.from_numpy(mask).to(device)
+
+    dev = torch.device(device)
+    return Task(
+        name=task_name,
+        train_x=_to_device(raw.train_x[train_idx], dev, td.mean, td.std),
+        train_y=torch.from_numpy(train_y).to(dev),
+        test_x=_to_device(test_x, dev, td.mean, td.std),
+        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(dev),
+        num_classes=td.num_classes,
+        make_model=td.make_model,
+        augment=td.augment,
+        defaults=dict(td.defaults),
+        description=td.description,
+        noisy_mask=noisy_mask,
+    )
+
+
+# --------------------------------------------------------------------------- built-in tasks
+
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+_COMMON_DEFAULTS = {"momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05, "k": 32}
+
+
+class _ModelFactory:
+    """Picklable ``make_model``: calls ``fn(*args, **kwargs)``; a readable repr for logs."""
+
+    def __init__(self, fn: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self) -> nn.Module:
+        return self.fn(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{getattr(self.fn, '__name__', self.fn)}({', '.join(parts)})"
+
+
+@register_task(
+    "mnist1d",
+    "MNIST-1D (Greydanus 2020): 1-D digit signals of length 40, generated locally; "
+    "the built-in default, trains in seconds on a CPU",
+    options={"num_samples": 5000, "model": "cnn", "data_seed": 42},
+)
+def _build_mnist1d(
+    data_dir: str | os.PathLike[str] | None,
+    need_test: bool,
+    num_samples: int,
+    model: str,
+    data_seed: int,
+) -> TaskData:
+    del data_dir, need_test  # generated, nothing to read
+    if model not in ("cnn", "mlp"):
+        raise ValueError(f"mnist1d model must be 'cnn' or 'mlp', got {model!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
+        raise ValueError(f"mnist1d num_samples must be an int >= 20, got {num_samples!r}")
+    builder = _models.mnist1d_cnn if model == "cnn" else _models.mnist1d_mlp
+    return TaskData(
+        splits=_data.make_mnist1d(num_samples, data_seed),
+        num_classes=10,
+        make_model=_ModelFactory(builder, 10),
+        defaults={"epochs": 50, "batch_size": 128, "lr": 0.1 if model == "cnn" else 0.2,
+                  **_COMMON_DEFAULTS},
+        description=f"MNIST-1D ({num_samples} samples, 80/20 split, {model})",
+    )
+
+
+@register_task(
+    "fashion-mnist",
+    "Fashion-MNIST 28x28 grayscale clothing, small 3-stage ResNet, crop+flip augmentation",
+    options={"width": 1.0},
+)
+def _build_fashion_mnist(
+    data_dir: str | os.PathLike[str] | None, need_test: bool, width: float
+) -> TaskData:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+        raise ValueError(f"fashion-mnist width must be a positive number, got {width!r}")
+    return TaskData(
+        splits=_data.load_fashion_mnist(data_dir, need_test=need_test),
+        num_classes=10,
+        make_model=_ModelFactory(_models.FashionResNet, 10, width=float(width)),
+        defaults={"epochs": 10, "batch_size": 128, "lr": 0.05, **_COMMON_DEFAULTS},
+        description=f"Fashion-MNIST, ResNet (widths x{width:g}), random crop 2 + flip",
+        augment=RandomCropFlip(padding=2, flip=True),
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+    )
+
+
+def _cifar_builder(num_classes: int) -> Builder:
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+
+    def build(
+        data_dir: str | os.PathLike[str] | None, need_test: bool, model: str, download: bool
+    ) -> TaskData:
+        if model not in _models.CIFAR_MODELS:
+            raise ValueError(
+                f"cifar{num_classes} model must be one of {', '.join(_models.CIFAR_MODELS)}, "
+                f"got {model!r}"
+            )
+        return TaskData(
+            splits=_data.load_cifar(num_classes, data_dir, download=download, need_test=need_test),
+            num_classes=num_classes,
+            make_model=_ModelFactory(_models.build_cifar_model, model, num_classes),
+            defaults={"epochs": 200, "batch_size": 128, "lr": 0.1, **_COMMON_DEFAULTS},
+            description=f"CIFAR-{num_classes}, {model}, random crop 4 + flip",
+            augment=RandomCropFlip(padding=4, flip=True),
+            mean=mean,
+            std=std,
+        )
+
+    return build
+
+
+for _c in (10, 100):
+    register_task(
+        f"cifar{_c}",
+        f"CIFAR-{_c} 32x32 colour images (python release, optional download), "
+        "ResNet-18 / WRN-16-8 / WRN-28-10, crop+flip augmentation",
+        options={"model": "resnet18", "download": False},
+    )(_cifar_builder(_c))
+del _c
