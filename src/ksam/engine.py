@@ -404,6 +404,10 @@ class SharpnessAwareOptimizer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         finite = self._all_finite(out["checks"], self._descent_grads())
+        if hasattr(self.model, "no_sync"):  # DDP: losses are checked per rank; skip together
+            from .distributed import all_ranks_true
+
+            finite = all_ranks_true(finite, getattr(self.model, "process_group", None))
         loss, ok = torch.stack([out["loss"].float(), finite.float()]).tolist()  # one sync
         if ok:
             if scaler is not None:

@@ -16,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import torch
@@ -55,7 +55,9 @@ def resolve_subset_size(k: float | int, batch_size: int, name: str = "k") -> int
 @dataclass
 class SelectionContext:
     """What a rule may look at. ``scores`` are per-sample losses at w (detached);
-    ``perturbed_losses`` are per-sample losses at w+eps (detached)."""
+    ``perturbed_losses`` are per-sample losses at w+eps (detached); ``cache`` is scratch
+    space the rules of one step share (e.g. the all-gathered scores of
+    :class:`ksam.distributed.GlobalTopLoss`, gathered once for both passes)."""
 
     batch_size: int
     device: torch.device
@@ -63,6 +65,7 @@ class SelectionContext:
     perturbed_losses: Tensor | None = None
     generator: torch.Generator | None = None
     step: int = 0
+    cache: dict = field(default_factory=dict)
 
 
 def top_indices(values: Tensor, count: int) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import pickle
 import random
@@ -34,6 +35,8 @@ __all__ = [
     "load_idx",
     "make_mnist1d",
 ]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Where CIFAR is looked for / downloaded when no data_dir is given (ignored by git).
@@ -178,6 +181,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
@@ -236,7 +240,8 @@ def download_cifar(data_dir: str | os.PathLike[str], num_classes: int) -> Path:
     tmp_dir: Path | None = None
     try:
         md5 = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(src["url"]) as resp:
+        _log.info("downloading %s into %s", src["url"], root)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(src["url"], timeout=60) as resp:
             while chunk := resp.read(1 << 20):
                 md5.update(chunk)
                 out.write(chunk)

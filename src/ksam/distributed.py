@@ -1,0 +1,531 @@
+r"""Data-parallel training with :class:`torch.nn.parallel.DistributedDataParallel` (DDP).
+
+The step engine runs unchanged on a DDP-wrapped model; this module adds the launch
+plumbing and the cross-rank selection rule. Two independent choices, with their defaults:
+
+**Perturbation** (the engine's ``sync_perturbation``):
+
+- *per-rank* (default, ``sync_perturbation=False``): each rank perturbs its weights with its
+  own ascent gradient :math:`\epsilon_r = \rho\, g_r/\lVert g_r\rVert`, computed on its own
+  subset. The ascent forward and backward run under ``model.no_sync()``, so the ascent pass
+  sends nothing. This is SAM's *m-sharpness* with m = per-rank batch, the setting Foret et
+  al. used and found to generalize better than a global perturbation.
+- *synchronized* (``sync_perturbation=True``): DDP's bucketed all-reduce averages the ascent
+  gradient too, so every rank applies the same :math:`\epsilon` - a single-process step on
+  the global batch, at the price of one more all-reduce of the gradient per step.
+
+**Selection** (K-SAM, Ordered SGD):
+
+- *local top-K* (default, the stock :class:`~ksam.selection.TopLoss`): each rank takes the
+  top-K of its own batch; no communication.
+- *global top-K* (:class:`GlobalTopLoss`, or ``create(..., selection="global")``): the
+  per-sample losses of all ranks are all-gathered (one all-gather of the global batch's B
+  floats per step, shared by the ascent and descent rules), the top K of the global batch
+  is taken (ties broken by the lower global index, rank-major), and every rank computes on
+  its own rows that made the cut. Each rank's pass backpropagates
+  :math:`\frac{W}{K}\sum_{i \in S_r} l_i` (W ranks, :math:`S_r` this rank's selected rows),
+  so DDP's gradient *average* is the mean over the global selection:
+  :math:`\frac{1}{W}\sum_r \frac{W}{K}\sum_{i\in S_r}\nabla l_i
+  = \frac{1}{K}\sum_{i \in S}\nabla l_i`.
+
+The descent gradient is always averaged by DDP's own all-reduce; nothing here loops over
+parameters. With synchronized perturbation and global top-K, W ranks with batch b step
+exactly as one process with batch W*b (up to float summation order).
+
+**BatchNorm buffers.** By default DDP broadcasts rank 0's buffers at the start of a forward
+(``broadcast_buffers=True``, ``forward_sync_buffers`` from torch 2.13), namely at the first
+forward after a synchronized backward: for SAM that is the ascent forward, so per-rank
+perturbation would no longer be communication-free. :func:`wrap` therefore builds DDP
+without forward buffer sync; each rank keeps its own running statistics, and
+:func:`sync_buffers` averages (or broadcasts) them in one collective before evaluation or a
+checkpoint. ``SyncBatchNorm`` communicates in every training-mode forward, the ascent
+included; use it only with synchronized perturbation, if at all.
+
+**Skipped steps.** A step whose loss or gradient is not finite is skipped; under DDP the
+engine all-reduces that verdict (one float) so that all ranks skip together and their
+weights never drift apart.
+
+Launch with ``torchrun`` (see ``docs/distributed.md``)::
+
+    info = ksam.distributed.setup()                 # reads RANK, WORLD_SIZE, LOCAL_RANK
+    model = ksam.distributed.wrap(model, info.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = ksam.distributed.create("ksam", model, opt, k=0.25, selection="global")
+    for epoch in range(epochs):
+        x, y = ksam.distributed.shard((x_all, y_all), seed=0, epoch=epoch)
+        ...
+    ksam.distributed.cleanup()
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .batch import Batch, batch_device, batch_size, index_batch
+from .engine import SharpnessAwareOptimizer
+from .methods import create as _create_method
+from .selection import (
+    SelectionContext,
+    SelectionRule,
+    TopLoss,
+    check_subset_size,
+    resolve_subset_size,
+    top_indices,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT", "DistInfo", "setup", "init_from_env", "cleanup", "barrier",
+    "is_distributed", "is_main_process", "get_rank", "get_world_size", "wrap", "unwrap",
+    "sync_buffers", "shard_indices", "shard", "GlobalTopLoss", "use_global_selection",
+    "create", "all_ranks_true",
+]
+
+#: Default time a collective may wait for the other ranks before failing.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+# ------------------------------------------------------------------------ process group
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its global rank, the world size, its rank on the node,
+    the device it trains on and the backend (``None`` when running as a single process)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not float(timeout) > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return timedelta(seconds=float(timeout))
+
+
+def setup(
+    backend: str | None = None,
+    *,
+    timeout: float | timedelta | None = None,
+    device: str | torch.device | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DistInfo:
+    """Initialize the default process group from torchrun's environment and pick a device.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and, through ``env://``,
+    ``MASTER_ADDR`` / ``MASTER_PORT``). Without them, or with ``WORLD_SIZE=1``, nothing is
+    initialized and a single-process :class:`DistInfo` comes back, so one script runs both
+    ways.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; default nccl when training on CUDA, else gloo.
+        timeout: how long a collective waits for the other ranks before raising (seconds
+            or a timedelta; default :data:`DEFAULT_TIMEOUT`, 10 minutes). A rank that
+            crashes or stalls then makes the others fail instead of hanging. (NCCL honours
+            it through its watchdog, on by default: ``TORCH_NCCL_ASYNC_ERROR_HANDLING``.)
+        device: the training device; default ``cuda:LOCAL_RANK`` if CUDA is available
+            (made the current CUDA device), else the CPU.
+        env: the environment to read (default ``os.environ``).
+
+    Idempotent: if the default group already exists, only the device is resolved.
+    """
+    env = os.environ if env is None else env
+    timeout_td = _as_timedelta(timeout)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        backend = str(dist.get_backend())
+        local_rank = _env_int(env, "LOCAL_RANK", rank)
+    else:
+        world = _env_int(env, "WORLD_SIZE", 1)
+        rank = _env_int(env, "RANK", 0)
+        local_rank = _env_int(env, "LOCAL_RANK", 0)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"invalid RANK={rank} / WORLD_SIZE={world}")
+
+    if device is None:
+        wants_cuda = backend == "nccl" or (backend is None and torch.cuda.is_available())
+        if wants_cuda:
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise RuntimeError("backend 'nccl' needs CUDA, but no GPU is visible")
+            if local_rank >= count:
+                raise RuntimeError(
+                    f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible: "
+                    "start at most one process per GPU (torchrun --nproc-per-node)"
+                )
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return DistInfo(rank, world, local_rank, dev, backend if world > 1 else None)
+
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun"
+        )
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    kwargs: dict[str, Any] = {}
+    if dev.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = dev  # binds the rank to its GPU (eager NCCL init, clean barrier)
+    init = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if env is not os.environ \
+        else "env://"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                            timeout=timeout_td, **kwargs)
+    return DistInfo(rank, world, local_rank, dev, backend)
+
+
+def init_from_env(**kwargs: Any) -> DistInfo:
+    """Alias of :func:`setup`."""
+    return setup(**kwargs)
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size(group: Any = None) -> int:
+    """Number of ranks (1 when not distributed)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a single process: the rank that logs and saves checkpoints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the default process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------- model
+def wrap(model: nn.Module, device: str | torch.device | None = None, *,
+         forward_sync_buffers: bool = False, **ddp_kwargs: Any) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it in DDP (returned unwrapped when not
+    distributed).
+
+    ``forward_sync_buffers=False`` (the default here, not DDP's) keeps DDP from
+    broadcasting buffers at the start of forwards, which would otherwise put a broadcast
+    into SAM's ascent pass (see the module docstring); use :func:`sync_buffers` before
+    evaluating or saving. Other keywords go to DDP (``find_unused_parameters``,
+    ``gradient_as_bucket_view``, ``bucket_cap_mb``, ...).
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev)
+    if not is_distributed():
+        return model
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:  # torch >= 2.13; broadcast_buffers is deprecated
+        ddp_kwargs.setdefault("forward_sync_buffers", forward_sync_buffers)
+    else:
+        ddp_kwargs.setdefault("broadcast_buffers", forward_sync_buffers)
+    if dev.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [dev.index if dev.index is not None
+                                             else torch.cuda.current_device()])
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or ``model`` itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module, op: str = "mean", src: int = 0, group: Any = None) -> None:
+    """Make the model's buffers (BatchNorm running statistics) equal on all ranks.
+
+    ``op="mean"`` averages floating-point buffers across ranks (integer ones, e.g.
+    ``num_batches_tracked``, come from ``src``); ``op="broadcast"`` copies all of them from
+    rank ``src``. One collective per dtype, over the flattened buffers. No-op when not
+    distributed.
+    """
+    if op not in ("mean", "broadcast"):
+        raise ValueError(f"op must be 'mean' or 'broadcast', got {op!r}")
+    if not is_distributed():
+        return
+    world = dist.get_world_size(group)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for buf in unwrap(model).buffers():
+        by_dtype.setdefault((buf.dtype, buf.device), []).append(buf)
+    for (dtype, _), bufs in by_dtype.items():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        if op == "mean" and dtype.is_floating_point:
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+        else:
+            global_src = dist.get_global_rank(group, src) if group is not None else src
+            dist.broadcast(flat, global_src, group=group)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def all_ranks_true(flag: Tensor, group: Any = None) -> Tensor:
+    """Logical AND of a 0-d bool ``flag`` over all ranks (one all-reduce of one float).
+
+    The engine calls it on its finite-step verdict under DDP: a loss is checked on the
+    rank that computed it, so without this one rank could skip a step the others take.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = flag.detach().to(torch.float32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return value[0] > 0.5
+
+
+# -------------------------------------------------------------------------------- data
+def shard_indices(n: int, rank: int | None = None, world_size: int | None = None,
+                  seed: int = 0, epoch: int = 0, *, shuffle: bool = True,
+                  drop_last: bool = False) -> Tensor:
+    """This rank's example indices for one epoch, exactly as
+    :class:`torch.utils.data.DistributedSampler` orders them.
+
+    Every rank draws the same permutation of ``range(n)`` from ``seed + epoch`` (identity
+    order if ``shuffle=False``), pads it to a multiple of the world size by wrapping around
+    to its start (or, with ``drop_last``, cuts the tail), and takes the strided slice
+    ``perm[rank::world_size]``. All ranks thus get ``ceil(n / W)`` (``floor`` with
+    ``drop_last``) indices, each example lands on exactly one rank, and only the few
+    padding examples appear twice per epoch. Returns a CPU LongTensor.
+    """
+    rank = get_rank() if rank is None else int(rank)
+    world = get_world_size() if world_size is None else int(world_size)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"invalid rank={rank} for world_size={world}")
+    if n < 1:
+        raise ValueError("cannot shard an empty dataset")
+    if drop_last and n % world != 0:
+        per_rank = math.ceil((n - world) / world)
+    else:
+        per_rank = math.ceil(n / world)
+    total = per_rank * world
+    if total == 0:
+        raise ValueError(f"{n} examples cannot give every one of {world} ranks one "
+                         "with drop_last=True")
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed) + int(epoch))
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    if total > n:
+        reps = math.ceil(total / n)
+        order = order.repeat(reps)[:total]
+    else:
+        order = order[:total]
+    return order[rank:total:world]
+
+
+def shard(batch: Batch, rank: int | None = None, world_size: int | None = None,
+          seed: int = 0, epoch: int = 0, *, shuffle: bool = True,
+          drop_last: bool = False) -> Batch:
+    """This rank's part of a device-resident dataset (a tensor or a tuple/list/dict of
+    tensors sharing the first dimension), in this epoch's shuffled order.
+
+    The rows are :func:`shard_indices` ``(n, rank, world_size, seed, epoch)``, so all ranks
+    get the same number of examples (hence of batches: cut them in order, with the same
+    batch size, and the last batch is equally short everywhere) and every example is used
+    once per epoch up to the wrap padding. ``rank`` / ``world_size`` default to the
+    current process group's.
+    """
+    n = batch_size(batch)
+    idx = shard_indices(n, rank, world_size, seed, epoch, shuffle=shuffle,
+                        drop_last=drop_last)
+    return index_batch(batch, idx.to(batch_device(batch)))
+
+
+# --------------------------------------------------------------------------- selection
+class GlobalTopLoss(SelectionRule):
+    r"""The top-``k`` examples by loss at w over the *global* batch of all ranks.
+
+    Each rank all-gathers the per-sample losses (``dist.all_gather_into_tensor``: every
+    rank must step with the same local batch size b, which :func:`shard` guarantees), takes
+    the top K of the W*b global losses, ties broken by the lower global index (rank r's
+    row i is global index r*b + i), and returns its own rows that made the cut. ``k`` is a
+    fraction of the global batch or an int count of it; :meth:`size` is that global K.
+
+    :meth:`reduce` returns :math:`\frac{W}{K}\sum_{i\in S_r} l_i`, so that DDP's gradient
+    average is the mean gradient over the K selected examples of all ranks. A rank none of
+    whose rows made the cut still runs its pass on one row (its local top-1) with weight 0:
+    DDP's all-reduce then sees every parameter's gradient on every rank and cannot hang.
+
+    The number of local rows depends on the losses (and reading it syncs with the device),
+    unlike the stock rules whose sizes depend on the batch size only. The gathered losses
+    are cached in the step's context, so the ascent and descent rules of K-SAM share one
+    all-gather. Without an initialized process group the rule is :class:`TopLoss`.
+    """
+
+    needs_scores = True
+
+    def __init__(self, k: float | int, name: str = "k", group: Any = None) -> None:
+        self.k = check_subset_size(k, name)
+        self.name = name
+        self.group = group
+        self._scale: float | None = None  # W / K of the last selection
+        self._stand_in = False            # the last selection is a weight-0 stand-in row
+
+    @classmethod
+    def from_local(cls, rule: TopLoss, group: Any = None) -> GlobalTopLoss:
+        """The global counterpart of a :class:`TopLoss` (same ``k``)."""
+        return cls(rule.k, rule.name, group)
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.group), dist.get_rank(self.group)
+        return 1, 0
+
+    def size(self, batch_size: int) -> int:
+        """The global K for a local batch of ``batch_size`` on each rank."""
+        world, _ = self._world()
+        return resolve_subset_size(self.k, batch_size * world, self.name)
+
+    def _gathered(self, ctx: SelectionContext, world: int) -> Tensor:
+        assert ctx.scores is not None
+        key = ("ksam.distributed.scores", id(self.group))
+        cached = ctx.cache.get(key)
+        if cached is not None and cached[0] is ctx.scores:
+            return cached[1]
+        local = ctx.scores.detach().float().contiguous()
+        out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(out, local, group=self.group)
+        ctx.cache[key] = (ctx.scores, out)
+        return out
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        assert ctx.scores is not None
+        n = ctx.batch_size
+        world, rank = self._world()
+        count = resolve_subset_size(self.k, n * world, self.name)
+        self._stand_in = False
+        if world == 1:
+            self._scale = None
+            return top_indices(ctx.scores, count)
+        self._scale = world / count
+        top = top_indices(self._gathered(ctx, world), count)
+        lo = rank * n
+        mine = top[(top >= lo) & (top < lo + n)] - lo
+        if mine.numel() == 0:
+            self._stand_in = True
+            return top_indices(ctx.scores, 1)
+        return mine
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        if self._scale is None:
+            return losses.float().mean()
+        total = losses.float().sum()
+        return total * 0.0 if self._stand_in else total * self._scale
+
+    def __repr__(self) -> str:
+        return f"GlobalTopLoss({self.name}={self.k})"
+
+
+def use_global_selection(engine: SharpnessAwareOptimizer,
+                         group: Any = None) -> SharpnessAwareOptimizer:
+    """Replace the engine's :class:`TopLoss` rules (K-SAM's two, Ordered SGD's one) by
+    :class:`GlobalTopLoss` with the same ``k``; returns the engine."""
+    replaced = 0
+    for attr in ("ascent", "descent"):
+        rule = getattr(engine, attr)
+        if type(rule) is TopLoss:
+            setattr(engine, attr, GlobalTopLoss.from_local(rule, group))
+            replaced += 1
+    if not replaced:
+        raise ValueError(f"{engine!r} has no top-K selection to make global "
+                         "(selection='global' applies to ksam and osgd)")
+    return engine
+
+
+def _syncs_buffers_in_forward(model: nn.Module) -> bool:
+    if not isinstance(model, DistributedDataParallel):
+        return False
+    flag = getattr(model, "forward_sync_buffers", getattr(model, "broadcast_buffers", False))
+    return bool(flag) and any(True for _ in model.module.buffers())
+
+
+def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+           selection: str = "local", group: Any = None,
+           **kwargs: Any) -> SharpnessAwareOptimizer:
+    """:func:`ksam.create` for DDP: the method ``name`` with ``selection="local"``
+    (default: each rank's own top-K) or ``"global"`` (:class:`GlobalTopLoss`).
+
+    Engine options (``sync_perturbation``, ``seed``, ...) pass through. Warns when the DDP
+    model broadcasts buffers in its forwards while the perturbation is per-rank, and
+    refuses ESAM with a synchronized perturbation (its random per-parameter ascent mask
+    leaves parameters without a gradient, which DDP's all-reduce cannot bucket).
+    """
+    if selection not in ("local", "global"):
+        raise ValueError(f"selection must be 'local' or 'global', got {selection!r}")
+    sync = bool(kwargs.get("sync_perturbation", False))
+    if name.lower() == "esam" and sync and isinstance(model, DistributedDataParallel) \
+            and not model.find_unused_parameters:
+        raise ValueError("ESAM with sync_perturbation=True needs DDP's "
+                         "find_unused_parameters=True (and the same seed on all ranks); "
+                         "or keep the per-rank perturbation")
+    if not sync and _syncs_buffers_in_forward(model):
+        warnings.warn(
+            "this DDP model broadcasts its buffers at the start of forwards, which puts a "
+            "broadcast into the per-rank ascent pass; wrap it with "
+            "ksam.distributed.wrap(...) (forward_sync_buffers=False) and call "
+            "sync_buffers() before evaluation instead", stacklevel=2)
+    engine = _create_method(name, model, optimizer, **kwargs)
+    if selection == "global":
+        use_global_selection(engine, group)
+    return engine
