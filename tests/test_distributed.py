@@ -129,14 +129,15 @@ def params(model: nn.Module) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------ identical weights on ranks
 TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "ksam": dict(method="ksam", k=0.25),
-    "sam": dict(method="sam"),
-    "ksam-global": dict(method="ksam", k=0.25, selection="global"),
-    "ksam-global-sync": dict(method="ksam", k=0.25, selection="global", sync_perturbation=True),
+    "ksam": dict(method="ksam", k=0.25, rho=0.1),
+    "sam": dict(method="sam", rho=0.1),
+    "ksam-global": dict(method="ksam", k=0.25, rho=0.1, selection="global"),
+    "ksam-global-sync": dict(method="ksam", k=0.25, rho=0.1, selection="global",
+                             sync_perturbation=True),
     # k=1 over the global batch: every step one rank has no row in the cut (weight-0 stand-in)
-    "ksam-global-k1": dict(method="ksam", k=1, selection="global"),
+    "ksam-global-k1": dict(method="ksam", k=1, rho=0.1, selection="global"),
     "osgd-global": dict(method="osgd", k=0.5, selection="global"),
-    "esam": dict(method="esam"),
+    "esam": dict(method="esam", rho=0.1),
 }
 
 
@@ -151,7 +152,7 @@ def _train_ranks(info: kd.DistInfo, steps: int, batch: int) -> dict:
         model = net(100 + info.rank, bn=True)
         ddp = kd.wrap(model, info.device)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        eng = kd.create(method, ddp, opt, seed=0, rho=0.1, **cfg)
+        eng = kd.create(method, ddp, opt, seed=0, **cfg)
         init = params(model)
         stand_ins = 0
         for s in range(steps):
@@ -287,11 +288,15 @@ COUNT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# the all-gather that GlobalTopLoss calls (torch 2.13 renamed all_gather_into_tensor)
+GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
 def _count_ranks(info: kd.DistInfo, steps: int) -> dict:
     x_all, y_all = dataset(WORLD * steps * 8)
     x, y = kd.shard((x_all, y_all), seed=0, epoch=0)
     out = {}
-    real_all_gather = dist.all_gather_into_tensor
+    real_all_gather = getattr(dist, GATHER)
     for name, cfg in COUNT_CONFIGS.items():
         cfg = dict(cfg)
         method = cfg.pop("method")
@@ -307,13 +312,17 @@ def _count_ranks(info: kd.DistInfo, steps: int) -> dict:
             eng = kd.create(method, ddp, opt, seed=0, **cfg)
         warned = any("broadcasts its buffers" in str(w.message) for w in caught)
 
-        def loss_fn(m, batch, group=group, ddp=ddp):
+        sync = cfg.get("sync_perturbation", False)
+
+        def loss_fn(m, batch, group=group, ddp=ddp, sync=sync):
+            # the passes of a step: gradient-free scoring, then ascent, then descent
             if not torch.is_grad_enabled():
                 group.phase = "scoring"
-            elif not ddp.require_backward_grad_sync:  # inside model.no_sync()
-                group.phase = "ascent"
             else:
-                group.phase = "descent"
+                group.phase = "ascent" if group.phase == "scoring" else "descent"
+                if group.phase == "ascent":
+                    # per-rank perturbation: the ascent runs inside model.no_sync()
+                    assert ddp.require_backward_grad_sync == sync
             return ce(m, batch)
 
         def counted_all_gather(*args, group_=group, **kwargs):
@@ -321,14 +330,14 @@ def _count_ranks(info: kd.DistInfo, steps: int) -> dict:
             return real_all_gather(*args, **kwargs)
 
         group.calls.clear()
-        dist.all_gather_into_tensor = counted_all_gather
+        setattr(dist, GATHER, counted_all_gather)
         try:
             for s in range(steps):
                 group.step, group.phase = s, "scoring"
                 rows = slice(s * 8, (s + 1) * 8)
                 eng.step((x[rows], y[rows]), loss_fn)
         finally:
-            dist.all_gather_into_tensor = real_all_gather
+            setattr(dist, GATHER, real_all_gather)
         out[name] = {"calls": list(group.calls), "warned": warned}
     return out
 
@@ -367,16 +376,16 @@ def test_per_rank_ascent_sends_nothing(tmp_path):
 
 
 # ------------------------------------------------------------ selection rule across ranks
-def _rule_ranks(info: kd.DistInfo) -> dict:
+def _helper_ranks(info: kd.DistInfo) -> dict:
     device = torch.device("cpu")
     gathers = []
-    real = dist.all_gather_into_tensor
+    real = getattr(dist, GATHER)
 
     def counted(*args, **kwargs):
         gathers.append(1)
         return real(*args, **kwargs)
 
-    dist.all_gather_into_tensor = counted
+    setattr(dist, GATHER, counted)
     try:
         # ties: global scores [1 3 3 0 | 3 2 0 3]; top 3 = global rows 1, 2, 4 (lower index
         # wins a tie), i.e. rows [1, 2] of rank 0 and row [0] of rank 1
@@ -397,14 +406,50 @@ def _rule_ranks(info: kd.DistInfo) -> dict:
         red.backward()
         size = kd.GlobalTopLoss(0.5).size(4)
     finally:
-        dist.all_gather_into_tensor = real
-    return {"ties": ties, "one_gather": one_gather, "reduced": reduced,
-            "k1": idx.tolist(), "k1_reduced": red.item(), "k1_grad": loss.grad.item(),
-            "size": size}
+        setattr(dist, GATHER, real)
+    out = {"ties": ties, "one_gather": one_gather, "reduced": reduced,
+           "k1": idx.tolist(), "k1_reduced": red.item(), "k1_grad": loss.grad.item(),
+           "size": size}
+
+    # sync_buffers: mean of floating buffers, broadcast of integer ones / of everything
+    model = net(0, bn=True)
+    bn = model[2]
+    bn.running_mean.fill_(info.rank + 1.0)
+    bn.num_batches_tracked.fill_(10 * (info.rank + 1))
+    kd.sync_buffers(model)
+    out["mean"] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))
+    bn.running_mean.fill_(info.rank + 1.0)
+    kd.sync_buffers(model, op="broadcast")
+    out["broadcast"] = bn.running_mean.tolist()
+    out["main"] = kd.is_main_process()
+    kd.barrier()
+
+    # a step whose loss is not finite on rank 0 only (gradients finite): all ranks skip it
+    for agree in (True, False):
+        if not agree:
+            kd.all_ranks_true, saved = (lambda flag, group=None: flag), kd.all_ranks_true
+        try:
+            model = net(0)
+            ddp = kd.wrap(model)
+            eng = kd.create("ksam", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), k=0.5)
+            x, y = dataset(8)
+
+            def poisoned(m, batch, rank=info.rank):
+                losses = ce(m, batch)
+                if rank == 0 and not torch.is_grad_enabled():  # rank 0's scoring pass only
+                    losses = losses + torch.tensor([float("inf")] + [0.0] * 7)
+                return losses
+
+            eng.step((x, y), poisoned)
+            out["skip", agree] = (eng.skipped_steps, params(model))
+        finally:
+            if not agree:
+                kd.all_ranks_true = saved
+    return out
 
 
-def test_global_top_loss_across_ranks(tmp_path):
-    r0, r1 = spawn(_rule_ranks, tmp_path)
+def test_rule_buffers_and_skips_across_ranks(tmp_path):
+    r0, r1 = spawn(_helper_ranks, tmp_path)
     assert r0["ties"] == [1, 2] and r1["ties"] == [0]
     assert r0["one_gather"] and r1["one_gather"]
     # reduce = sum * W / K: rank 0 (1 + 2) * 2 / 3, rank 1 1 * 2 / 3
@@ -413,6 +458,16 @@ def test_global_top_loss_across_ranks(tmp_path):
     assert r1["k1"] == [1]  # its own top-1 row, weighted 0
     assert r1["k1_reduced"] == 0.0 and r1["k1_grad"] == 0.0
     assert r0["size"] == r1["size"] == 4  # k resolved against the global batch of 8
+    # sync_buffers
+    assert r0["mean"] == r1["mean"] == ([1.5] * 8, 10)
+    assert r0["broadcast"] == r1["broadcast"] == [1.0] * 8
+    assert r0["main"] and not r1["main"]
+    # the engine agrees on skipping across ranks; without that the weights would drift apart
+    assert r0["skip", True][0] == r1["skip", True][0] == 1
+    for p, q in zip(r0["skip", True][1], r1["skip", True][1]):
+        assert torch.equal(p, q)
+    assert (r0["skip", False][0], r1["skip", False][0]) == (1, 0)
+    assert any(not torch.equal(p, q) for p, q in zip(r0["skip", False][1], r1["skip", False][1]))
 
 
 # --------------------------------------------------------------- a crashed or stalled rank

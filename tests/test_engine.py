@@ -68,7 +68,7 @@ def test_ksam_matches_hand_written_reference():
     ref = copy.deepcopy(model)
     x, y = data(32)
     rho, k = 0.07, 8
-    run("ksam", model, batches=[(x, y)], rho=rho, k=k)
+    run("ksam-plain", model, batches=[(x, y)], rho=rho, k=k)
 
     with torch.no_grad():
         scores = F.cross_entropy(ref(x), y, reduction="none")
@@ -126,7 +126,7 @@ def test_ksam_asymmetric_subsets_and_three_forwards():
     model = mlp()
     sizes = []
     model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
-    eng, (res,) = run("ksam", model, steps=1, k_ascent=4, k_descent=0.5)
+    eng, (res,) = run("ksam-plain", model, steps=1, k_ascent=4, k_descent=0.5)
     assert sizes == [32, 4, 16]
     assert res.ascent_indices.numel() == 4 and res.descent_indices.numel() == 16
     # Both subsets are the top of the same scores: the ascent subset is inside the descent's.
@@ -136,7 +136,8 @@ def test_ksam_asymmetric_subsets_and_three_forwards():
 
 
 def test_pass_sizes_of_every_method():
-    expect = {"sgd": [32], "sam": [32, 32], "asam": [32, 32], "ksam": [32, 8, 8],
+    expect = {"sgd": [32], "sam": [32, 32], "asam": [32, 32], "ksam-plain": [32, 8, 8],
+              "ksam": [32, 8, 32],  # default k_warmup: the first descent is the whole batch
               "random-sam": [8, 32], "esam": [32, 32], "osgd": [32, 8]}
     for method, sizes in expect.items():
         model = mlp()
@@ -373,7 +374,7 @@ def test_nested_dict_batch():
     model = DictModel()
     x, y = data()
     batch = {"inputs": {"x": x}, "labels": y, "tag": "text"}
-    eng = ksam.KSAM(model, sgd(model), k=4)
+    eng = ksam.KSAM(model, sgd(model), k=4, k_warmup=0)
     res = eng.step(batch, lambda m, b: F.cross_entropy(m(b["inputs"]), b["labels"],
                                                        reduction="none"))
     assert res.descent_indices.numel() == 4

@@ -79,11 +79,21 @@ def _number(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(value: str | int | list[int]) -> list[int]:
+    """A count (``3`` = seeds 0, 1, 2), a list (``0,4,7``) or a range (``0-4``)."""
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    text = str(value).strip()
     try:
-        if "-" in text.strip("-") and "," not in text:
-            lo, hi = text.split("-")
-            return list(range(int(lo), int(hi) + 1))
+        if text.isdigit():
+            if int(text) < 1:
+                raise ValueError
+            return list(range(int(text)))
+        if "-" in text and "," not in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -91,18 +101,26 @@ def _seeds(text: str) -> list[int]:
         ) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """One error line, no usage dump: ``ksam: error: ...`` and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"ksam: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ksam", description="Sharpness-aware training at SGD's cost (K-SAM and friends).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("compare", help="train several methods x seeds and compare them")
     _add_common(p)
     p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
                    help="method specs, e.g. sgd sam ksam ksam:k=16 osgd:k=16 "
                         f"(methods: {', '.join(METHODS)}); default: sgd sam ksam")
-    p.add_argument("--seeds", type=str, default="3",
-                   help="a count (3 = seeds 0,1,2), a list (0,4,7) or a range (0-4)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="a count (3 = seeds 0,1,2; the default), a list (0,4,7) or a range "
+                        "(0-4)")
     p.add_argument("--preset", help="a named configuration (see docs/results.md)")
 
     p = sub.add_parser("train", help="train one method once (checkpoints every epoch)")
@@ -118,15 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list the tasks")
     return parser
-
-
-def _seed_list(text: str) -> list[int]:
-    seeds = _seeds(text)
-    if len(seeds) == 1 and text.strip().isdigit():
-        if seeds[0] < 1:
-            raise ValueError("--seeds as a count must be >= 1")
-        return list(range(seeds[0]))
-    return seeds
 
 
 def _base_config(args: argparse.Namespace):
@@ -183,7 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         apply_preset(args)
     base = _base_config(args)
     base.validate()
-    seeds = _seed_list(args.seeds)
+    seeds = parse_seeds(args.seeds if args.seeds is not None else 3)
     specs = args.methods or ["sgd", "sam", "ksam"]
     dist_info = _dist()
     device = resolve_device(base.device)
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_from_args(args)
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError,
+            argparse.ArgumentTypeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"ksam: error: {message}", file=sys.stderr)
         return 2

@@ -393,10 +393,17 @@ def shard(batch: Batch, rank: int | None = None, world_size: int | None = None,
 
 
 # --------------------------------------------------------------------------- selection
+def _all_gather_flat(out: Tensor, local: Tensor, group: Any) -> None:
+    """``out = cat(local of every rank)``: ``dist.all_gather_into_tensor``, which torch 2.13
+    renamed ``all_gather_single``."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)
+
+
 class GlobalTopLoss(SelectionRule):
     r"""The top-``k`` examples by loss at w over the *global* batch of all ranks.
 
-    Each rank all-gathers the per-sample losses (``dist.all_gather_into_tensor``: every
+    Each rank all-gathers the per-sample losses (``dist.all_gather_into_tensor``; every
     rank must step with the same local batch size b, which :func:`shard` guarantees), takes
     the top K of the W*b global losses, ties broken by the lower global index (rank r's
     row i is global index r*b + i), and returns its own rows that made the cut. ``k`` is a
@@ -445,7 +452,7 @@ class GlobalTopLoss(SelectionRule):
             return cached[1]
         local = ctx.scores.detach().float().contiguous()
         out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(out, local, group=self.group)
+        _all_gather_flat(out, local, self.group)
         ctx.cache[key] = (ctx.scores, out)
         return out
 

@@ -155,8 +155,14 @@ class FastStep:
             return _result(out, out["loss"], out["skip"], n)
 
         # A loss_fn is captured with the graph; a lambda rebuilt each step has the same code.
-        key = (_signature(batch), getattr(loss_fn, "__code__", loss_fn))
+        # A scheduled subset size (TopLoss warmup) is baked into the graph: re-capture when
+        # it changes (a few times, early in training).
+        sizes = tuple(r.size_at(n, e.steps) for r in (e.ascent, e.descent) if r is not None)
+        key = (_signature(batch), getattr(loss_fn, "__code__", loss_fn), sizes)
         if self._key is None:
+            self._key = key
+        if key != self._key and key[:2] == self._key[:2]:
+            self.reset()
             self._key = key
         if key != self._key:
             return None  # e.g. a short last batch: eager, same semantics

@@ -40,6 +40,11 @@ class SAM(SharpnessAwareOptimizer):
                          descent=WholeBatch(), **engine)
 
 
+#: Default of K-SAM's ``k_warmup`` (steps per halving of the descent subset, B -> K); the
+#: stress test in docs/collapse.md supports it. 0 is the paper's plain K-SAM.
+K_WARMUP = 50
+
+
 class KSAM(SharpnessAwareOptimizer):
     """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
 
@@ -48,17 +53,21 @@ class KSAM(SharpnessAwareOptimizer):
     top-``k_descent`` (K2) of the same l. ``k`` (a fraction in (0, 1] or an int count)
     sets both unless overridden. Three forward passes (B, K1, K2), two backward passes
     (K1, K2), none over the whole batch.
+
+    ``k_warmup`` guards against collapse (docs/collapse.md): the descent subset starts at
+    the whole batch and halves every ``k_warmup`` steps down to K2 (:class:`TopLoss`'s
+    ``warmup``). ``k_warmup=0`` is the paper's plain K-SAM (also ``create("ksam-plain")``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
-                 eta: float = 0.01, **engine: Any):
+                 eta: float = 0.01, k_warmup: int = K_WARMUP, **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,
                          "k" if k_ascent is None else "k_ascent")
         descent = TopLoss(k if k_descent is None else k_descent,
-                          "k" if k_descent is None else "k_descent")
+                          "k" if k_descent is None else "k_descent", warmup=k_warmup)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, **engine)
 
@@ -88,12 +97,22 @@ class ESAM(SharpnessAwareOptimizer):
 
 
 class OrderedSGD(SharpnessAwareOptimizer):
-    """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples."""
+    """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples.
+    ``k_warmup`` as in :class:`KSAM` (default 0: the paper's plain rule)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 k: float | int = 0.25, **engine: Any):
+                 k: float | int = 0.25, k_warmup: int = 0, **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
-                         descent=TopLoss(k), **engine)
+                         descent=TopLoss(k, warmup=k_warmup), **engine)
+
+
+def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.05,
+                k: float | int = 0.25, k_ascent: float | int | None = None,
+                k_descent: float | int | None = None, adaptive: bool = False,
+                eta: float = 0.01, **engine: Any) -> KSAM:
+    """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
+    return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
+                adaptive=adaptive, eta=eta, k_warmup=0, **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,
@@ -107,6 +126,7 @@ METHODS = {
     "sam": SAM,
     "asam": _asam,
     "ksam": KSAM,
+    "ksam-plain": _ksam_plain,
     "random-sam": RandomSubsetSAM,
     "esam": ESAM,
     "osgd": OrderedSGD,
@@ -115,7 +135,8 @@ METHODS = {
 
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
            **kwargs: Any) -> SharpnessAwareOptimizer:
-    """Build a method by name: one of ``sgd, sam, asam, ksam, random-sam, esam, osgd``."""
+    """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
+    osgd``."""
     try:
         factory = METHODS[name.lower()]
     except (KeyError, AttributeError):

@@ -93,6 +93,12 @@ class SelectionRule:
     def select(self, ctx: SelectionContext) -> Tensor | None:
         raise NotImplementedError
 
+    def size_at(self, batch_size: int, step: int) -> int:
+        """How many examples the rule selects at optimizer step ``step``: ``size`` for every
+        rule but a scheduled one (:class:`TopLoss` with ``warmup``), whose size changes a
+        few times early in training (the fast path re-captures its graph each time)."""
+        return self.size(batch_size)
+
     def reduce(self, losses: Tensor) -> Tensor:
         """The scalar whose gradient the pass takes, from the selected rows' losses: their
         mean. Distributed rules override it to normalize over all ranks' selections."""
@@ -123,23 +129,46 @@ class WholeBatch(SelectionRule):
 
 
 class TopLoss(SelectionRule):
-    """The ``k`` examples with the largest loss at w (Kawaguchi & Lu; Ni et al.)."""
+    r"""The ``k`` examples with the largest loss at w (Kawaguchi & Lu; Ni et al.).
+
+    ``warmup`` (steps, default 0 = off) shrinks the subset from the whole batch to ``k`` in
+    halvings, one every ``warmup`` steps, as Ordered SGD's schedule does:
+
+    .. math:: K_t = \max\bigl(K,\ \lceil B / 2^{\lfloor t / \text{warmup} \rfloor}\rceil\bigr)
+
+    Why (docs/collapse.md): at initialization the per-sample losses are all close to
+    :math:`\ln C`, so the top-K are just the examples of the classes the random network
+    under-predicts; a full step on them makes the network predict one class, the next top-K
+    are again all of other classes, and within ~20 steps most ReLUs are dead - the run never
+    recovers. Full-batch steps first, until the losses carry information, prevent it.
+    """
 
     needs_scores = True
 
-    def __init__(self, k: float | int, name: str = "k") -> None:
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0) -> None:
         self.k = check_subset_size(k, name)
         self.name = name
+        if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
+        self.warmup = int(warmup)
 
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
 
+    def size_at(self, batch_size: int, step: int) -> int:
+        k = self.size(batch_size)
+        if self.warmup <= 0:
+            return k
+        halvings = min(step // self.warmup, batch_size.bit_length())
+        return max(k, -(-batch_size // (1 << halvings)))
+
     def select(self, ctx: SelectionContext) -> Tensor:
         assert ctx.scores is not None
-        return top_indices(ctx.scores, self.size(ctx.batch_size))
+        return top_indices(ctx.scores, self.size_at(ctx.batch_size, ctx.step))
 
     def __repr__(self) -> str:
-        return f"TopLoss({self.name}={self.k})"
+        extra = f", warmup={self.warmup}" if self.warmup else ""
+        return f"TopLoss({self.name}={self.k}{extra})"
 
 
 class RandomSubset(SelectionRule):

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..engine import SharpnessAwareOptimizer, StepResult
 from ..methods import create
 
-__all__ = ["KSAMTrainer", "per_sample_loss", "logits_of"]
+__all__ = ["HFPerSampleLoss", "KSAMTrainer", "logits_of", "per_sample_loss"]
 
 KSAM_STATE_NAME = "ksam_state.pt"
 IGNORE_INDEX = -100

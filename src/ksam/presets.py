@@ -1,0 +1,228 @@
+"""Named configurations for ``ksam compare --preset NAME`` (the evidence in docs/results.md).
+
+A preset fills the fields of the parsed ``compare`` arguments that the user did not set on the
+command line; whatever the user gave wins. A field counts as "not set" when it still holds
+the parser's default (``None`` for most options; ``--seeds 3``, ``--task mnist1d``,
+``--label-noise 0`` etc. for the few options with a non-None default, which therefore cannot be
+told apart from an explicit value equal to that default).
+
+Method specs carry their own ``k`` (two K values per preset) and ``rho`` (tuned per method on
+a held-out split). If the user gives ``--k`` or ``--rho``, those keys are removed from the
+preset's specs so the user's shared value applies to every method that takes it (specs that
+become identical, e.g. ``ksam:k=32`` and ``ksam:k=16`` under ``--k 8``, are merged). An explicit
+``--methods`` replaces the preset's list entirely.
+
+Every choice and its reason is written down in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PRESETS", "Preset", "apply_preset", "preset_names"]
+
+# rho for SAM-family methods, chosen on MNIST-1D with --validation-split 0.2 (docs/results.md):
+# sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best validation accuracy per method.
+MNIST1D_RHO_SAM = 0.02
+MNIST1D_RHO_KSAM = 0.02
+# Fashion-MNIST: not tuned in this session (no budget); SAM's usual default.
+FASHION_RHO = 0.05
+
+
+def _ksam_warmup() -> int:
+    """K-SAM's default descent-subset warm-up (``k_warmup``) in the installed ksam, or 0 when
+    the method has none. Ordered SGD, the selection-without-perturbation control, gets the
+    same warm-up so that the two differ only by the perturbation."""
+    import inspect
+
+    from .methods import METHODS
+
+    for name in ("ksam", "osgd"):
+        factory = METHODS.get(name)
+        target = getattr(factory, "__init__", factory) if inspect.isclass(factory) else factory
+        if target is None or "k_warmup" not in inspect.signature(target).parameters:
+            return 0
+    default = inspect.signature(METHODS["ksam"].__init__).parameters["k_warmup"].default
+    return int(default) if isinstance(default, int) else 0
+
+
+def _methods(k_quarter: int, k_eighth: int, rho_sam: float, rho_ksam: float) -> list[str]:
+    """SGD, SAM, K-SAM at K=B/4 and B/8, random-subset SAM (ascent on B/4, its paper's
+    setting), ESAM (its paper's beta/gamma), Ordered SGD at the same two K (and K-SAM's
+    default warm-up, if it has one)."""
+    warmup = _ksam_warmup()
+    osgd = f",k_warmup={warmup}" if warmup else ""
+    return [
+        "sgd",
+        f"sam:rho={rho_sam:g}",
+        f"ksam:k={k_quarter},rho={rho_ksam:g}",
+        f"ksam:k={k_eighth},rho={rho_ksam:g}",
+        f"random-sam:rho={rho_sam:g}",
+        f"esam:rho={rho_sam:g}",
+        f"osgd:k={k_quarter}{osgd}",
+        f"osgd:k={k_eighth}{osgd}",
+    ]
+
+
+def _core_methods(k: int, rho_sam: float, rho_ksam: float) -> list[str]:
+    """The reduced list: SGD, SAM, K-SAM at one K and its controls (random-subset SAM,
+    Ordered SGD at the same K)."""
+    full = _methods(k, k, rho_sam, rho_ksam)
+    return [full[0], full[1], full[2], full[4], full[6]]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named configuration: values for the ``compare`` arguments (argparse dest names)
+    and task options (``--task-option key=value``)."""
+
+    name: str
+    description: str
+    values: dict[str, Any]
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+
+_MNIST1D = {
+    "task": "mnist1d",
+    "model": "cnn",
+    "epochs": 30,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "seeds": "5",
+    "device": "cpu",
+    "precision": "fp32",
+    "methods": _methods(32, 16, MNIST1D_RHO_SAM, MNIST1D_RHO_KSAM),
+}
+
+_FASHION = {
+    "task": "fashion-mnist",
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "precision": "fp32",
+}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "mnist1d",
+            "MNIST-1D CNN, 4000 train / 1000 test, 30 epochs, 5 seeds, CPU",
+            dict(_MNIST1D),
+        ),
+        Preset(
+            "mnist1d-noise",
+            "MNIST-1D CNN with 20% symmetric label noise on the training set, 5 seeds, CPU",
+            {**_MNIST1D, "label_noise": 0.2},
+        ),
+        Preset(
+            "fashion-mnist-gpu",
+            "Fashion-MNIST, full 60k, small ResNet, crop+flip, 15 epochs, batch 256, 3 seeds; "
+            "meant to take about 8 minutes on one H100/H200 with the fast path (an estimate)",
+            {**_FASHION, "epochs": 15, "batch_size": 256, "lr": 0.1, "seeds": "3",
+             "device": "cuda", "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
+        ),
+        Preset(
+            "fashion-mnist-cpu",
+            "Fashion-MNIST reduced for a CPU: 5k-example subset, ResNet width 0.25, 4 epochs, "
+            "2 seeds, SGD / SAM / K-SAM K=B/4 and its two controls (what one shared CPU core "
+            "allows in about 12 minutes)",
+            {**_FASHION, "train_subset": 5000, "epochs": 4, "batch_size": 128, "lr": 0.05,
+             "seeds": "2", "device": "cpu",
+             "methods": _core_methods(32, FASHION_RHO, FASHION_RHO)},
+            {"width": 0.25},
+        ),
+        Preset(
+            "fashion-mnist-5k",
+            "Fashion-MNIST 5k-example subset (overfitting regime), small ResNet, 100 epochs, "
+            "5 seeds; GPU",
+            {**_FASHION, "train_subset": 5000, "epochs": 100, "batch_size": 128, "lr": 0.05,
+             "seeds": "5", "device": "cuda",
+             "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
+        ),
+        Preset(
+            "fashion-mnist-10k",
+            "Fashion-MNIST 10k-example subset (overfitting regime), small ResNet, 60 epochs, "
+            "5 seeds; GPU",
+            {**_FASHION, "train_subset": 10000, "epochs": 60, "batch_size": 128, "lr": 0.05,
+             "seeds": "5", "device": "cuda",
+             "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
+        ),
+        Preset(
+            "fashion-mnist-noise",
+            "Fashion-MNIST full 60k with 20% symmetric label noise, small ResNet, 40 epochs, "
+            "batch 256, 3 seeds; GPU",
+            {**_FASHION, "label_noise": 0.2, "epochs": 40, "batch_size": 256, "lr": 0.1,
+             "seeds": "3", "device": "cuda",
+             "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
+        ),
+    ]
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def _parser_defaults() -> dict[str, Any]:
+    """The ``compare`` subcommand's defaults, read from the real parser."""
+    from .cli import build_parser
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices["compare"]
+            return {a.dest: a.default for a in sub._actions if a.dest != "help"}
+    return {}
+
+
+def _strip_spec_keys(specs: list[str], keys: set[str]) -> list[str]:
+    """Remove ``keys`` from each spec's options, then drop specs that became duplicates."""
+    out: list[str] = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        items = [s for s in rest.split(",") if s and s.partition("=")[0].strip() not in keys]
+        new = f"{name}:{','.join(items)}" if items else name
+        if new not in out:
+            out.append(new)
+    return out
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``args`` (a parsed ``ksam compare`` namespace) from preset ``args.preset`` where
+    the user did not set a value. Returns ``args`` (modified in place).
+
+    Raises ValueError, listing the presets, for an unknown name.
+    """
+    name = getattr(args, "preset", None)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    defaults = _parser_defaults()
+
+    def unset(dest: str) -> bool:
+        value = getattr(args, dest, None)
+        return value is None or (dest in defaults and value == defaults[dest])
+
+    for dest, value in preset.values.items():
+        if dest == "methods":
+            continue
+        if unset(dest):
+            setattr(args, dest, list(value) if isinstance(value, list) else value)
+    if unset("methods"):
+        user_keys = {key for key in ("k", "rho") if not unset(key)}
+        specs = list(preset.values["methods"])
+        args.methods = _strip_spec_keys(specs, user_keys) if user_keys else specs
+
+    given = {item.partition("=")[0].strip().replace("-", "_")
+             for item in (getattr(args, "task_option", None) or [])}
+    extra = [f"{key}={value}" for key, value in preset.task_options.items()
+             if key not in given]
+    if extra:
+        args.task_option = [*(getattr(args, "task_option", None) or []), *extra]
+    return args

@@ -1,0 +1,167 @@
+"""The command line: compare, train, resume after a real kill, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ksam.cli import main
+
+TINY = ["--task-option", "num_samples=600", "--batch-size", "32", "--quiet"]
+
+
+def test_compare_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--methods", "sgd", "sam", "ksam:k=8", "osgd:k=8", "--seeds", "2",
+                 "--epochs", "2", "--out", str(out), *TINY])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| sgd |" in printed and "| ksam:k=8 |" in printed
+    for name in ("summary.md", "summary.json", "metrics.csv", "config.json",
+                 "accuracy_vs_time.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"sgd", "sam", "ksam:k=8", "osgd:k=8"}
+    assert rows["sgd"]["time_vs_ref"] == pytest.approx(1.0)
+    assert all(r["seeds"] == 2 for r in rows.values())
+    lines = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 4 * 2 * 2  # header + methods x seeds x epochs
+    run_dir = out / "runs" / "ksam_k_8-seed1"
+    epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert epochs[1]["steps"] == 2 * (480 // 32)
+    assert (out / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_initial_weights_for_every_method(tmp_path):
+    from ksam.train import TrainConfig, train
+
+    inits = []
+    for method in ("sgd", "ksam"):
+        cfg = TrainConfig(method=method, epochs=1, batch_size=32, seed=3,
+                          task_options={"num_samples": 600})
+        cfg.epochs = 1
+        result = train(cfg)
+        inits.append(result)
+    # Different methods, different trajectories, but the same seed gives the same init:
+    torch.manual_seed(3)
+    from ksam.tasks import get_task
+
+    task = get_task("mnist1d", num_samples=600)
+    torch.manual_seed(3)
+    a = task.make_model().state_dict()
+    torch.manual_seed(3)
+    b = task.make_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _python_ksam(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ksam", *args]
+
+
+def test_train_resumes_after_a_real_kill(tmp_path):
+    common = ["train", "--method", "ksam:k=8", "--epochs", "10", "--seed", "4", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_python_ksam(*common, "--out", str(full)), check=True, env=env,
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_python_ksam(*common, "--out", str(killed)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 1 <= at_kill < 10
+
+    resumed = subprocess.run(_python_ksam(*common, "--out", str(killed), "--resume"),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert b["epoch"] == 10
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["test_acc"] for r in a["history"]] == [r["test_acc"] for r in b["history"]]
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 11))
+
+
+BAD = [
+    ("unknown task", ["compare", "--task", "imagenet"], "unknown task"),
+    ("unknown method", ["compare", "--methods", "sgd", "adamw"], "unknown method 'adamw'"),
+    ("unknown method option", ["compare", "--methods", "sgd:rho=0.1"], "takes no option"),
+    ("missing data dir", ["compare", "--task", "fashion-mnist", "--data-dir", "/nonexistent/x"],
+     "/nonexistent/x"),
+    ("k zero", ["compare", "--k", "0"], "k must be >= 1"),
+    ("k above one", ["compare", "--k", "1.5"], "fraction in (0, 1]"),
+    ("k larger than batch", ["compare", "--k", "500"], "larger than the batch"),
+    ("negative rho", ["compare", "--rho", "-0.1"], "rho must be"),
+    ("non-numeric", ["compare", "--epochs", "ten"], "invalid int value"),
+    ("non-numeric k", ["train", "--k", "abc"], "not a number"),
+    ("resume without checkpoint", ["train", "--resume"], "no checkpoint"),
+    ("bad seeds", ["compare", "--seeds", "a,b"], "seeds must be"),
+]
+
+
+@pytest.mark.parametrize("argv,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, argv, message):
+    out = tmp_path / "out"
+    tiny = [] if "--task" in argv else ["--task-option", "num_samples=600"]
+    proc = subprocess.run(_python_ksam(*argv, "--out", str(out), "--quiet", *tiny),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ksam: error:"), proc.stderr
+    assert message in err[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_tasks_lists_the_registry(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist1d", "fashion-mnist", "cifar10", "cifar100"):
+        assert name in out
+
+
+def test_bench_quick_prints_ratios(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                 "--cases", "mnist1d-cnn-b128", "--json", str(path)])
+    assert code == 0
+    rows = json.loads(path.read_text())
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "sgd" and "ksam K=B/8" in methods and "esam" in methods
+    assert rows[0]["ratio_to_sgd"] == 1.0
+    assert "| mnist1d-cnn-b128 | fp32 | eager | ksam K=B/8 |" in capsys.readouterr().out
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from ksam import train as train_mod
+
+    target = tmp_path / "file.bin"
+    train_mod.atomic_write_bytes(target, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.os, "replace", boom)
+    with pytest.raises(OSError):
+        train_mod.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in Path(tmp_path).iterdir()] == ["file.bin"]

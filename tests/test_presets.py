@@ -1,0 +1,132 @@
+"""Presets of ``ksam compare --preset``: each resolves to a valid configuration, user values win."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from ksam.cli import _base_config, _task_options, build_parser, parse_seeds
+from ksam.compare import method_config
+from ksam.presets import PRESETS, apply_preset
+from ksam.tasks import TASKS
+from ksam.train import build_engine
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["compare", *argv])
+
+
+def _resolved(name: str, *argv: str) -> argparse.Namespace:
+    return apply_preset(_parsed("--preset", name, *argv))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_resolves_to_a_valid_configuration(name):
+    args = _resolved(name)
+    preset = PRESETS[name]
+    assert args.task == preset.values["task"] and args.task in TASKS
+    for field in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "methods"):
+        assert getattr(args, field) is not None, field
+    assert args.methods == preset.values["methods"]
+    assert len(parse_seeds(args.seeds)) >= (5 if name.startswith("mnist1d") else 2)
+    if "gpu" in name or name in ("fashion-mnist-5k", "fashion-mnist-10k", "fashion-mnist-noise"):
+        assert args.device == "cuda"
+        assert len(parse_seeds(args.seeds)) >= 3
+    if name.endswith("-cpu") or name.startswith("mnist1d"):
+        assert args.device == "cpu"
+    if "noise" in name:
+        assert args.label_noise == pytest.approx(0.2)
+
+    # The task accepts every task option the preset sets (unknown ones would be rejected).
+    opts = _task_options(args)
+    task_specific = set(opts) - {"data_dir", "train_subset", "label_noise", "validation_split"}
+    assert task_specific <= set(TASKS[args.task].options)
+
+    base = _base_config(args)
+    replace(base, device="cpu").validate()  # GPU presets: validate the rest on this machine
+    cfg = replace(base, device="cpu", fast=False)
+
+    # The controls the results rely on: same K for K-SAM and Ordered SGD, two K values.
+    named = [method_config(spec, {"k": args.k, "rho": args.rho}) for spec in args.methods]
+    methods = [n for n, _ in named]
+    reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
+    required = ("sgd", "sam", "ksam", "random-sam", "osgd") + (() if reduced else ("esam",))
+    for method in required:
+        assert method in methods, method
+    k_ksam = sorted(o["k"] for n, o in named if n == "ksam")
+    k_osgd = sorted(o["k"] for n, o in named if n == "osgd")
+    assert k_ksam == k_osgd
+    expected = [cfg.batch_size // 4] if reduced else [cfg.batch_size // 8, cfg.batch_size // 4]
+    assert k_ksam == expected
+
+    # Every method builds and accepts the batch size (cheap: a linear model, no data).
+    for method, options in named:
+        model = nn.Linear(4, 3)
+        engine, _ = build_engine(method, model, replace(cfg, method_options=options), 1)
+        engine.check_batch(cfg.batch_size)
+
+
+def test_user_values_win_over_the_preset():
+    args = _resolved("mnist1d", "--epochs", "3", "--lr", "0.02", "--seeds", "0,1",
+                     "--label-noise", "0.1", "--batch-size", "64", "--device", "cuda")
+    assert (args.epochs, args.lr, args.label_noise, args.batch_size) == (3, 0.02, 0.1, 64)
+    assert parse_seeds(args.seeds) == [0, 1]
+    assert args.device == "cuda"
+    assert args.weight_decay == PRESETS["mnist1d"].values["weight_decay"]  # untouched: preset
+
+    args = _resolved("mnist1d", "--methods", "sgd", "ksam:k=4")
+    assert args.methods == ["sgd", "ksam:k=4"]
+
+
+def test_user_k_and_rho_replace_the_preset_spec_values():
+    args = _resolved("mnist1d", "--k", "8", "--rho", "0.3")
+    names = [spec.partition(":")[0] for spec in args.methods]
+    assert names.count("ksam") == 1 and names.count("osgd") == 1 and "sam" in names
+    assert not any(item.startswith(("k=", "rho="))
+                   for spec in args.methods for item in spec.partition(":")[2].split(","))
+    assert len(args.methods) == len(set(args.methods))
+    for spec in args.methods:
+        name, options = method_config(spec, {"k": args.k, "rho": args.rho})
+        if name in ("ksam", "osgd"):
+            assert options["k"] == 8
+        if name in ("sam", "ksam", "random-sam", "esam"):
+            assert options["rho"] == 0.3
+
+
+def test_user_task_option_wins():
+    args = _resolved("fashion-mnist-cpu", "--task-option", "width=0.75")
+    assert _task_options(args)["width"] == 0.75
+    args = _resolved("fashion-mnist-cpu")
+    assert _task_options(args)["width"] == 0.25
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="unknown preset") as info:
+        _resolved("no-such-preset")
+    for name in PRESETS:
+        assert name in str(info.value)
+
+
+def test_cli_reports_an_unknown_preset(capsys):
+    from ksam.cli import main
+
+    assert main(["compare", "--preset", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset" in err and "mnist1d-noise" in err
+
+
+def test_mnist1d_preset_runs_one_tiny_epoch(tmp_path):
+    """The preset goes through the real command end to end (shrunk to seconds)."""
+    from ksam.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "p"
+    code = main(["compare", "--preset", "mnist1d", "--epochs", "1", "--seeds", "1",
+                 "--task-option", "num_samples=300", "--methods", "sgd", "ksam:k=8",
+                 "--batch-size", "32", "--quiet", "--out", str(out)])
+    assert code == 0
+    assert (out / "summary.md").exists()
