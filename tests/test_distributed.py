@@ -135,7 +135,9 @@ TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
     "ksam-global-sync": dict(method="ksam", k=0.25, rho=0.1, selection="global",
                              sync_perturbation=True),
     # k=1 over the global batch: every step one rank has no row in the cut (weight-0 stand-in)
-    "ksam-global-k1": dict(method="ksam", k=1, rho=0.1, selection="global"),
+    "ksam-global-k1": dict(method="ksam", k=1, k_warmup=0, rho=0.1, selection="global"),
+    "ksam-global-k1-sync": dict(method="ksam", k=1, k_warmup=0, rho=0.1, selection="global",
+                                sync_perturbation=True),
     "osgd-global": dict(method="osgd", k=0.5, selection="global"),
     "esam": dict(method="esam", rho=0.1),
 }
@@ -158,7 +160,8 @@ def _train_ranks(info: kd.DistInfo, steps: int, batch: int) -> dict:
         for s in range(steps):
             rows = slice(s * batch, (s + 1) * batch)
             eng.step((x[rows], y[rows]), ce)
-            stand_ins += int(getattr(eng.descent, "_stand_in", False))
+            stand_ins += sum(int(getattr(rule, "_stand_in", False))
+                             for rule in (eng.ascent, eng.descent))
         buffers_differ = any(not torch.equal(a, b) for a, b in zip(
             model.buffers(), net(0, bn=True).buffers()))
         kd.sync_buffers(ddp)
@@ -179,18 +182,23 @@ def test_ranks_hold_identical_weights(tmp_path):
             assert torch.equal(p, q), f"{name}: BatchNorm buffers differ after sync_buffers"
         assert a["buffers_moved"]
         assert a["skipped"] == b["skipped"] == 0
-    # the k=1 global cut lies on one rank per step: the other ran its weight-0 stand-in
-    assert r0["ksam-global-k1"]["stand_ins"] + r1["ksam-global-k1"]["stand_ins"] == 4
+    # the k=1 global cut lies on one rank per step: the other ran its weight-0 stand-ins
+    # (ascent and descent), through DDP's all-reduce in the synchronized configuration
+    for name in ("ksam-global-k1", "ksam-global-k1-sync"):
+        assert r0[name]["stand_ins"] + r1[name]["stand_ins"] == 2 * 4
 
 
 # ---------------------------------------------- 2 ranks x b == 1 process x 2b (sync, global)
 EQUIV_CONFIGS: dict[str, dict[str, Any]] = {
-    "ksam": dict(method="ksam", k=0.25, rho=0.5),
-    "ksam-k-int": dict(method="ksam", k_ascent=3, k_descent=0.5, rho=0.5),
+    "ksam": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5),
+    # descent subset schedule on the global batch: 20, 20, 10, 10 rows
+    "ksam-warmup": dict(method="ksam", k=0.25, k_warmup=2, rho=0.5),
+    "ksam-k-int": dict(method="ksam", k_ascent=3, k_descent=0.5, k_warmup=0, rho=0.5),
     "sam": dict(method="sam", rho=0.5),
     "osgd": dict(method="osgd", k=5),
 }
 EQUIV_STEPS, EQUIV_B = 4, 10
+PER_RANK_TOO = ("ksam", "sam")  # also run with per-rank perturbation, which must differ
 
 
 def _equiv_batches():
@@ -201,16 +209,16 @@ def _equiv_batches():
 
 def _equiv_ranks(info: kd.DistInfo) -> dict:
     out = {}
-    for sync in (True, False):
-        for name, cfg in EQUIV_CONFIGS.items():
-            cfg = dict(cfg)
-            method = cfg.pop("method")
+    for name, cfg in EQUIV_CONFIGS.items():
+        for sync in (True, False) if name in PER_RANK_TOO else (True,):
+            opts = dict(cfg)
+            method = opts.pop("method")
             model = net(0)
             ddp = kd.wrap(model, info.device)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
             selection = "global" if method != "sam" else "local"
             eng = kd.create(method, ddp, opt, seed=0, selection=selection,
-                            sync_perturbation=sync, **cfg)
+                            sync_perturbation=sync, **opts)
             for xb, yb in _equiv_batches():
                 rows = slice(info.rank * EQUIV_B, (info.rank + 1) * EQUIV_B)
                 eng.step((xb[rows], yb[rows]), ce)
@@ -232,7 +240,7 @@ def test_sync_global_matches_single_process(tmp_path):
         for rank in ranks:
             for p, q in zip(rank[name, True], single):
                 torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
-        if method != "osgd":  # per-rank perturbation is a different (m-sharpness) step
+        if name in PER_RANK_TOO:  # per-rank perturbation is a different (m-sharpness) step
             gap = max((p - q).abs().max().item() for p, q in zip(ranks[0][name, False], single))
             assert gap > 1e-4, f"{name}: per-rank perturbation should differ from global"
 
@@ -577,8 +585,9 @@ def test_single_process_fallbacks(monkeypatch):
     # single-process kd.create with selection="global" equals ksam.create bit for bit
     x, y = dataset(16)
     runs = []
-    for make in (lambda m, o: kd.create("ksam", m, o, k=0.25, seed=0, selection="global"),
-                 lambda m, o: ksam.create("ksam", m, o, k=0.25, seed=0)):
+    for make in (lambda m, o: kd.create("ksam", m, o, k=0.25, k_warmup=1, seed=0,
+                                        selection="global"),
+                 lambda m, o: ksam.create("ksam", m, o, k=0.25, k_warmup=1, seed=0)):
         m = net(0)
         eng = make(m, torch.optim.SGD(m.parameters(), lr=0.1))
         for _ in range(3):

@@ -81,7 +81,6 @@ from .selection import (
     SelectionRule,
     TopLoss,
     check_subset_size,
-    resolve_subset_size,
     top_indices,
 )
 
@@ -409,6 +408,9 @@ class GlobalTopLoss(SelectionRule):
     row i is global index r*b + i), and returns its own rows that made the cut. ``k`` is a
     fraction of the global batch or an int count of it; :meth:`size` is that global K.
 
+    ``warmup`` is :class:`TopLoss`'s schedule (full batch first, halving every ``warmup``
+    steps down to K), applied to the global batch.
+
     :meth:`reduce` returns :math:`\frac{W}{K}\sum_{i\in S_r} l_i`, so that DDP's gradient
     average is the mean gradient over the K selected examples of all ranks. A rank none of
     whose rows made the cut still runs its pass on one row (its local top-1) with weight 0:
@@ -422,17 +424,20 @@ class GlobalTopLoss(SelectionRule):
 
     needs_scores = True
 
-    def __init__(self, k: float | int, name: str = "k", group: Any = None) -> None:
+    def __init__(self, k: float | int, name: str = "k", group: Any = None,
+                 warmup: int = 0) -> None:
         self.k = check_subset_size(k, name)
         self.name = name
         self.group = group
+        self._sizes = TopLoss(k, name, warmup=warmup)  # K (and its schedule) for a batch
+        self.warmup = self._sizes.warmup
         self._scale: float | None = None  # W / K of the last selection
         self._stand_in = False            # the last selection is a weight-0 stand-in row
 
     @classmethod
     def from_local(cls, rule: TopLoss, group: Any = None) -> GlobalTopLoss:
-        """The global counterpart of a :class:`TopLoss` (same ``k``)."""
-        return cls(rule.k, rule.name, group)
+        """The global counterpart of a :class:`TopLoss` (same ``k`` and ``warmup``)."""
+        return cls(rule.k, rule.name, group, warmup=getattr(rule, "warmup", 0))
 
     def _world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -442,7 +447,12 @@ class GlobalTopLoss(SelectionRule):
     def size(self, batch_size: int) -> int:
         """The global K for a local batch of ``batch_size`` on each rank."""
         world, _ = self._world()
-        return resolve_subset_size(self.k, batch_size * world, self.name)
+        return self._sizes.size(batch_size * world)
+
+    def size_at(self, batch_size: int, step: int) -> int:
+        """The global K at optimizer step ``step`` (``warmup`` schedule)."""
+        world, _ = self._world()
+        return self._sizes.size_at(batch_size * world, step)
 
     def _gathered(self, ctx: SelectionContext, world: int) -> Tensor:
         assert ctx.scores is not None
@@ -460,7 +470,7 @@ class GlobalTopLoss(SelectionRule):
         assert ctx.scores is not None
         n = ctx.batch_size
         world, rank = self._world()
-        count = resolve_subset_size(self.k, n * world, self.name)
+        count = self._sizes.size_at(n * world, ctx.step)
         self._stand_in = False
         if world == 1:
             self._scale = None

@@ -29,6 +29,7 @@ which is how the tests check that it equals the eager step.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from .perturbation import StochasticWeightPerturbation
 from .selection import RandomSubset
 
 WARMUP_STEPS = 3  # eager sync-free steps on a side stream before capture (torch's recipe)
+MAX_GRAPHS = 8  # distinct (shape, subset size) graphs kept before stepping eagerly
 
 
 def _signature(batch: Batch) -> tuple:
@@ -61,6 +63,14 @@ def _clone_tree(batch: Batch) -> Batch:
     return batch
 
 
+@dataclass
+class _Captured:
+    warmup_left: int
+    graph: torch.cuda.CUDAGraph | None = None
+    static_batch: Batch = None
+    static_out: dict[str, Any] | None = None
+
+
 class FastStep:
     def __init__(self, engine: SharpnessAwareOptimizer) -> None:
         self.engine = engine
@@ -70,12 +80,8 @@ class FastStep:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the captured graph (after load_state_dict, or to re-capture)."""
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._key: tuple | None = None
-        self._static_batch: Batch = None
-        self._static_out: dict[str, Any] | None = None
-        self._warmup_left = WARMUP_STEPS
+        """Forget the captured graphs (after load_state_dict, or to re-capture)."""
+        self._entries: dict[tuple, _Captured] = {}
         self._stream: torch.cuda.Stream | None = None
 
     # ---------------------------------------------------------------------- checks
@@ -154,52 +160,53 @@ class FastStep:
             e.steps += 1
             return _result(out, out["loss"], out["skip"], n)
 
-        # A loss_fn is captured with the graph; a lambda rebuilt each step has the same code.
-        # A scheduled subset size (TopLoss warmup) is baked into the graph: re-capture when
-        # it changes (a few times, early in training).
-        sizes = tuple(r.size_at(n, e.steps) for r in (e.ascent, e.descent) if r is not None)
-        key = (_signature(batch), getattr(loss_fn, "__code__", loss_fn), sizes)
-        if self._key is None:
-            self._key = key
-        if key != self._key and key[:2] == self._key[:2]:
-            self.reset()
-            self._key = key
-        if key != self._key:
-            return None  # e.g. a short last batch: eager, same semantics
-        if self._graph is None and self._warmup_left > 0:
+        # One graph per batch signature and per subset sizes: a short last batch or a K
+        # schedule (TopLoss warm-up) gets its own graph. The loss_fn is captured with the
+        # graph; a lambda rebuilt each step has the same code.
+        sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
+                      if rule is not None)
+        key = (_signature(batch), sizes, getattr(loss_fn, "__code__", loss_fn))
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) >= MAX_GRAPHS:
+                return None  # shapes keep changing: eager, same semantics
+            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
+        if entry.graph is None and entry.warmup_left > 0:
+            entry.warmup_left -= 1
             return self._warmup(batch, loss_fn, n)
-        if self._graph is None:
+        if entry.graph is None:
             try:
-                self._capture(batch, loss_fn, n)
+                self._capture(entry, batch, loss_fn, n)
             except Exception as exc:  # a loss_fn that syncs, an uncapturable op, ...
-                self._graph = None
+                self._entries.clear()
                 e.zero_grad()
                 self._fall_back(f"capture failed: {type(exc).__name__}: {exc}")
                 return None
-        _copy_tree_(self._static_batch, batch)
-        self._graph.replay()
+        _copy_tree_(entry.static_batch, batch)
+        entry.graph.replay()
         e.steps += 1
-        out = self._static_out
+        out = entry.static_out
         # The graph's outputs are overwritten by the next replay: keep the scalars.
         scalars = torch.stack([out["loss"].float(), out["skip"].float()]).clone()
         return _result(out, scalars[0], scalars[1].bool(), n)
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+        """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
+        the autograd streams must exist before capture)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             out = self._sync_free(batch, loss_fn, n)
         torch.cuda.current_stream().wait_stream(self._stream)
-        self._warmup_left -= 1
         self.engine.steps += 1
         return _result(out, out["loss"], out["skip"], n)
 
-    def _capture(self, batch: Batch, loss_fn: LossFn, n: int) -> None:
-        self._static_batch = _clone_tree(batch)
+    def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int) -> None:
+        entry.static_batch = _clone_tree(batch)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         self.engine.zero_grad()  # gradients are allocated inside the graph's pool
         with torch.cuda.graph(graph):
-            self._static_out = self._sync_free(self._static_batch, loss_fn, n)
-        self._graph = graph
+            entry.static_out = self._sync_free(entry.static_batch, loss_fn, n)
+        entry.graph = graph

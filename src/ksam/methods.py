@@ -42,7 +42,7 @@ class SAM(SharpnessAwareOptimizer):
 
 #: Default of K-SAM's ``k_warmup`` (steps per halving of the descent subset, B -> K); the
 #: stress test in docs/collapse.md supports it. 0 is the paper's plain K-SAM.
-K_WARMUP = 50
+K_WARMUP = 100
 
 
 class KSAM(SharpnessAwareOptimizer):

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..engine import SharpnessAwareOptimizer, StepResult
 from ..methods import create
+from . import ProxyOptimizer as _ProxyOptimizer
 
 __all__ = ["HFPerSampleLoss", "KSAMTrainer", "logits_of", "per_sample_loss"]
 
@@ -164,65 +165,11 @@ class HFPerSampleLoss:
 # ----------------------------------------------------------------------- optimizer proxies
 
 
-class _ProxyOptimizer(torch.optim.Optimizer):
-    """Shares everything with ``base`` (param_groups, state, defaults, state_dict) and differs
-    only in ``step``. ``Optimizer.__init__`` is not called on purpose: it would copy the
-    param groups, and an LR scheduler must set the real ones."""
-
-    def __init__(self, base: torch.optim.Optimizer) -> None:  # noqa: D107
-        self.base = base
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.base.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.base.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.base.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.base.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.base.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.base.defaults = value
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.base.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base.load_state_dict(state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.base.add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.base!r})"
-
-
 class _TrainerOptimizer(_ProxyOptimizer):
     """What the Trainer sees: its ``optimizer.step()`` is a no-op, the ksam engine has
     already stepped the real optimizer inside ``training_step``."""
 
-    def step(self, closure: Callable[[], float] | None = None) -> None:  # noqa: ARG002
+    def step(self, closure: Callable[[], float] | None = None) -> None:
         return None
 
 

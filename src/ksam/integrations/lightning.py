@@ -1,0 +1,166 @@
+"""Any ksam method inside a Lightning ``LightningModule`` (manual optimization).
+
+A ksam step runs several forward/backward passes and one optimizer step, which is exactly
+what Lightning's manual optimization hands to the module::
+
+    class Model(KSAMMixin, L.LightningModule):          # the mixin first
+        def __init__(self):
+            super().__init__()
+            self.net = ...
+            self.configure_ksam("ksam", rho=0.05, k=0.25)  # also sets manual optimization
+
+        def training_step(self, batch, batch_idx):
+            result = self.ksam_step(batch, lambda m, b: F.cross_entropy(
+                m(b[0]), b[1], reduction="none"))          # logs "train_loss"
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+What the helper takes care of:
+
+- the optimizer: the engine steps the real optimizer *through* ``self.optimizers()`` (the
+  ``LightningOptimizer``), so Lightning still counts ``global_step`` (``max_steps`` works),
+  runs ``on_before_optimizer_step`` and profiles the step; state_dicts go to the real one;
+- precision: ``bf16-mixed`` runs the passes under bfloat16 autocast; ``16-mixed`` is refused
+  (Lightning's GradScaler unscales and steps on its own, which would unscale twice), use
+  ``bf16-mixed`` or ``32-true``; ``*-true`` precisions need nothing;
+- logging: ``self.log(log_name, result.loss)`` (the batch's mean per-sample loss at w);
+- checkpoints: the engine's own state (step count, random generator) rides in the
+  checkpoint under ``"ksam_state"``; the optimizer state is Lightning's usual one.
+
+Limits: one optimizer; a single device (under DDP the bare module would not all-reduce its
+gradients, so more than one process is refused); LR schedulers are stepped by you, as with
+any manual optimization (``self.lr_schedulers().step()``); ``gradient_clip_val`` is not
+available (Lightning refuses it with manual optimization); a step skipped for non-finite
+losses does not advance ``global_step``; the backward passes call ``Tensor.backward``
+directly, so ``on_before_backward``/``on_after_backward`` hooks do not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from ..batch import Batch, batch_size
+from ..engine import SharpnessAwareOptimizer, StepResult
+from ..methods import create
+from . import ProxyOptimizer
+
+__all__ = ["KSAMMixin"]
+
+KSAM_CHECKPOINT_KEY = "ksam_state"
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+class _LightningStepOptimizer(ProxyOptimizer):
+    """The real optimizer for the engine, whose ``step`` goes through the LightningOptimizer
+    (precision plugin, hooks, step counting)."""
+
+    def __init__(self, base: torch.optim.Optimizer, lightning_optimizer: Any) -> None:
+        super().__init__(base)
+        self.lightning_optimizer = lightning_optimizer
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        return self.lightning_optimizer.step(closure)
+
+
+class KSAMMixin:
+    """Adds :meth:`ksam_step` to a ``LightningModule`` (list it before ``LightningModule``)."""
+
+    ksam_method: str = "ksam"
+    ksam_kwargs: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated
+
+    def configure_ksam(self, method: str = "ksam", **kwargs: Any) -> None:
+        """Choose the method and its options (those of :func:`ksam.create`); switches the
+        module to manual optimization, which a ksam step needs."""
+        self.ksam_method = method
+        self.ksam_kwargs = dict(kwargs)
+        self.automatic_optimization = False  # type: ignore[attr-defined]
+        self._ksam_engine = None
+        self._ksam_pending: dict[str, Any] | None = None
+
+    @property
+    def ksam(self) -> SharpnessAwareOptimizer | None:
+        """The engine (built at the first :meth:`ksam_step`)."""
+        return getattr(self, "_ksam_engine", None)
+
+    def ksam_step(self, batch: Batch, loss_fn: LossFn, *, log_name: str | None = "train_loss",
+                  **log_kwargs: Any) -> StepResult:
+        """One ksam step on ``batch`` (all passes, one optimizer step); ``loss_fn(module,
+        batch)`` returns per-sample losses ``[n]``. Logs the loss as ``log_name`` (None: no
+        logging; ``log_kwargs`` go to ``self.log``)."""
+        engine = self._ksam_get_engine()
+        result = engine.step(batch, loss_fn)
+        if log_name:
+            log_kwargs.setdefault("prog_bar", True)
+            log_kwargs.setdefault("batch_size", batch_size(batch))
+            self.log(log_name, result.loss, **log_kwargs)  # type: ignore[attr-defined]
+        return result
+
+    # -- internals --------------------------------------------------------------------
+    def _ksam_get_engine(self) -> SharpnessAwareOptimizer:
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        if module.automatic_optimization:
+            raise RuntimeError("ksam_step needs manual optimization: call self.configure_ksam() "
+                               "in __init__ (or set self.automatic_optimization = False)")
+        trainer = module.trainer
+        if trainer.world_size > 1:
+            raise RuntimeError("ksam_step supports a single device: under DDP the bare module "
+                               "would not all-reduce its gradients")
+        precision = str(trainer.precision)
+        if precision in ("16-mixed", "16"):
+            raise RuntimeError("ksam_step does not support precision='16-mixed' (Lightning's "
+                               "GradScaler would unscale the gradients a second time); use "
+                               "'bf16-mixed' or '32-true'")
+        lightning_opt = module.optimizers()
+        if isinstance(lightning_opt, (list, tuple)):
+            if len(lightning_opt) != 1:
+                raise RuntimeError(f"ksam_step needs exactly one optimizer, "
+                                   f"configure_optimizers returned {len(lightning_opt)}")
+            lightning_opt = lightning_opt[0]
+        engine = self.ksam
+        if engine is not None and getattr(engine.optimizer, "lightning_optimizer",
+                                          None) is lightning_opt:
+            return engine
+        real = getattr(lightning_opt, "optimizer", lightning_opt)  # unwrap LightningOptimizer
+        kwargs = dict(self.ksam_kwargs)
+        if precision in ("bf16-mixed", "bf16"):
+            kwargs.setdefault("autocast_dtype", torch.bfloat16)
+        new = create(self.ksam_method, module, _LightningStepOptimizer(real, lightning_opt),
+                     **kwargs)
+        # A new fit (new LightningOptimizer) keeps the engine's state; a restored checkpoint
+        # brings its own.
+        carried = _extras(engine) if engine is not None else getattr(self, "_ksam_pending", None)
+        if carried is not None:
+            new.load_state_dict({**carried, "optimizer": real.state_dict()})
+        self._ksam_pending = None
+        self._ksam_engine = new
+        return new
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        extras = _extras(self.ksam) if self.ksam is not None \
+            else getattr(self, "_ksam_pending", None)
+        if extras is not None:
+            checkpoint[KSAM_CHECKPOINT_KEY] = extras
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        extras = checkpoint.get(KSAM_CHECKPOINT_KEY)
+        if extras is None:
+            return
+        # Lightning restores the optimizer after this hook: apply at the next ksam_step.
+        self._ksam_engine = None
+        self._ksam_pending = extras
+
+
+def _extras(engine: SharpnessAwareOptimizer) -> dict[str, Any]:
+    """The engine's state without the optimizer's (Lightning saves that one)."""
+    state = engine.state_dict()
+    state.pop("optimizer")
+    return state
