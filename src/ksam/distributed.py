@@ -491,13 +491,14 @@ class GlobalTopLoss(SelectionRule):
         return total * 0.0 if self._stand_in else total * self._scale
 
     def __repr__(self) -> str:
-        return f"GlobalTopLoss({self.name}={self.k})"
+        extra = f", warmup={self.warmup}" if self.warmup else ""
+        return f"GlobalTopLoss({self.name}={self.k}{extra})"
 
 
 def use_global_selection(engine: SharpnessAwareOptimizer,
                          group: Any = None) -> SharpnessAwareOptimizer:
     """Replace the engine's :class:`TopLoss` rules (K-SAM's two, Ordered SGD's one) by
-    :class:`GlobalTopLoss` with the same ``k``; returns the engine."""
+    :class:`GlobalTopLoss` with the same ``k`` and ``warmup``; returns the engine."""
     replaced = 0
     for attr in ("ascent", "descent"):
         rule = getattr(engine, attr)

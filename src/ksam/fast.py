@@ -116,6 +116,8 @@ class FastStep:
         opt = self.engine.optimizer
         for group in opt.param_groups:
             group["fused"] = True
+            if "capturable" in group:  # Adam/AdamW: step counters on the device
+                group["capturable"] = True
             if "foreach" in group:
                 group["foreach"] = False
             if not isinstance(group["lr"], Tensor):

@@ -43,6 +43,9 @@ class SAM(SharpnessAwareOptimizer):
 #: Default of K-SAM's ``k_warmup`` (steps per halving of the descent subset, B -> K); the
 #: stress test in docs/collapse.md supports it. 0 is the paper's plain K-SAM.
 K_WARMUP = 100
+#: Default of K-SAM's ``rescale`` (descent step scaled to a full-batch step's estimated
+#: size, :func:`ksam.selection.subset_gradient_scale`); False is the paper's plain K-SAM.
+RESCALE = True
 
 
 class KSAM(SharpnessAwareOptimizer):
@@ -54,20 +57,24 @@ class KSAM(SharpnessAwareOptimizer):
     sets both unless overridden. Three forward passes (B, K1, K2), two backward passes
     (K1, K2), none over the whole batch.
 
-    ``k_warmup`` guards against collapse (docs/collapse.md): the descent subset starts at
-    the whole batch and halves every ``k_warmup`` steps down to K2 (:class:`TopLoss`'s
-    ``warmup``). ``k_warmup=0`` is the paper's plain K-SAM (also ``create("ksam-plain")``).
+    Two guards against collapse (docs/collapse.md), both on the descent rule: ``k_warmup``
+    starts the descent subset at the whole batch and halves it every ``k_warmup`` steps
+    down to K2 (:class:`TopLoss`'s ``warmup``); ``rescale`` scales the descent step to a
+    full-batch step's estimated size. ``k_warmup=0, rescale=False`` is the paper's plain
+    K-SAM (also ``create("ksam-plain")``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
-                 eta: float = 0.01, k_warmup: int = K_WARMUP, **engine: Any):
+                 eta: float = 0.01, k_warmup: int = K_WARMUP, rescale: bool = RESCALE,
+                 **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,
                          "k" if k_ascent is None else "k_ascent")
         descent = TopLoss(k if k_descent is None else k_descent,
-                          "k" if k_descent is None else "k_descent", warmup=k_warmup)
+                          "k" if k_descent is None else "k_descent", warmup=k_warmup,
+                          rescale=rescale)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, **engine)
 
@@ -112,7 +119,7 @@ def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: floa
                 eta: float = 0.01, **engine: Any) -> KSAM:
     """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
     return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
-                adaptive=adaptive, eta=eta, k_warmup=0, **engine)
+                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,

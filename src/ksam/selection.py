@@ -145,12 +145,15 @@ class TopLoss(SelectionRule):
 
     needs_scores = True
 
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0) -> None:
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool = False) -> None:
         self.k = check_subset_size(k, name)
         self.name = name
         if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
         self.warmup = int(warmup)
+        self.rescale = bool(rescale)
+        self._scale: Tensor | None = None
 
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
@@ -164,11 +167,44 @@ class TopLoss(SelectionRule):
 
     def select(self, ctx: SelectionContext) -> Tensor:
         assert ctx.scores is not None
-        return top_indices(ctx.scores, self.size_at(ctx.batch_size, ctx.step))
+        idx = top_indices(ctx.scores, self.size_at(ctx.batch_size, ctx.step))
+        if self.rescale:
+            self._scale = subset_gradient_scale(ctx.scores, idx)
+        return idx
+
+    def reduce(self, losses: Tensor) -> Tensor:
+        """The selected rows' mean loss, times :func:`subset_gradient_scale` with
+        ``rescale`` (the scale of the step's last :meth:`select`)."""
+        mean = losses.float().mean()
+        if self.rescale and self._scale is not None:
+            return mean * self._scale
+        return mean
 
     def __repr__(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
+        extra += ", rescale=True" if self.rescale else ""
         return f"TopLoss({self.name}={self.k}{extra})"
+
+
+def subset_gradient_scale(scores: Tensor, index: Tensor) -> Tensor:
+    r"""Estimated ratio of the full batch's gradient norm to the subset's, from losses alone.
+
+    For cross-entropy the gradient w.r.t. an example's logits is :math:`p - e_y`, of size
+    about :math:`1 - p_y = 1 - e^{-l}`. If the examples' gradients pointed the same way, the
+    full-batch mean gradient would be the subset's mean times
+
+    .. math:: s = \frac{\operatorname{mean}_{i \in B} (1 - e^{-l_i})}
+                      {\operatorname{mean}_{i \in S} (1 - e^{-l_i})} \in (0, 1].
+
+    Scaling the top-K step by s keeps its size that of a full-batch step: s = 1 while all
+    examples are hard (early training), s ~ error rate once most are fitted, when plain
+    top-K steps are B/K times larger than SGD's and can kill the network (docs/collapse.md).
+    Computed on the device, no host sync, detached.
+    """
+    mass = -torch.expm1(-scores.detach().float().clamp_min(0))
+    whole = mass.mean()
+    sub = mass.index_select(0, index).mean()
+    return (whole / sub.clamp_min(1e-12)).clamp(max=1.0)
 
 
 class RandomSubset(SelectionRule):

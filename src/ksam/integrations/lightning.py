@@ -73,7 +73,7 @@ class KSAMMixin:
     """Adds :meth:`ksam_step` to a ``LightningModule`` (list it before ``LightningModule``)."""
 
     ksam_method: str = "ksam"
-    ksam_kwargs: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated
+    ksam_kwargs: dict[str, Any] = {}  # replaced by configure_ksam, never mutated
 
     def configure_ksam(self, method: str = "ksam", **kwargs: Any) -> None:
         """Choose the method and its options (those of :func:`ksam.create`); switches the

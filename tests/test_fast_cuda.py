@@ -1,0 +1,94 @@
+"""The CUDA-graph fast path against the eager step, on a GPU (skipped without one).
+
+Run on a GPU machine: ``python -m pytest tests/test_fast_cuda.py -q``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ksam
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).cuda()
+
+
+def batches(n_batches: int, b: int = 64):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(b, 3, 16, 16, generator=g).cuda(),
+             torch.randint(0, 10, (b,), generator=g).cuda()) for _ in range(n_batches)]
+
+
+def _pair(method: str, **kw):
+    a = net()
+    b = copy.deepcopy(a)
+    ea = ksam.create(method, a, torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9,
+                                                weight_decay=5e-4), seed=0, **kw)
+    eb = ksam.create(method, b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9,
+                                                weight_decay=5e-4), seed=0, fast_path=True,
+                     **kw)
+    return a, b, ea, eb
+
+
+@pytest.mark.parametrize("method,kw", [("sgd", {}), ("sam", {}), ("ksam", {"k": 8}),
+                                       ("ksam", {"k": 8, "k_warmup": 2}), ("osgd", {"k": 8})])
+def test_graph_replay_equals_eager(method, kw):
+    a, b, ea, eb = _pair(method, **kw)
+    for batch in batches(10):  # 3 warm-up steps, capture, replays (and re-captures)
+        ra, rb = ea.step(batch, ce), eb.step(batch, ce)
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
+    assert eb._fast.reason is None and eb._fast._entries
+    assert any(e.graph is not None for e in eb._fast._entries.values())
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
+
+
+def test_graph_skips_non_finite_on_device():
+    a, b, ea, eb = _pair("ksam", k=8, k_warmup=0)
+    data = batches(6)
+    for batch in data[:5]:
+        eb.step(batch, ce)
+    before = copy.deepcopy(b.state_dict())
+    x, y = data[5]
+    x = x.clone()
+    x[0] = float("nan")
+    res = eb.step((x, y), ce)
+    assert res.skipped and eb.skipped_steps == 1
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_short_last_batch_and_scheduler():
+    a, b, ea, eb = _pair("ksam", k=8, k_warmup=0)
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(ea.optimizer, 20)
+    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(eb.optimizer, 20)
+    data = batches(8) + [(x[:40], y[:40]) for x, y in batches(1)]
+    for batch in data:
+        ea.step(batch, ce)
+        eb.step(batch, ce)
+        sched_a.step()
+        sched_b.step()
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
+
+
+def test_bf16_graph_runs():
+    a, b, ea, eb = _pair("ksam", k=8, k_warmup=0, autocast_dtype=torch.bfloat16)
+    for batch in batches(6):
+        res = eb.step(batch, ce)
+    assert not res.skipped and eb._fast.reason is None
