@@ -1,4 +1,5 @@
-"""K-SAM's collapse guard: the descent subset's warm-up schedule (TopLoss ``warmup``)."""
+"""K-SAM's collapse guards: the descent subset's warm-up schedule (TopLoss ``warmup``) and
+the descent step's rescaling to a full-batch step's size (TopLoss ``rescale``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from torch import nn
 
 import ksam
 from ksam.compare import parse_method_spec
-from ksam.methods import K_WARMUP
-from ksam.selection import SelectionContext, TopLoss
+from ksam.methods import K_WARMUP, RESCALE
+from ksam.selection import SelectionContext, TopLoss, subset_gradient_scale
 
 
 def ce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -95,18 +96,22 @@ def test_default_ksam_warms_up_the_descent_only():
 
 def test_defaults_and_plain_method():
     model = mlp()
-    assert ksam.create("ksam", model, sgd(model)).descent.warmup == K_WARMUP > 0
-    assert ksam.create("ksam-plain", model, sgd(model)).descent.warmup == 0
+    default = ksam.create("ksam", model, sgd(model))
+    assert default.descent.warmup == K_WARMUP > 0 and default.descent.rescale is RESCALE is True
+    assert not default.ascent.warmup and not default.ascent.rescale  # the ascent is plain
+    plain = ksam.create("ksam-plain", model, sgd(model)).descent
+    assert plain.warmup == 0 and plain.rescale is False
     assert ksam.create("osgd", model, sgd(model)).descent.warmup == 0
     assert parse_method_spec("ksam:k=16,k_warmup=0") == ("ksam", {"k": 16, "k_warmup": 0})
     assert parse_method_spec("ksam-plain:k=16") == ("ksam-plain", {"k": 16})
 
 
 def test_plain_mode_matches_a_hand_built_engine():
-    """``k_warmup=0`` / ``ksam-plain`` is the engine with two plain TopLoss rules."""
+    """``k_warmup=0, rescale=False`` / ``ksam-plain``: the engine with two plain TopLoss
+    rules."""
     models = [mlp(), mlp(), mlp()]
     engines = [
-        ksam.KSAM(models[0], sgd(models[0]), k=8, k_warmup=0, seed=0),
+        ksam.KSAM(models[0], sgd(models[0]), k=8, k_warmup=0, rescale=False, seed=0),
         ksam.create("ksam-plain", models[1], sgd(models[1]), k=8, seed=0),
         ksam.SharpnessAwareOptimizer(models[2], sgd(models[2]), ascent=TopLoss(8),
                                      perturbation=ksam.GradientNormPerturbation(0.05),
@@ -162,3 +167,39 @@ def test_deterministic_and_fast_path_equal_on_cpu():
     for p, q, r in zip(*(m.parameters() for m in models)):
         assert torch.equal(p, q)
         torch.testing.assert_close(p, r, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------- the rescaling
+def test_subset_gradient_scale_exact():
+    ln = torch.log
+    scores = torch.stack([ln(torch.tensor(2.0)), torch.tensor(0.0), ln(torch.tensor(4.0)),
+                          ln(torch.tensor(4.0))])  # 1 - p_y = 0.5, 0, 0.75, 0.75
+    assert float(subset_gradient_scale(scores, torch.tensor([2, 3]))) == pytest.approx(2 / 3)
+    assert float(subset_gradient_scale(scores, torch.arange(4))) == pytest.approx(1.0)
+    # never above 1, even for a subset that is not the top
+    assert float(subset_gradient_scale(scores, torch.tensor([1]))) == 1.0
+
+
+def test_rescale_multiplies_the_reduced_loss():
+    scores = torch.tensor([0.1, 2.0, 0.2, 3.0])
+    rule = TopLoss(2, rescale=True)
+    idx = rule.select(ctx(scores, 0))
+    assert idx.tolist() == [3, 1]
+    losses = torch.tensor([1.0, 3.0])
+    expect = 2.0 * float(subset_gradient_scale(scores, idx))
+    assert float(rule.reduce(losses)) == pytest.approx(expect)
+    assert float(TopLoss(2).reduce(losses)) == 2.0
+
+
+def test_rescaled_step_is_the_plain_step_times_the_scale():
+    """Plain SGD base (no momentum, no weight decay): the update is linear in the gradient."""
+    a, b = mlp(), mlp()
+    w0 = [p.detach().clone() for p in a.parameters()]
+    ea = ksam.KSAM(a, torch.optim.SGD(a.parameters(), lr=0.1), k=8, k_warmup=0, rescale=True)
+    eb = ksam.KSAM(b, torch.optim.SGD(b.parameters(), lr=0.1), k=8, k_warmup=0, rescale=False)
+    ra, rb = ea.step(data(seed=0), ce), eb.step(data(seed=0), ce)
+    assert torch.equal(ra.descent_indices, rb.descent_indices)
+    scale = float(subset_gradient_scale(ra.losses, ra.descent_indices))
+    assert 0 < scale < 1
+    for p, q, w in zip(a.parameters(), b.parameters(), w0):
+        torch.testing.assert_close(p - w, scale * (q - w), atol=1e-6, rtol=1e-5)

@@ -194,6 +194,7 @@ EQUIV_CONFIGS: dict[str, dict[str, Any]] = {
     # descent subset schedule on the global batch: 20, 20, 10, 10 rows
     "ksam-warmup": dict(method="ksam", k=0.25, k_warmup=2, rho=0.5),
     "ksam-k-int": dict(method="ksam", k_ascent=3, k_descent=0.5, k_warmup=0, rho=0.5),
+    "ksam-plain": dict(method="ksam-plain", k=0.25, rho=0.5),  # no warmup, no rescale
     "sam": dict(method="sam", rho=0.5),
     "osgd": dict(method="osgd", k=5),
 }

@@ -64,6 +64,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--fast", dest="fast", action="store_true", default=None,
                       help="whole-step CUDA graphs (default on CUDA)")
     fast.add_argument("--no-fast", dest="fast", action="store_false")
+    p.add_argument("--selection", choices=["local", "global"], default="local",
+                   help="under torchrun: each rank's own top-K (default) or the global top-K")
+    p.add_argument("--sync-perturbation", action="store_true",
+                   help="under torchrun: average the ascent gradient across ranks")
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -145,7 +149,8 @@ def _base_config(args: argparse.Namespace):
         task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         device=args.device, precision=args.precision, fast=args.fast,
-        task_options=_task_options(args))
+        task_options=_task_options(args), selection=args.selection,
+        sync_perturbation=args.sync_perturbation)
 
 
 class _Progress:

@@ -59,6 +59,7 @@ Launch with ``torchrun`` (see ``docs/distributed.md``)::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -80,7 +81,6 @@ from .selection import (
     SelectionContext,
     SelectionRule,
     TopLoss,
-    check_subset_size,
     top_indices,
 )
 
@@ -408,36 +408,46 @@ class GlobalTopLoss(SelectionRule):
     row i is global index r*b + i), and returns its own rows that made the cut. ``k`` is a
     fraction of the global batch or an int count of it; :meth:`size` is that global K.
 
-    ``warmup`` is :class:`TopLoss`'s schedule (full batch first, halving every ``warmup``
-    steps down to K), applied to the global batch.
-
-    :meth:`reduce` returns :math:`\frac{W}{K}\sum_{i\in S_r} l_i`, so that DDP's gradient
-    average is the mean gradient over the K selected examples of all ranks. A rank none of
-    whose rows made the cut still runs its pass on one row (its local top-1) with weight 0:
-    DDP's all-reduce then sees every parameter's gradient on every rank and cannot hang.
+    The global choice is made by a :class:`TopLoss` (``inner``, built from ``k``, ``name``
+    and ``options`` such as ``warmup`` and ``rescale``) run on the gathered losses, so its
+    schedule and its step rescaling apply to the global batch exactly as they would in one
+    process on that batch. :meth:`reduce` returns
+    :math:`\frac{W}{K}\sum_{i\in S_r} l_i` (times ``inner``'s scale, if any), so that DDP's
+    gradient average is the mean gradient over the K selected examples of all ranks:
+    :math:`\frac{1}{W}\sum_r \frac{W}{K}\sum_{i\in S_r}\nabla l_i
+    = \frac{1}{K}\sum_{i\in S}\nabla l_i`. A rank none of whose rows made the cut still
+    runs its pass on one row (its local top-1) with weight 0: DDP's all-reduce then sees
+    every parameter's gradient on every rank and cannot hang.
 
     The number of local rows depends on the losses (and reading it syncs with the device),
     unlike the stock rules whose sizes depend on the batch size only. The gathered losses
     are cached in the step's context, so the ascent and descent rules of K-SAM share one
-    all-gather. Without an initialized process group the rule is :class:`TopLoss`.
+    all-gather. Without an initialized process group the rule is ``inner`` itself.
     """
 
     needs_scores = True
 
     def __init__(self, k: float | int, name: str = "k", group: Any = None,
-                 warmup: int = 0) -> None:
-        self.k = check_subset_size(k, name)
-        self.name = name
+                 **options: Any) -> None:
+        self.inner = TopLoss(k, name, **options)
         self.group = group
-        self._sizes = TopLoss(k, name, warmup=warmup)  # K (and its schedule) for a batch
-        self.warmup = self._sizes.warmup
-        self._scale: float | None = None  # W / K of the last selection
-        self._stand_in = False            # the last selection is a weight-0 stand-in row
+        self._weight: float | None = None  # W / K of the last selection; 0 for a stand-in
+        self._stand_in = False              # the last selection is a weight-0 stand-in row
 
     @classmethod
     def from_local(cls, rule: TopLoss, group: Any = None) -> GlobalTopLoss:
-        """The global counterpart of a :class:`TopLoss` (same ``k`` and ``warmup``)."""
-        return cls(rule.k, rule.name, group, warmup=getattr(rule, "warmup", 0))
+        """The global counterpart of a :class:`TopLoss`, with all its options."""
+        out = cls(rule.k, rule.name, group)
+        out.inner = copy.copy(rule)
+        return out
+
+    @property
+    def k(self) -> float | int:
+        return self.inner.k
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
 
     def _world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -446,13 +456,11 @@ class GlobalTopLoss(SelectionRule):
 
     def size(self, batch_size: int) -> int:
         """The global K for a local batch of ``batch_size`` on each rank."""
-        world, _ = self._world()
-        return self._sizes.size(batch_size * world)
+        return self.inner.size(batch_size * self._world()[0])
 
     def size_at(self, batch_size: int, step: int) -> int:
-        """The global K at optimizer step ``step`` (``warmup`` schedule)."""
-        world, _ = self._world()
-        return self._sizes.size_at(batch_size * world, step)
+        """The global K at optimizer step ``step`` (``inner``'s schedule)."""
+        return self.inner.size_at(batch_size * self._world()[0], step)
 
     def _gathered(self, ctx: SelectionContext, world: int) -> Tensor:
         assert ctx.scores is not None
@@ -470,35 +478,37 @@ class GlobalTopLoss(SelectionRule):
         assert ctx.scores is not None
         n = ctx.batch_size
         world, rank = self._world()
-        count = self._sizes.size_at(n * world, ctx.step)
         self._stand_in = False
         if world == 1:
-            self._scale = None
-            return top_indices(ctx.scores, count)
-        self._scale = world / count
-        top = top_indices(self._gathered(ctx, world), count)
+            self._weight = None
+            return self.inner.select(ctx)
+        gathered = self._gathered(ctx, world)
+        top = self.inner.select(SelectionContext(
+            batch_size=n * world, device=ctx.device, scores=gathered,
+            generator=ctx.generator, step=ctx.step))
         lo = rank * n
         mine = top[(top >= lo) & (top < lo + n)] - lo
         if mine.numel() == 0:
             self._stand_in = True
+            self._weight = 0.0
             return top_indices(ctx.scores, 1)
+        self._weight = mine.numel() * world / top.numel()
         return mine
 
     def reduce(self, losses: Tensor) -> Tensor:
-        if self._scale is None:
-            return losses.float().mean()
-        total = losses.float().sum()
-        return total * 0.0 if self._stand_in else total * self._scale
+        """``inner.reduce`` (the selected rows' mean, times its scale) times
+        ``|S_r| W / K``: the sum over this rank's rows, weighted for DDP's average."""
+        reduced = self.inner.reduce(losses)
+        return reduced if self._weight is None else reduced * self._weight
 
     def __repr__(self) -> str:
-        extra = f", warmup={self.warmup}" if self.warmup else ""
-        return f"GlobalTopLoss({self.name}={self.k}{extra})"
+        return f"Global{self.inner!r}"
 
 
 def use_global_selection(engine: SharpnessAwareOptimizer,
                          group: Any = None) -> SharpnessAwareOptimizer:
     """Replace the engine's :class:`TopLoss` rules (K-SAM's two, Ordered SGD's one) by
-    :class:`GlobalTopLoss` with the same ``k`` and ``warmup``; returns the engine."""
+    :class:`GlobalTopLoss` with the same options; returns the engine."""
     replaced = 0
     for attr in ("ascent", "descent"):
         rule = getattr(engine, attr)

@@ -52,6 +52,10 @@ class TrainConfig:
     precision: str = "fp32"
     fast: bool | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    # DistributedDataParallel (docs/distributed.md): local or global top-K, per-rank or
+    # synchronized perturbation. Ignored in a single process.
+    selection: str = "local"
+    sync_perturbation: bool = False
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
@@ -83,6 +87,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
+        if self.selection not in ("local", "global"):
+            raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -141,9 +147,15 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
     scaler = None
     if cfg.precision == "fp16":
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
-    engine = create(method, model, optimizer, grad_scaler=scaler,
-                    autocast_dtype=PRECISIONS[cfg.precision], fast_path=bool(cfg.fast),
-                    seed=cfg.seed, **cfg.method_options)
+    options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
+                   fast_path=bool(cfg.fast), seed=cfg.seed, **cfg.method_options)
+    if hasattr(model, "no_sync"):  # DistributedDataParallel
+        from . import distributed
+
+        engine = distributed.create(method, model, optimizer, selection=cfg.selection,
+                                    sync_perturbation=cfg.sync_perturbation, **options)
+    else:
+        engine = create(method, model, optimizer, **options)
     return engine, scheduler
 
 
@@ -236,9 +248,11 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         model = model.to(memory_format=torch.channels_last)
     net = model
     if dist_info is not None and world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+        from . import distributed
+
+        # No buffer broadcast inside forwards (it would put a collective into the per-rank
+        # ascent pass); BatchNorm statistics are averaged before evaluation instead.
+        net = distributed.wrap(model, device)
     engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs)
     engine.check_batch(cfg.batch_size)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -293,6 +307,10 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         steps = timer.step_times()
+        if net is not model:
+            from . import distributed
+
+            distributed.sync_buffers(net)
         dtype = PRECISIONS[cfg.precision]
         test_loss, test_acc = evaluate(model, test_x, test_y, 1024, dtype)
         row = {

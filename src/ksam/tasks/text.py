@@ -101,7 +101,8 @@ def make_sentiment_data(n: int, seq_len: int = 32, vocab_size: int = 64, seed: i
     """``n`` synthetic examples: token ids ``[n, seq_len]`` int64 and labels ``[n]`` int64.
 
     Deterministic in ``seed``; ``split`` ("train" or "test") picks an independent stream, so
-    the test set does not change with the number of training examples. Each example: ``[CLS]``, then units in random order - 1, 3 or
+    the test set does not change with the number of training examples. Each example:
+    ``[CLS]``, then units in random order - 1, 3 or
     5 sentiment words, each negated with probability 0.35, and neutral words, each preceded
     by a (harmless) negation with probability 0.15 - then padding; its length is uniform in
     ``[seq_len // 2, seq_len]``.
@@ -150,19 +151,19 @@ class TextTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, max_len: int, d_model: int = 64,
                  nhead: int = 4, num_layers: int = 2, dim_feedforward: int = 128,
-                 dropout: float = 0.1, pad_id: int = PAD_ID) -> None:
+                 dropout: float = 0.1, pad_id: int = PAD_ID, init_std: float = 0.02) -> None:
         super().__init__()
         self.pad_id = pad_id
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Parameter(torch.randn(1, max_len, d_model) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, max_len, d_model) * init_std)
         layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
                                            activation="gelu", batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=init_std)
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.is_floating_point():
