@@ -460,3 +460,13 @@ def test_fast_path_falls_back_for_host_random_rules():
     assert "host" in eng._fast.reason
     with pytest.warns(UserWarning, match="fast path off"):
         assert not eng.step(data(), ce).skipped
+
+
+def test_esam_step_with_no_parameter_drawn_for_the_perturbation():
+    model = mlp()
+    before = params(model)
+    eng = ksam.ESAM(model, sgd(model), beta=1e-9, gamma=0.5)
+    res = eng.step(data(), ce)
+    assert not res.skipped and res.ascent_grad_norm is None
+    assert res.descent_indices.numel() == 16
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(model)))

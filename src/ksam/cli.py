@@ -39,13 +39,13 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="mnist1d", help="task name (see `ksam tasks`)")
+    p.add_argument("--task", help="task name (see `ksam tasks`); default mnist1d")
     p.add_argument("--data-dir", type=Path, help="where the task's data files are")
     p.add_argument("--model", help="model variant of the task (e.g. cnn, mlp, resnet18)")
     p.add_argument("--train-subset", type=int, help="train on the first N examples only")
-    p.add_argument("--label-noise", type=float, default=0.0,
+    p.add_argument("--label-noise", type=float,
                    help="fraction of training labels replaced by another class")
-    p.add_argument("--validation-split", type=float, default=0.0,
+    p.add_argument("--validation-split", type=float,
                    help="hold out this fraction of the training set as the test set "
                         "(for tuning without touching the test set)")
     p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
@@ -57,9 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--schedule", choices=["cosine", "constant"], help="default cosine")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
     fast = p.add_mutually_exclusive_group()
     fast.add_argument("--fast", dest="fast", action="store_true", default=None,
                       help="whole-step CUDA graphs (default on CUDA)")
@@ -146,9 +146,10 @@ def _base_config(args: argparse.Namespace):
     from .train import TrainConfig
 
     return TrainConfig(
-        task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-        device=args.device, precision=args.precision, fast=args.fast,
+        task=args.task or "mnist1d", epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        schedule=args.schedule or "cosine", device=args.device or "auto",
+        precision=args.precision or "fp32", fast=args.fast,
         task_options=_task_options(args), selection=args.selection,
         sync_perturbation=args.sync_perturbation)
 

@@ -226,6 +226,8 @@ def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path
     rows = summarize(runs, reference)
     table = markdown_table(rows, reference)
     report = {"rows": rows, "table": table, "reference": reference, "runs": runs,
+              "task_name": task.name,
+              "split": "validation" if base.task_options.get("validation_split") else "test",
               "config": resolved.to_dict(), "environment": environment()}
     if out_dir is not None and is_main:
         _write_report(out_dir, report, task.description, seeds)
@@ -255,13 +257,14 @@ def _write_report(out_dir: Path, report: dict[str, Any], description: str,
     env = report["environment"]
     cfg = report["config"]
     header = (
-        f"# ksam compare: {cfg['task']}\n\n{description}\n\n"
+        f"# ksam compare: {report['task_name']}\n\n{description}\n\n"
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {cfg['epochs']} epochs, "
         f"batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['schedule']}), momentum "
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}.\n"
         f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n\n"
-        f"Test accuracy at the end of training; train time is the wall-clock of the training "
+        f"{report['split'].capitalize()} accuracy at the end of training (the 'test acc' "
+        f"column); train time is the wall-clock of the training "
         f"steps only (evaluation excluded), mean over seeds; 'collapsed' counts runs ending "
         f"more than {COLLAPSE_MARGIN:.0f} points below {report['reference']}'s mean.\n\n"
     )

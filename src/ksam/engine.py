@@ -342,8 +342,8 @@ class SharpnessAwareOptimizer:
             if ascent_idx is None and ctx.scores is None:
                 ctx.scores = losses.detach().float()
             perturbed = [p for p in self._params if p.grad is not None]
-            torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
-            if perturbed:
+            if perturbed:  # ESAM's mask can leave every parameter unperturbed
+                torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
                 with torch.no_grad():
                     ascent_norm = self.perturbation.perturb_(
                         perturbed, [p.grad for p in perturbed])

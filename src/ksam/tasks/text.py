@@ -28,6 +28,7 @@ options=TEXT_TASK_OPTIONS)(make_text_task)``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -52,7 +53,7 @@ __all__ = [
 
 PAD_ID, CLS_ID = 0, 1
 NEGATORS = (2, 3)
-NUM_POLAR = 10  # positive words 4..13, negative words 14..23, neutral words 24..vocab-1
+NUM_POLAR = 5  # positive words 4..8, negative words 9..13, neutral words 14..vocab-1
 FIRST_POS = 4
 FIRST_NEG = FIRST_POS + NUM_POLAR
 FIRST_NEUTRAL = FIRST_NEG + NUM_POLAR
@@ -97,7 +98,8 @@ def sentiment_labels(ids: np.ndarray) -> np.ndarray:
 
 
 def make_sentiment_data(n: int, seq_len: int = 32, vocab_size: int = 64, seed: int = 42,
-                        split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+                        split: str = "train", negation: float = 0.35,
+                        distractor: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic examples: token ids ``[n, seq_len]`` int64 and labels ``[n]`` int64.
 
     Deterministic in ``seed``; ``split`` ("train" or "test") picks an independent stream, so
@@ -124,12 +126,12 @@ def make_sentiment_data(n: int, seq_len: int = 32, vocab_size: int = 64, seed: i
         for _ in range(int(rng.choice((1, 3, 5)))):
             first = FIRST_POS if rng.random() < 0.5 else FIRST_NEG
             word = int(rng.integers(first, first + NUM_POLAR))
-            units.append([int(rng.choice(NEGATORS)), word] if rng.random() < 0.35 else [word])
+            units.append([int(rng.choice(NEGATORS)), word] if rng.random() < negation else [word])
         used = sum(len(u) for u in units)
         while used < budget:
             word = int(rng.integers(FIRST_NEUTRAL, vocab_size))
             unit = [int(rng.choice(NEGATORS)), word] \
-                if rng.random() < 0.15 and used + 2 <= budget else [word]
+                if rng.random() < distractor and used + 2 <= budget else [word]
             units.append(unit)
             used += len(unit)
         order = rng.permutation(len(units))
@@ -151,12 +153,21 @@ class TextTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, max_len: int, d_model: int = 64,
                  nhead: int = 4, num_layers: int = 2, dim_feedforward: int = 128,
-                 dropout: float = 0.1, pad_id: int = PAD_ID, init_std: float = 0.02) -> None:
+                 dropout: float = 0.1, pad_id: int = PAD_ID, init_std: float = 0.02,
+                 positional: str = "learned") -> None:
         super().__init__()
         self.pad_id = pad_id
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Parameter(torch.randn(1, max_len, d_model) * init_std)
+        if positional == "learned":
+            self.pos = nn.Parameter(torch.randn(1, max_len, d_model) * init_std)
+        else:
+            pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+            freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
+                             * (-math.log(10000.0) / d_model))
+            table = torch.zeros(max_len, d_model)
+            table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+            self.register_buffer("pos", table[None] * float(positional.split(":")[1]) if ":" in positional else table[None])
         layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
                                            activation="gelu", batch_first=True,
                                            norm_first=True)
