@@ -60,7 +60,13 @@ def table(runs: list[dict[str, Any]]) -> str:
     lines = ["| model | lr | method | seeds | collapsed | acc mean ± std | acc min | "
              "acc of non-collapsed |",
              "|---|---|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["model"], r["lr"], r["method"]) for r in runs))
+    def order(key: tuple[str, float, str]) -> tuple:
+        model, lr, method = key
+        name, _, k = method.partition(":k=")
+        rank = {"sgd": 0, "sam": 1}.get(name, 2)
+        return (model, lr, rank, -int(k or 0), name != "ksam-plain")
+
+    keys = sorted(dict.fromkeys((r["model"], r["lr"], r["method"]) for r in runs), key=order)
     for model, lr, method in keys:
         accs = [r["test_acc"] for r in runs
                 if (r["model"], r["lr"], r["method"]) == (model, lr, method)]

@@ -4,7 +4,7 @@
 ...                       ksam_method="ksam", ksam_kwargs={"rho": 0.05, "k": 0.25})
 >>> trainer.train()
 
-How it fits the Trainer loop (checked against transformers 4.40-5.x):
+How it fits the Trainer loop (tested with transformers 4.48 and 5.24, accelerate 0.26 and 1.15):
 
 - :meth:`KSAMTrainer.training_step` hands the batch to the ksam engine, which runs every
   forward/backward pass of the method and steps the real optimizer once. It returns the mean
@@ -22,6 +22,8 @@ How it fits the Trainer loop (checked against transformers 4.40-5.x):
   step count, its random generator, rule state), so ``resume_from_checkpoint`` continues
   the run exactly.
 - ``bf16=True`` runs the forward passes under bfloat16 autocast.
+- A step that ksam skips (non-finite loss or gradient) leaves the weights alone, but the
+  Trainer still counts it and steps the LR scheduler.
 
 Refused at construction (clear ``ValueError``): ``gradient_accumulation_steps > 1`` (a ksam
 step needs the whole batch's losses before any gradient, so it cannot be split into
