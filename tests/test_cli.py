@@ -135,7 +135,7 @@ def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, argv, message
 def test_tasks_lists_the_registry(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    for name in ("mnist1d", "fashion-mnist", "cifar10", "cifar100"):
+    for name in ("mnist1d", "fashion-mnist", "cifar10", "cifar100", "text"):
         assert name in out
 
 

@@ -176,6 +176,8 @@ def _to_device(
     t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     if t.dtype == torch.uint8:
         t = t.float().div_(255.0)
+    elif not t.is_floating_point() and mean is None:
+        return t.long()  # token ids stay integers
     else:
         t = t.float()
     if mean is not None and std is not None:
@@ -403,3 +405,9 @@ for _c in (10, 100):
         options={"model": "resnet18", "download": False},
     )(_cifar_builder(_c))
 del _c
+
+# GLUE-style text classification (SST-2 shape): synthetic sentiment data generated locally,
+# a small transformer in plain torch; any Hugging Face model/data set when online.
+from .text import TEXT_TASK_DESCRIPTION, TEXT_TASK_OPTIONS, make_text_task  # noqa: E402
+
+register_task("text", TEXT_TASK_DESCRIPTION, options=TEXT_TASK_OPTIONS)(make_text_task)
