@@ -61,8 +61,13 @@ def index_batch(batch: Batch, index: Tensor | None) -> Batch:
             index = index.to(batch.device, non_blocking=True)
         return batch.index_select(0, index)
     if isinstance(batch, Mapping):
-        return type(batch)({k: index_batch(v, index) for k, v in batch.items()}) \
-            if type(batch) is not dict else {k: index_batch(v, index) for k, v in batch.items()}
+        items = {k: index_batch(v, index) for k, v in batch.items()}
+        if type(batch) is dict:
+            return items
+        try:  # keep the mapping's type (e.g. a Hugging Face BatchEncoding) where it allows
+            return type(batch)(items)
+        except TypeError:
+            return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(index_batch(v, index) for v in batch))
     if isinstance(batch, (tuple, list)):
