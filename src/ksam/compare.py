@@ -134,7 +134,8 @@ def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
 
 
 def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Test accuracy against training wall-clock, one line per run, a colour per method.
+    """Test accuracy against training wall-clock: per method the mean over seeds and the
+    min-max band.
     Returns False (and writes nothing) when matplotlib is missing."""
     try:
         import matplotlib
@@ -147,11 +148,17 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
     labels = list(dict.fromkeys(r["label"] for r in runs))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, lab in enumerate(labels):
-        for j, run in enumerate(r for r in runs if r["label"] == lab):
-            ts = [e["train_time"] for e in run["epochs"]]
-            acc = [e["test_acc"] for e in run["epochs"]]
-            ax.plot(ts, acc, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
-                    label=lab if j == 0 else None)
+        # Mean over seeds per epoch (x: mean wall-clock at that epoch), min-max band.
+        group = [r["epochs"] for r in runs if r["label"] == lab]
+        n = min(len(g) for g in group)
+        ts = [statistics.fmean(g[e]["train_time"] for g in group) for e in range(n)]
+        accs = [[g[e]["test_acc"] for g in group] for e in range(n)]
+        colour = colours[i % len(colours)]
+        ax.plot(ts, [statistics.fmean(a) for a in accs], color=colour, lw=1.5,
+                label=f"{lab} ({len(group)} seeds)")
+        if len(group) > 1:
+            ax.fill_between(ts, [min(a) for a in accs], [max(a) for a in accs],
+                            color=colour, alpha=0.15, lw=0)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
