@@ -166,6 +166,7 @@ class SharpnessAwareOptimizer:
             )
         self._model_params = [p for p in model_params if p.requires_grad]
         self._saved_w: dict[int, Tensor] = {}
+        self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._bn = BatchNormGuard(model)
 
         # A rule that reads losses at w needs a scoring forward unless the ascent pass is a
@@ -316,12 +317,11 @@ class SharpnessAwareOptimizer:
         checks: list[Tensor] = []
         ascent_norm = None
         perturbed: list[Tensor] = []
-        empty = torch.empty(0, dtype=torch.long, device=device)
 
         if self._needs_scoring:
             ctx.scores = forward(None, grad=False).detach().float()
 
-        ascent_idx: Tensor | None = empty
+        ascent_idx: Tensor | None = self._rows(0, device)  # no ascent pass
         if self.ascent is not None:
             assert self.perturbation is not None
             ascent_idx = self.ascent.select(ctx)
@@ -375,12 +375,19 @@ class SharpnessAwareOptimizer:
         return {
             "loss": full_loss,
             "scores": ctx.scores,
-            "ascent_idx": ascent_idx,
-            "descent_idx": descent_idx,
+            "ascent_idx": self._rows(n, device) if ascent_idx is None else ascent_idx,
+            "descent_idx": self._rows(n, device) if descent_idx is None else descent_idx,
             "ascent_norm": ascent_norm,
             "checks": checks,
-            "device": device,
         }
+
+    def _rows(self, n: int, device: torch.device) -> Tensor:
+        """``arange(n)`` on the device, made once per size: the indices of a whole-batch pass
+        (no allocation or launch per step; shared between results, do not modify)."""
+        rows = self._row_cache.get((n, device))
+        if rows is None:
+            rows = self._row_cache[(n, device)] = torch.arange(n, device=device)
+        return rows
 
     def _descent_grads(self) -> list[Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
@@ -421,19 +428,12 @@ class SharpnessAwareOptimizer:
             scaler.update()
         self.zero_grad()
         self.steps += 1
-        return _result(out, loss, not ok, n)
+        return _result(out, loss, not ok)
 
 
-def _result(out: dict[str, Any], loss: float | Tensor, skipped: bool | Tensor,
-            n: int) -> StepResult:
-    device = out["device"]
-    ascent = out["ascent_idx"]
-    descent = out["descent_idx"]
-    if ascent is None:
-        ascent = torch.arange(n, device=device)
-    if descent is None:
-        descent = torch.arange(n, device=device)
-    return StepResult(loss, skipped, ascent, descent, out["scores"], out["ascent_norm"])
+def _result(out: dict[str, Any], loss: float | Tensor, skipped: bool | Tensor) -> StepResult:
+    return StepResult(loss, skipped, out["ascent_idx"], out["descent_idx"], out["scores"],
+                      out["ascent_norm"])
 
 
 def _check_losses(losses: Any, expected: int) -> None:

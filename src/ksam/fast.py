@@ -160,7 +160,7 @@ class FastStep:
         if device.type != "cuda":
             out = self._sync_free(batch, loss_fn, n)
             e.steps += 1
-            return _result(out, out["loss"], out["skip"], n)
+            return _result(out, out["loss"], out["skip"])
 
         # One graph per batch signature and per subset sizes: a short last batch or a K
         # schedule (TopLoss warm-up) gets its own graph. The loss_fn is captured with the
@@ -188,9 +188,10 @@ class FastStep:
         entry.graph.replay()
         e.steps += 1
         out = entry.static_out
-        # The graph's outputs are overwritten by the next replay: keep the scalars.
-        scalars = torch.stack([out["loss"].float(), out["skip"].float()]).clone()
-        return _result(out, scalars[0], scalars[1].bool(), n)
+        # The graph's outputs are overwritten by the next replay: keep the scalars (stack
+        # copies them out of the graph's memory).
+        scalars = torch.stack([out["loss"].float(), out["skip"].float()])
+        return _result(out, scalars[0], scalars[1].bool())
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
@@ -202,7 +203,7 @@ class FastStep:
             out = self._sync_free(batch, loss_fn, n)
         torch.cuda.current_stream().wait_stream(self._stream)
         self.engine.steps += 1
-        return _result(out, out["loss"], out["skip"], n)
+        return _result(out, out["loss"], out["skip"])
 
     def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int) -> None:
         entry.static_batch = _clone_tree(batch)
