@@ -115,6 +115,7 @@ BAD = [
     ("non-numeric k", ["train", "--k", "abc"], "not a number"),
     ("resume without checkpoint", ["train", "--resume"], "no checkpoint"),
     ("bad seeds", ["compare", "--seeds", "a,b"], "seeds must be"),
+    ("unknown compile backend", ["train", "--compile", "nvcc"], "unknown torch.compile backend"),
 ]
 
 
@@ -149,6 +150,44 @@ def test_bench_quick_prints_ratios(tmp_path, capsys):
     assert methods[0] == "sgd" and "ksam K=B/8" in methods and "esam" in methods
     assert rows[0]["ratio_to_sgd"] == 1.0
     assert "| mnist1d-cnn-b128 | fp32 | eager | ksam K=B/8 |" in capsys.readouterr().out
+
+
+def test_bench_profile_and_compile(tmp_path, capsys):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--quick", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                 "--cases", "mnist1d-cnn-b128", "--methods", "sam", "ksam", "--profile",
+                 "--compile", "aot_eager", "--json", str(path)])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(path.read_text())}
+    assert {r["mode"] for r in rows.values()} == {"eager+compile(aot_eager)"}
+    # ATen ops issued by one step: a pass issues the same ops whatever its batch size, so
+    # K-SAM (scoring forward + two subset passes + selection) issues more than SAM, and SAM
+    # (two passes) more than SGD (one).
+    ops = {m: rows[m]["ops"] for m in ("sgd", "sam", "ksam K=B/8")}
+    assert 0 < ops["sgd"] < ops["sam"] < ops["ksam K=B/8"], ops
+    assert rows["ksam K=B/2"]["ops"] == rows["ksam K=B/8"]["ops"]
+    assert "| ops |" in capsys.readouterr().out
+
+
+def test_train_with_compile_matches_eager(tmp_path):
+    from ksam.train import TrainConfig, train
+
+    def final(**kw):
+        cfg = TrainConfig(method="ksam", epochs=1, batch_size=32, seed=0,
+                          task_options={"num_samples": 600}, **kw)
+        return train(cfg, out_dir=tmp_path / str(kw))
+
+    plain, compiled = final(), final(compile="aot_eager")
+    assert compiled["config"]["compile"] == "aot_eager"
+    assert compiled["final"]["test_acc"] == plain["final"]["test_acc"]
+    assert compiled["final"]["train_loss"] == pytest.approx(plain["final"]["train_loss"],
+                                                             abs=1e-5)
+    ckpt = torch.load(tmp_path / str({"compile": "aot_eager"}) / "checkpoint.pt",
+                      weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -332,6 +332,25 @@ def test_ties_are_broken_by_index():
     assert ksam.TopLoss(4).select(ctx).tolist() == [1, 2, 4, 5]
 
 
+def test_ksam_sorts_the_losses_once_per_step(monkeypatch):
+    from ksam import selection
+
+    calls = []
+    real = selection.descending_order
+    monkeypatch.setattr(selection, "descending_order",
+                        lambda v: calls.append(v) or real(v))
+    model = mlp()
+    eng = ksam.create("ksam", model, sgd(model), k_ascent=12, k=5, k_warmup=0)
+    x, y = data()
+    result = eng.step((x, y), ce)
+    assert len(calls) == 1
+    with torch.no_grad():
+        losses = F.cross_entropy(mlp()(x), y, reduction="none")
+    order = torch.sort(losses, descending=True, stable=True).indices
+    assert result.ascent_indices.tolist() == order[:12].tolist()
+    assert result.descent_indices.tolist() == order[:5].tolist()
+
+
 @pytest.mark.parametrize("method", ["ksam", "random-sam", "esam"])
 def test_same_seed_same_run(method):
     a, b = mlp(), mlp()
@@ -356,6 +375,32 @@ def test_state_dict_resumes_exactly(method):
     resumed.load_state_dict(saved_model)
     eng2 = ksam.create(method, resumed, sgd(resumed), seed=12345)
     eng2.load_state_dict(saved)
+    for b in batches[3:]:
+        eng2.step(b, ce)
+    assert eng2.steps == 6
+    assert_same(list(full.state_dict().values()), list(resumed.state_dict().values()))
+
+
+def test_state_dict_without_the_optimizer():
+    """For trainers that save the optimizer themselves (the HF integration): the engine's
+    own state resumes exactly next to a separately saved optimizer."""
+    batches = [data(seed=s) for s in range(6)]
+    full = bn_net()
+    run("ksam", full, batches=batches, seed=7)
+
+    first = bn_net()
+    eng, _ = run("ksam", first, batches=batches[:3], seed=7)
+    extras = copy.deepcopy(eng.state_dict(include_optimizer=False))
+    assert "optimizer" not in extras
+    saved_opt = copy.deepcopy(eng.optimizer.state_dict())
+
+    resumed = bn_net(seed=99)
+    resumed.load_state_dict(first.state_dict())
+    opt = sgd(resumed)
+    opt.load_state_dict(saved_opt)
+    eng2 = ksam.create("ksam", resumed, opt, seed=12345)
+    eng2.load_state_dict(extras)
+    assert str(opt.state_dict()) == str(saved_opt)  # left as it was
     for b in batches[3:]:
         eng2.step(b, ce)
     assert eng2.steps == 6

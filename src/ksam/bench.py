@@ -116,8 +116,52 @@ def ce(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y, reduction="none")
 
 
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                 "cudaGraphLaunch", "cudaLaunchCooperativeKernel", "cudaMemcpyAsync",
+                 "cudaMemsetAsync")
+
+
+def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
+    """What one step issues: on the CPU the top-level ATen operator calls (each one a trip
+    through the dispatcher, the CPU's analogue of a launch); on CUDA the kernels that ran,
+    the host-side launch calls (a replayed CUDA graph is one), and the kernels that took the
+    most device time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+
+    def nested_in_op(e: Any) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    out: dict[str, Any] = {"ops": sum(1 for e in events if e.name.startswith("aten::")
+                                      and e.device_type == DeviceType.CPU
+                                      and not nested_in_op(e))}
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        out["kernels"] = len(kernels)
+        out["launch_calls"] = sum(1 for e in events if e.name in _LAUNCH_CALLS)
+        by_name: dict[str, float] = {}
+        for e in kernels:
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+        out["top_kernels_us"] = [(name[:80], round(us, 1)) for name, us in top]
+    return out
+
+
 def bench_case(case: Case, device: torch.device, precision: str, fast: bool, steps: int,
-               warmup: int, only: list[str] | None = None) -> list[dict[str, Any]]:
+               warmup: int, only: list[str] | None = None,
+               profile: bool = False, compile: str | None = None) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     base = case.make_model().to(device)
     if device.type == "cuda" and "bert" not in case.name:
@@ -133,7 +177,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
-                        **options)
+                        compile=compile or False, **options)
         entries.append({"label": label, "engine": engine, "times": []})
     cuda = device.type == "cuda"
     for e in entries:  # warm-up (and capture) per method, then reset peak memory
@@ -160,15 +204,19 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
                 t0 = time.perf_counter()
                 e["engine"].step((x, y), ce)
                 e["times"].append(time.perf_counter() - t0)
+    if profile:  # after the timed steps, so the profiler's overhead is not timed
+        for e in entries:
+            e["profile"] = profile_step(lambda e=e: e["engine"].step((x, y), ce), cuda)
     sgd = statistics.median(entries[0]["times"])
     rows = []
     for e in entries:
         med = statistics.median(e["times"])
         fast_on = e["engine"]._fast is not None and e["engine"]._fast.reason is None
         rows.append({
-            "case": case.name, "precision": precision, "mode": "fast" if fast else "eager",
+            "case": case.name, "precision": precision,
+            "mode": ("fast" if fast else "eager") + (f"+compile({compile})" if compile else ""),
             "method": e["label"], "ms": 1000 * med, "ratio_to_sgd": med / sgd,
-            "peak_mb": e.get("peak_mb"), "fast_path_used": fast_on,
+            "peak_mb": e.get("peak_mb"), "fast_path_used": fast_on, **e.get("profile", {}),
         })
     return rows
 
@@ -184,11 +232,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", help="only these methods (sgd is always kept)")
     p.add_argument("--json", type=str, help="also write the rows to this JSON file")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="forward passes through torch.compile (compile time is in the warm-up)")
+    p.add_argument("--profile", action="store_true",
+                   help="also count what one step issues: ATen ops (CPU), kernels and launch "
+                        "calls (CUDA)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from .engine import compile_backend
     from .train import atomic_write_text, resolve_device
 
+    compile_backend(args.compile)  # a bad backend name fails before anything runs
     device = torch.device(resolve_device(args.device))
     cuda = device.type == "cuda"
     if args.threads is not None:
@@ -213,18 +268,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"ksam bench: torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}"
           f", median of {steps} steps after {warmup} warm-up")
-    print("| case | precision | mode | method | step ms | x SGD | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    extra = ""
+    if args.profile:
+        extra = " ops | kernels | launches |" if cuda else " ops |"
+    print("| case | precision | mode | method | step ms | x SGD | peak MiB |" + extra)
+    print("|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for case in selected:
         for precision in precisions:
             for mode in modes:
                 for r in bench_case(case, device, precision, mode == "fast", steps, warmup,
-                                    only):
+                                    only, args.profile, args.compile):
                     rows.append(r)
                     peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
                     flag = "" if r["fast_path_used"] or mode == "eager" else " (eager fallback)"
-                    print(f"| {r['case']} | {precision} | {mode} | {r['method']}{flag} "
-                          f"| {r['ms']:.2f} | {r['ratio_to_sgd']:.2f} | {peak} |", flush=True)
+                    print(f"| {r['case']} | {precision} | {r['mode']} | {r['method']}{flag} "
+                          f"| {r['ms']:.2f} | {r['ratio_to_sgd']:.2f} | {peak} |"
+                          + "".join(f" {r[k]} |" for k in ("ops", "kernels", "launch_calls")
+                                    if k in r), flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0

@@ -64,6 +64,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--fast", dest="fast", action="store_true", default=None,
                       help="whole-step CUDA graphs (default on CUDA)")
     fast.add_argument("--no-fast", dest="fast", action="store_false")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="run the forward passes through torch.compile (default backend "
+                        "inductor); compile time counts in the first epoch")
     p.add_argument("--selection", choices=["local", "global"], default="local",
                    help="under torchrun: each rank's own top-K (default) or the global top-K")
     p.add_argument("--sync-perturbation", action="store_true",
@@ -149,7 +152,7 @@ def _base_config(args: argparse.Namespace):
         task=args.task or "mnist1d", epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         schedule=args.schedule or "cosine", device=args.device or "auto",
-        precision=args.precision or "fp32", fast=args.fast,
+        precision=args.precision or "fp32", fast=args.fast, compile=args.compile,
         task_options=_task_options(args), selection=args.selection,
         sync_perturbation=args.sync_perturbation)
 

@@ -20,7 +20,8 @@ import torch
 from .methods import METHODS
 from .train import TrainConfig, atomic_write_bytes, atomic_write_text, train
 
-ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation"}
+ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation",
+                  "compile"}
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
 
 

@@ -111,6 +111,12 @@ class SharpnessAwareOptimizer:
             (``torch.bfloat16`` or ``torch.float16``); ``None`` leaves precision to you.
         fast_path: ``True`` captures whole steps as CUDA graphs where possible (see
             :mod:`ksam.fast`); it falls back to the eager step by itself when it cannot.
+        compile: run the forward passes through ``torch.compile`` of the model: ``True``
+            for the inductor backend or a backend name (``"aot_eager"``, ...). The model
+            you passed stays as it is (its ``state_dict`` keys unchanged); only the passes
+            of the step go through the compiled wrapper. Dynamic shapes keep the subset
+            passes to a couple of graphs. ESAM's random weight mask changes which
+            parameters need gradients every step, so it recompiles often.
         seed: seed of the engine's own generator (random subsets, ESAM's weight mask).
             Defaults to a draw from torch's global generator, so ``torch.manual_seed``
             makes runs reproducible.
@@ -132,6 +138,7 @@ class SharpnessAwareOptimizer:
         fast_path: bool = False,
         seed: int | None = None,
         sync_perturbation: bool = False,
+        compile: bool | str = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,7 +151,11 @@ class SharpnessAwareOptimizer:
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
+        backend = compile_backend(compile)
         self.model = model
+        self.compile = backend
+        # What the passes call: the model itself, or torch.compile's wrapper of it.
+        self._forward_model = model if backend is None else torch.compile(model, backend=backend)
         self.optimizer = optimizer
         self.ascent = ascent
         self.perturbation = perturbation
@@ -222,25 +233,30 @@ class SharpnessAwareOptimizer:
         for p in self._model_params:
             p.grad = None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly, the base optimizer's state included."""
+    def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
+        """Everything needed to resume exactly: the base optimizer's state included, unless
+        ``include_optimizer=False`` (a trainer that saves the optimizer on its own)."""
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
             "ascent": self.ascent.state_dict() if self.ascent is not None else {},
             "descent": self.descent.state_dict(),
         }
+        if include_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"optimizer", "steps", "skipped_steps", "generator"} - set(state)
+        """Restore a :meth:`state_dict`; one saved without the optimizer leaves the base
+        optimizer's state as it is."""
+        missing = {"steps", "skipped_steps", "generator"} - set(state)
         if missing:
             raise KeyError(f"not a ksam state_dict: missing {sorted(missing)}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
         self._skipped_eager = int(state["skipped_steps"])
         self._skipped_device = None
@@ -293,7 +309,7 @@ class SharpnessAwareOptimizer:
         Branches only on the rules (static), never on tensor values: the same code runs
         eagerly and inside a CUDA graph capture.
         """
-        model = self.model
+        model = self._forward_model
         device = batch_device(batch)
         # The step's first full-batch pass updates BatchNorm statistics. It is at w for every
         # method but random-subset SAM, whose only full-batch pass is the perturbed descent.
@@ -393,9 +409,10 @@ class SharpnessAwareOptimizer:
         return [p.grad for p in self._params if p.grad is not None]
 
     def _all_finite(self, checks: list[Tensor], grads: list[Tensor]) -> Tensor:
-        values = [c.float().reshape(()) for c in checks]
+        # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
+        values = [_fp32(c).reshape(()) for c in checks]
         if grads:
-            values.extend(n.float() for n in torch._foreach_norm(grads))
+            values.extend(_fp32(n) for n in torch._foreach_norm(grads))
         return torch.isfinite(torch.stack(values)).all()
 
     def _eager_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
@@ -429,6 +446,28 @@ class SharpnessAwareOptimizer:
         self.zero_grad()
         self.steps += 1
         return _result(out, loss, not ok)
+
+
+def compile_backend(compile: bool | str | None) -> str | None:
+    """The torch.compile backend an engine's ``compile`` option names (None: no compile);
+    ValueError for a name torch does not know."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "inductor"
+    if not isinstance(compile, str):
+        raise ValueError(f"compile must be True, False or a backend name, got {compile!r}")
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if compile not in known:
+        raise ValueError(f"compile: unknown torch.compile backend {compile!r} "
+                         f"(known: {', '.join(sorted(known))})")
+    return compile
+
+
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _result(out: dict[str, Any], loss: float | Tensor, skipped: bool | Tensor) -> StepResult:

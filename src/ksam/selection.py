@@ -74,8 +74,12 @@ def top_indices(values: Tensor, count: int) -> Tensor:
     A stable descending sort is deterministic where ``torch.topk`` is not (it does not
     promise an order for ties); for a mini-batch the sort is negligible next to a forward.
     """
-    order = torch.sort(values, descending=True, stable=True).indices
-    return order[:count]
+    return descending_order(values)[:count]
+
+
+def descending_order(values: Tensor) -> Tensor:
+    """All indices, largest value first, ties by the lower index (see :func:`top_indices`)."""
+    return torch.sort(values, descending=True, stable=True).indices
 
 
 class SelectionRule:
@@ -167,7 +171,11 @@ class TopLoss(SelectionRule):
 
     def select(self, ctx: SelectionContext) -> Tensor:
         assert ctx.scores is not None
-        idx = top_indices(ctx.scores, self.size_at(ctx.batch_size, ctx.step))
+        # K-SAM's ascent and descent rules pick from the same losses: sort them once a step.
+        cached = ctx.cache.get("top_loss_order")
+        if cached is None or cached[0] is not ctx.scores:
+            cached = ctx.cache["top_loss_order"] = (ctx.scores, descending_order(ctx.scores))
+        idx = cached[1][: self.size_at(ctx.batch_size, ctx.step)]
         if self.rescale:
             self._scale = subset_gradient_scale(ctx.scores, idx)
         return idx

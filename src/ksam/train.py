@@ -51,6 +51,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     fast: bool | None = None
+    # torch.compile backend of the forward passes ("inductor", "aot_eager", ...); None: off.
+    compile: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     # DistributedDataParallel (docs/distributed.md): local or global top-K, per-rank or
     # synchronized perturbation. Ignored in a single process.
@@ -87,6 +89,10 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
+        if self.compile is not None:
+            from .engine import compile_backend
+
+            compile_backend(self.compile)
         if self.selection not in ("local", "global"):
             raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -148,7 +154,8 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
     if cfg.precision == "fp16":
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
-                   fast_path=bool(cfg.fast), seed=cfg.seed, **cfg.method_options)
+                   fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
+                   **cfg.method_options)
     if hasattr(model, "no_sync"):  # DistributedDataParallel
         from . import distributed
 

@@ -399,10 +399,8 @@ def _check_supported(args: Any, ksam_kwargs: dict[str, Any]) -> None:
 
 def _engine_extras(engine: SharpnessAwareOptimizer) -> dict[str, Any]:
     """The engine's state without the base optimizer's (that one is in optimizer.pt)."""
-    state = engine.state_dict()
-    state.pop("optimizer")
-    return state
+    return engine.state_dict(include_optimizer=False)
 
 
 def _load_engine_extras(engine: SharpnessAwareOptimizer, extras: dict[str, Any]) -> None:
-    engine.load_state_dict({**extras, "optimizer": engine.optimizer.state_dict()})
+    engine.load_state_dict(extras)
