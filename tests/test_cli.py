@@ -161,8 +161,13 @@ def test_bench_profile_and_compile(tmp_path, capsys):
                  "--cases", "mnist1d-cnn-b128", "--methods", "sam", "ksam", "--profile",
                  "--compile", "aot_eager", "--json", str(path)])
     assert code == 0
-    rows = {r["method"]: r for r in json.loads(path.read_text())}
-    assert {r["mode"] for r in rows.values()} == {"eager+compile(aot_eager)"}
+    all_rows = json.loads(path.read_text())
+    # every method without and with compile, side by side in one run
+    assert [r["mode"] for r in all_rows] == ["eager"] * 5 + ["eager+compile(aot_eager)"] * 5
+    assert all_rows[0]["ratio_to_sgd"] == all_rows[5]["ratio_to_sgd"] == 1.0
+    assert all_rows[0]["ratio_to_plain_sgd"] == 1.0
+    assert all_rows[5]["ratio_to_plain_sgd"] > 0
+    rows = {r["method"]: r for r in all_rows[5:]}
     # ATen ops issued by one step: a pass issues the same ops whatever its batch size, so
     # K-SAM (scoring forward + two subset passes + selection) issues more than SAM, and SAM
     # (two passes) more than SGD (one).

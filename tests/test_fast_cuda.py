@@ -92,3 +92,26 @@ def test_bf16_graph_runs():
     for batch in batches(6):
         res = eb.step(batch, ce)
     assert not res.skipped and eb._fast.reason is None
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_compiled_passes_on_cuda_equal_eager(fast_path):
+    """torch.compile (inductor: generated kernels) inside the step, and inside its CUDA
+    graph with the fast path."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    a = net()
+    b = copy.deepcopy(a)
+    ea = ksam.create("ksam", a, torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9),
+                     seed=0, k=8, k_warmup=0)
+    eb = ksam.create("ksam", b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9),
+                     seed=0, k=8, k_warmup=0, compile=True, fast_path=fast_path)
+    for batch in batches(8):
+        ra, rb = ea.step(batch, ce), eb.step(batch, ce)
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
+    if fast_path:
+        assert eb._fast.reason is None
+        assert any(e.graph is not None for e in eb._fast._entries.values())
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-4, msg=ka)

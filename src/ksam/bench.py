@@ -162,6 +162,10 @@ def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
 def bench_case(case: Case, device: torch.device, precision: str, fast: bool, steps: int,
                warmup: int, only: list[str] | None = None,
                profile: bool = False, compile: str | None = None) -> list[dict[str, Any]]:
+    """Rows of one case in one precision and mode. With ``compile`` every method runs twice,
+    without and with torch.compile, all interleaved in the same loop; each row's
+    ``ratio_to_sgd`` is to SGD of its own variant, ``ratio_to_plain_sgd`` to SGD without
+    compile."""
     torch.manual_seed(0)
     base = case.make_model().to(device)
     if device.type == "cuda" and "bert" not in case.name:
@@ -171,16 +175,19 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     entries = []
-    for label, name, options in methods_for(case.batch_size):
-        if only and label.split()[0] not in only:
-            continue
-        model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-        engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
-                        compile=compile or False, **options)
-        entries.append({"label": label, "engine": engine, "times": []})
+    for backend in [None, compile] if compile else [None]:
+        for label, name, options in methods_for(case.batch_size):
+            if only and label.split()[0] not in only:
+                continue
+            model = copy.deepcopy(base)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+            engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
+                            compile=backend or False, **options)
+            entries.append({"label": label, "engine": engine, "times": [],
+                            "mode": ("fast" if fast else "eager")
+                            + (f"+compile({backend})" if backend else "")})
     cuda = device.type == "cuda"
-    for e in entries:  # warm-up (and capture) per method, then reset peak memory
+    for e in entries:  # warm-up (compile, capture) per method, then reset peak memory
         for _ in range(warmup):
             e["engine"].step((x, y), ce)
     if cuda:
@@ -207,17 +214,20 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
     if profile:  # after the timed steps, so the profiler's overhead is not timed
         for e in entries:
             e["profile"] = profile_step(lambda e=e: e["engine"].step((x, y), ce), cuda)
-    sgd = statistics.median(entries[0]["times"])
+    sgd = {e["mode"]: statistics.median(e["times"]) for e in entries if e["label"] == "sgd"}
+    plain_sgd = statistics.median(entries[0]["times"])
     rows = []
     for e in entries:
         med = statistics.median(e["times"])
         fast_on = e["engine"]._fast is not None and e["engine"]._fast.reason is None
-        rows.append({
-            "case": case.name, "precision": precision,
-            "mode": ("fast" if fast else "eager") + (f"+compile({compile})" if compile else ""),
-            "method": e["label"], "ms": 1000 * med, "ratio_to_sgd": med / sgd,
+        row = {
+            "case": case.name, "precision": precision, "mode": e["mode"],
+            "method": e["label"], "ms": 1000 * med, "ratio_to_sgd": med / sgd[e["mode"]],
             "peak_mb": e.get("peak_mb"), "fast_path_used": fast_on, **e.get("profile", {}),
-        })
+        }
+        if compile:
+            row["ratio_to_plain_sgd"] = med / plain_sgd
+        rows.append(row)
     return rows
 
 
@@ -271,6 +281,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     extra = ""
     if args.profile:
         extra = " ops | kernels | launches |" if cuda else " ops |"
+    if args.compile:
+        extra = " x SGD without compile |" + extra
     print("| case | precision | mode | method | step ms | x SGD | peak MiB |" + extra)
     print("|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for case in selected:
@@ -283,6 +295,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                     flag = "" if r["fast_path_used"] or mode == "eager" else " (eager fallback)"
                     print(f"| {r['case']} | {precision} | {r['mode']} | {r['method']}{flag} "
                           f"| {r['ms']:.2f} | {r['ratio_to_sgd']:.2f} | {peak} |"
+                          + (f" {r['ratio_to_plain_sgd']:.2f} |" if args.compile else "")
                           + "".join(f" {r[k]} |" for k in ("ops", "kernels", "launch_calls")
                                     if k in r), flush=True)
     if args.json:

@@ -485,7 +485,7 @@ class GlobalTopLoss(SelectionRule):
         gathered = self._gathered(ctx, world)
         top = self.inner.select(SelectionContext(
             batch_size=n * world, device=ctx.device, scores=gathered,
-            generator=ctx.generator, step=ctx.step))
+            generator=ctx.generator, step=ctx.step, cache=ctx.cache))  # one sort a step
         lo = rank * n
         mine = top[(top >= lo) & (top < lo + n)] - lo
         if mine.numel() == 0:
