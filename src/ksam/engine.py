@@ -115,8 +115,8 @@ class SharpnessAwareOptimizer:
             for the inductor backend or a backend name (``"aot_eager"``, ...). The model
             you passed stays as it is (its ``state_dict`` keys unchanged); only the passes
             of the step go through the compiled wrapper. Dynamic shapes keep the subset
-            passes to a couple of graphs. ESAM's random weight mask changes which
-            parameters need gradients every step, so it recompiles often.
+            passes to a couple of graphs; ESAM computes (and drops) the gradients its
+            weight mask leaves out rather than recompile for every mask.
         seed: seed of the engine's own generator (random subsets, ESAM's weight mask).
             Defaults to a draw from torch's global generator, so ``torch.manual_seed``
             makes runs reproducible.
@@ -343,7 +343,11 @@ class SharpnessAwareOptimizer:
             ascent_idx = self.ascent.select(ctx)
             mask = self.perturbation.ascent_mask(len(self._params), self.generator)
             frozen = [p for p, m in zip(self._params, mask) if not m] if mask else []
-            for p in frozen:
+            # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off
+            # saves their backward, but a compiled model recompiles for every new pattern,
+            # so with compile their gradients are computed and dropped instead.
+            switched = frozen if self.compile is None else []
+            for p in switched:
                 p.requires_grad_(False)
             try:
                 with self._ascent_context():
@@ -352,8 +356,10 @@ class SharpnessAwareOptimizer:
                     else:
                         losses = forward(ascent_idx, grad=True)
                         self._backward(self.ascent.reduce(losses))
+                        for p in frozen:
+                            p.grad = None
             finally:
-                for p in frozen:
+                for p in switched:
                     p.requires_grad_(True)
             if ascent_idx is None and ctx.scores is None:
                 ctx.scores = losses.detach().float()
@@ -457,9 +463,9 @@ def compile_backend(compile: bool | str | None) -> str | None:
         return "inductor"
     if not isinstance(compile, str):
         raise ValueError(f"compile must be True, False or a backend name, got {compile!r}")
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
+    known = dynamo.list_backends(exclude_tags=())
     if compile not in known:
         raise ValueError(f"compile: unknown torch.compile backend {compile!r} "
                          f"(known: {', '.join(sorted(known))})")

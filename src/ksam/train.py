@@ -260,6 +260,13 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         # No buffer broadcast inside forwards (it would put a collective into the per-rank
         # ascent pass); BatchNorm statistics are averaged before evaluation instead.
         net = distributed.wrap(model, device)
+    if cfg.compile:
+        import torch._dynamo as dynamo
+
+        # Each run compiles afresh: its time includes its own compilation (not a cache left by
+        # the previous run of the same model class), and no run inherits another's
+        # recompiles towards dynamo's limit (past it, dynamo silently runs eagerly).
+        dynamo.reset()
     engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs)
     engine.check_batch(cfg.batch_size)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
