@@ -191,6 +191,29 @@ def test_rescale_multiplies_the_reduced_loss():
     assert float(TopLoss(2).reduce(losses)) == 2.0
 
 
+@pytest.mark.parametrize("power", [0.25, 0.5])
+def test_rescale_power_is_the_scale_to_that_power(power):
+    scores = torch.tensor([0.1, 2.0, 0.2, 3.0])
+    rule = TopLoss(2, rescale=power)
+    idx = rule.select(ctx(scores, 0))
+    losses = torch.tensor([1.0, 3.0])
+    full = float(subset_gradient_scale(scores, idx))
+    assert 0 < full < 1
+    assert float(rule.reduce(losses)) == pytest.approx(2.0 * full ** power)
+    assert repr(rule) == f"TopLoss(k=2, rescale={power})"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "yes", None])
+def test_rescale_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="rescale must be"):
+        TopLoss(2, rescale=bad)
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="rescale must be"):
+        ksam.KSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rescale=bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_rescaled_step_is_the_plain_step_times_the_scale():
     """Plain SGD base (no momentum, no weight decay): the update is linear in the gradient."""
     a, b = mlp(), mlp()

@@ -67,7 +67,8 @@ class KSAM(SharpnessAwareOptimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
-                 eta: float = 0.01, k_warmup: int = K_WARMUP, rescale: bool = RESCALE,
+                 eta: float = 0.01, k_warmup: int = K_WARMUP,
+                 rescale: bool | float = RESCALE,
                  **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,

@@ -150,13 +150,14 @@ class TopLoss(SelectionRule):
     needs_scores = True
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool = False) -> None:
+                 rescale: bool | float = False) -> None:
         self.k = check_subset_size(k, name)
         self.name = name
         if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
         self.warmup = int(warmup)
-        self.rescale = bool(rescale)
+        self.rescale = _check_rescale(rescale)
+        self._power = float(self.rescale)  # True: 1.0, False: 0.0 (off)
         self._scale: Tensor | None = None
 
     def size(self, batch_size: int) -> int:
@@ -176,22 +177,33 @@ class TopLoss(SelectionRule):
         if cached is None or cached[0] is not ctx.scores:
             cached = ctx.cache["top_loss_order"] = (ctx.scores, descending_order(ctx.scores))
         idx = cached[1][: self.size_at(ctx.batch_size, ctx.step)]
-        if self.rescale:
-            self._scale = subset_gradient_scale(ctx.scores, idx)
+        if self._power:
+            scale = subset_gradient_scale(ctx.scores, idx)
+            self._scale = scale if self._power == 1.0 else scale.pow(self._power)
         return idx
 
     def reduce(self, losses: Tensor) -> Tensor:
         """The selected rows' mean loss, times :func:`subset_gradient_scale` with
         ``rescale`` (the scale of the step's last :meth:`select`)."""
         mean = losses.float().mean()
-        if self.rescale and self._scale is not None:
+        if self._power and self._scale is not None:
             return mean * self._scale
         return mean
 
     def __repr__(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
-        extra += ", rescale=True" if self.rescale else ""
+        extra += f", rescale={self.rescale}" if self.rescale else ""
         return f"TopLoss({self.name}={self.k}{extra})"
+
+
+def _check_rescale(rescale: bool | float) -> bool | float:
+    """``rescale``: True (the full estimated scale), False (none) or a power in [0, 1] of it
+    (a step between the plain top-K step and the full-batch-sized one)."""
+    if isinstance(rescale, bool):
+        return rescale
+    if isinstance(rescale, Real) and math.isfinite(float(rescale)) and 0 <= rescale <= 1:
+        return float(rescale)
+    raise ValueError(f"rescale must be True, False or a power in [0, 1], got {rescale!r}")
 
 
 def subset_gradient_scale(scores: Tensor, index: Tensor) -> Tensor:
