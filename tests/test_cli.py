@@ -42,6 +42,23 @@ def test_compare_writes_a_complete_report(tmp_path, capsys):
     assert (out / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_each_method_at_its_own_lr(tmp_path):
+    from ksam.compare import compare
+    from ksam.train import TrainConfig
+
+    base = TrainConfig(epochs=1, batch_size=32, lr=0.1, task_options={"num_samples": 600})
+    report = compare(base, ["sgd", "sgd:lr=0.01", "ksam:k=8,lr=0.3"], [0], tmp_path / "c")
+    lrs = {r["label"]: r["config"]["lr"] for r in report["runs"]}
+    assert lrs == {"sgd": 0.1, "sgd:lr=0.01": 0.01, "ksam:k=8,lr=0.3": 0.3}
+    ksam_run = next(r for r in report["runs"] if r["label"].startswith("ksam"))
+    assert ksam_run["config"]["method_options"] == {"k": 8}
+    accs = {r["label"]: r["final"]["train_loss"] for r in report["runs"]}
+    assert accs["sgd"] != accs["sgd:lr=0.01"]
+    saved = json.loads((tmp_path / "c" / "runs" / "sgd_lr_0.01-seed0" / "config.json")
+                       .read_text())
+    assert saved["lr"] == 0.01
+
+
 def test_same_seed_same_initial_weights_for_every_method(tmp_path):
     from ksam.train import TrainConfig, train
 
@@ -116,6 +133,7 @@ BAD = [
     ("resume without checkpoint", ["train", "--resume"], "no checkpoint"),
     ("bad seeds", ["compare", "--seeds", "a,b"], "seeds must be"),
     ("unknown compile backend", ["train", "--compile", "nvcc"], "unknown torch.compile backend"),
+    ("negative lr in a spec", ["compare", "--methods", "sgd", "sgd:lr=-1"], "lr must be"),
 ]
 
 

@@ -225,12 +225,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .compare import method_config
+    from .compare import method_config, split_run_options
     from .train import train
 
     base = _base_config(args)
     name, options = method_config(args.method, {"k": args.k, "rho": args.rho})
+    options, run_options = split_run_options(options)
     base.method, base.method_options, base.seed = name, options, args.seed
+    if "lr" in run_options:
+        base.lr = run_options["lr"]
     out = args.out or Path("runs") / f"train-{base.task}-{name}-seed{args.seed}"
     if args.resume and not (out / "checkpoint.pt").exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")

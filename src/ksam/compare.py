@@ -22,6 +22,10 @@ from .train import TrainConfig, atomic_write_bytes, atomic_write_text, train
 
 ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation",
                   "compile"}
+#: Options of the run rather than the method, allowed in every spec ("sgd:lr=0.2"): each
+#: method can be compared at its own learning rate (docs/collapse.md section 5: at one shared
+#: lr a method that enlarges its effective step can look better than it is).
+RUN_OPTIONS = {"lr"}
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
 
 
@@ -53,7 +57,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     options: dict[str, Any] = {}
-    allowed = method_options(name)
+    allowed = method_options(name) | RUN_OPTIONS
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -75,6 +79,13 @@ def method_config(spec: str, shared: dict[str, Any]) -> tuple[str, dict[str, Any
         if value is not None and key in allowed and key not in options:
             options[key] = value
     return name, options
+
+
+def split_run_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the method's options, the run's: :data:`RUN_OPTIONS` given in the spec)."""
+    method = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+    run = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    return method, run
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -221,7 +232,9 @@ def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path
     runs = []
     for seed in seeds:
         for spec, name, options in configs:
-            cfg = replace(base, method=name, method_options=options, seed=seed)
+            method_options, run_options = split_run_options(options)
+            cfg = replace(base, method=name, method_options=method_options, seed=seed,
+                          **run_options)
             run_dir = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" if out_dir else None
             result = train(cfg, out_dir=run_dir, task=task, dist_info=dist_info,
                            on_epoch=(lambda row, s=spec: progress(s, row)) if progress else None)
@@ -248,9 +261,12 @@ def _dry_run(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]], t
 
     for spec, name, options in configs:
         model = task.make_model()
+        method_options, run_options = split_run_options(options)
         try:
-            engine, _ = build_engine(name, model, replace(cfg, method_options=options,
-                                                          fast=False, device="cpu"), 1)
+            run_cfg = replace(cfg, method_options=method_options, fast=False, device="cpu",
+                              **run_options)
+            run_cfg.validate()
+            engine, _ = build_engine(name, model, run_cfg, 1)
             engine.check_batch(cfg.batch_size)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"method {spec!r}: {exc}") from None
