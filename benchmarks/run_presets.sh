@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: the rho sweep and the presets, one ksam process at a time.
 #
-#   benchmarks/run_presets.sh            # CPU: rho sweep + mnist1d, mnist1d-noise, fashion-mnist-cpu
+#   benchmarks/run_presets.sh            # CPU: rho and lr sweeps + mnist1d, mnist1d-lr,
+#                                        #      mnist1d-noise, fashion-mnist-cpu
 #   benchmarks/run_presets.sh gpu        # GPU: fashion-mnist-gpu, -5k, -10k, -noise
 #   OUT=/some/dir benchmarks/run_presets.sh
 #
@@ -34,9 +35,14 @@ run sweep-mnist1d --task mnist1d --validation-split 0.2 --seeds 2 --epochs 20 \
   --methods sgd sam:rho=0.02 sam:rho=0.05 sam:rho=0.1 sam:rho=0.2 \
   ksam:k=32,rho=0.02 ksam:k=32,rho=0.05 ksam:k=32,rho=0.1 ksam:k=32,rho=0.2
 
-# Note: until the ESAM crash in docs/results.md ("Bugs found") is fixed, a preset that
-# includes ESAM can abort at random; docs/results.md says how its tables were completed.
-for preset in mnist1d mnist1d-noise fashion-mnist-cpu; do
+# lr per method for the mnist1d-lr preset: the same held-out split, 30 epochs, 3 seeds.
+for lr in 0.05 0.1 0.2 0.4; do
+  run "lr-sweep-$lr" --task mnist1d --validation-split 0.2 --seeds 3 --epochs 30 --lr "$lr" \
+    --methods sgd sam:rho=0.02 ksam:k=32,rho=0.02 ksam:k=32,rho=0.02,rescale=0.5 \
+    osgd:k=32,k_warmup=100
+done
+
+for preset in mnist1d mnist1d-lr mnist1d-noise fashion-mnist-cpu; do
   run "$preset" --preset "$preset"
 done
 

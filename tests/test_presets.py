@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ksam.cli import _base_config, _task_options, build_parser, parse_seeds
-from ksam.compare import method_config
+from ksam.compare import method_config, split_run_options
 from ksam.presets import PRESETS, apply_preset
 from ksam.tasks import TASKS
 from ksam.train import build_engine
@@ -54,19 +54,24 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     named = [method_config(spec, {"k": args.k, "rho": args.rho}) for spec in args.methods]
     methods = [n for n, _ in named]
     reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
-    required = ("sgd", "sam", "ksam", "random-sam", "osgd") + (() if reduced else ("esam",))
+    tuned = name == "mnist1d-lr"  # the methods whose lr was tuned: K=B/4 and its control
+    required = ("sgd", "sam", "ksam", "osgd")
+    required += () if tuned else ("random-sam",) + (() if reduced else ("esam",))
     for method in required:
         assert method in methods, method
-    k_ksam = sorted(o["k"] for n, o in named if n == "ksam")
-    k_osgd = sorted(o["k"] for n, o in named if n == "osgd")
+    k_ksam = {o["k"] for n, o in named if n == "ksam"}
+    k_osgd = {o["k"] for n, o in named if n == "osgd"}
     assert k_ksam == k_osgd
-    expected = [cfg.batch_size // 4] if reduced else [cfg.batch_size // 8, cfg.batch_size // 4]
+    expected = {cfg.batch_size // 4} if reduced or tuned \
+        else {cfg.batch_size // 8, cfg.batch_size // 4}
     assert k_ksam == expected
 
     # Every method builds and accepts the batch size (cheap: a linear model, no data).
     for method, options in named:
-        model = nn.Linear(4, 3)
-        engine, _ = build_engine(method, model, replace(cfg, method_options=options), 1)
+        options, run_options = split_run_options(options)
+        run_cfg = replace(cfg, method_options=options, **run_options)
+        run_cfg.validate()
+        engine, _ = build_engine(method, nn.Linear(4, 3), run_cfg, 1)
         engine.check_batch(cfg.batch_size)
 
 
@@ -95,6 +100,17 @@ def test_user_k_and_rho_replace_the_preset_spec_values():
             assert options["k"] == 8
         if name in ("sam", "ksam", "random-sam", "esam"):
             assert options["rho"] == 0.3
+
+
+def test_per_method_lrs_and_the_user_lr():
+    args = _resolved("mnist1d-lr")
+    lrs = {spec.partition(":")[0]: spec.rpartition("lr=")[2] for spec in args.methods}
+    assert lrs["sgd"] == "0.2" and lrs["osgd"] == "0.1"
+    # the user's --lr replaces the preset's per-method lrs (and fills the shared one)
+    args = _resolved("mnist1d-lr", "--lr", "0.05")
+    assert args.lr == 0.05
+    assert not any("lr=" in spec for spec in args.methods)
+    assert "sgd" in args.methods
 
 
 def test_user_task_option_wins():

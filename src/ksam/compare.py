@@ -280,10 +280,14 @@ def _write_report(out_dir: Path, report: dict[str, Any], description: str,
                   seeds: list[int]) -> None:
     env = report["environment"]
     cfg = report["config"]
+    own_lr = any("lr" in split_run_options(parse_method_spec(r["method"])[1])[1]
+                 for r in report["rows"])
     header = (
         f"# ksam compare: {report['task_name']}\n\n{description}\n\n"
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {cfg['epochs']} epochs, "
-        f"batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['schedule']}), momentum "
+        f"batch {cfg['batch_size']}, lr {cfg['lr']}"
+        f"{' (where a method sets no lr of its own)' if own_lr else ''} ({cfg['schedule']}), "
+        f"momentum "
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"

@@ -116,6 +116,18 @@ PRESETS: dict[str, Preset] = {
             dict(_MNIST1D),
         ),
         Preset(
+            "mnist1d-lr",
+            "MNIST-1D CNN as `mnist1d`, each method at its own lr, chosen on a held-out split "
+            "(validation sweep over 0.05, 0.1, 0.2, 0.4; 3 seeds; docs/results.md)",
+            {**_MNIST1D, "methods": [
+                "sgd:lr=0.2",
+                f"sam:rho={MNIST1D_RHO_SAM:g},lr=0.2",
+                f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
+                f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
+                f"osgd:k=32,k_warmup={_ksam_warmup()},lr=0.1",
+            ]},
+        ),
+        Preset(
             "mnist1d-noise",
             "MNIST-1D CNN with 20% symmetric label noise on the training set, 5 seeds, CPU",
             {**_MNIST1D, "label_noise": 0.2},
@@ -209,13 +221,16 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, dest, None)
         return value is None or (dest in defaults and value == defaults[dest])
 
+    # Shared values the user gave replace the same keys in the preset's specs (checked before
+    # the preset fills args: a preset's own lr is not the user's).
+    user_keys = {key for key in ("k", "rho", "lr") if not unset(key)}
+
     for dest, value in preset.values.items():
         if dest == "methods":
             continue
         if unset(dest):
             setattr(args, dest, list(value) if isinstance(value, list) else value)
     if unset("methods"):
-        user_keys = {key for key in ("k", "rho") if not unset(key)}
         specs = list(preset.values["methods"])
         args.methods = _strip_spec_keys(specs, user_keys) if user_keys else specs
 
