@@ -59,6 +59,33 @@ def test_each_method_at_its_own_lr(tmp_path):
     assert saved["lr"] == 0.01
 
 
+def test_lr_sweep_chooses_each_lr_on_the_held_out_split(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["compare", "--methods", "sgd", "ksam:k=8", "--lr-sweep", "0.01", "0.3",
+                 "--seeds", "2", "--epochs", "2", "--out", str(out), *TINY])
+    assert code == 0
+    sweep = json.loads((out / "lr_sweep.json").read_text())
+    for spec in ("sgd", "ksam:k=8"):
+        by_lr = {float(lr): acc for lr, acc in sweep["validation"][spec].items()}
+        assert sweep["chosen"][spec] == max(by_lr, key=by_lr.get)
+    # the sweep ran on the held-out split, the final comparison on the test set
+    for lr in ("0.01", "0.3"):
+        part = json.loads((out / "lr-sweep" / f"lr-{lr}" / "summary.json").read_text())
+        assert part["split"] == "validation"
+        assert part["config"]["task_options"]["validation_split"] == 0.2
+        assert part["config"]["lr"] == float(lr)
+    final = json.loads((out / "summary.json").read_text())
+    assert final["split"] == "test"
+    assert "validation_split" not in final["config"]["task_options"]
+    labels = [r["method"] for r in final["rows"]]
+    assert labels == [f"sgd:lr={sweep['chosen']['sgd']:g}",
+                      f"ksam:k=8,lr={sweep['chosen']['ksam:k=8']:g}"]
+    runs = {r["label"]: r for r in final["runs"]}
+    assert len(runs) == 2
+    printed = capsys.readouterr().out
+    assert "| method | lr 0.01 | lr 0.3 | chosen |" in printed
+
+
 def test_same_seed_same_initial_weights_for_every_method(tmp_path):
     from ksam.train import TrainConfig, train
 
@@ -134,6 +161,11 @@ BAD = [
     ("bad seeds", ["compare", "--seeds", "a,b"], "seeds must be"),
     ("unknown compile backend", ["train", "--compile", "nvcc"], "unknown torch.compile backend"),
     ("negative lr in a spec", ["compare", "--methods", "sgd", "sgd:lr=-1"], "lr must be"),
+    ("negative lr in a sweep", ["compare", "--lr-sweep", "0.1", "-1"], "lr must be"),
+    ("lr and lr sweep", ["compare", "--lr", "0.1", "--lr-sweep", "0.1", "0.2"],
+     "exclude each other"),
+    ("spec lr under a sweep", ["compare", "--methods", "sgd", "sam:lr=0.1", "--lr-sweep",
+                               "0.1", "0.2"], "sets its own lr"),
 ]
 
 

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a count (3 = seeds 0,1,2; the default), a list (0,4,7) or a range "
                         "(0-4)")
     p.add_argument("--preset", help="a named configuration (see docs/results.md)")
+    p.add_argument("--lr-sweep", nargs="+", type=float, metavar="LR",
+                   help="choose each method's lr among these on a held-out split of the "
+                        "training set (--validation-split, default 0.2), then compare every "
+                        "method at its own lr on the test set")
 
     p = sub.add_parser("train", help="train one method once (checkpoints every epoch)")
     _add_common(p)
@@ -203,6 +207,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base.validate()
     seeds = parse_seeds(args.seeds if args.seeds is not None else 3)
     specs = args.methods or ["sgd", "sam", "ksam"]
+    sweep = args.lr_sweep
+    if sweep and args.lr is not None:
+        raise ValueError("--lr and --lr-sweep exclude each other: the sweep sets every lr")
+    if sweep:  # the held-out split is for the sweep; the final comparison uses the test set
+        held_out = base.task_options.pop("validation_split", None) or 0.2
     dist_info = _dist()
     device = resolve_device(base.device)
     if dist_info is not None:
@@ -212,12 +221,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     epochs = base.epochs or task.defaults["epochs"]
     out = args.out or Path("runs") / f"compare-{base.task}-{datetime.now():%Y%m%d-%H%M%S}"
     is_main = dist_info is None or dist_info.rank == 0
-    progress = _Progress(len(specs) * len(seeds) * epochs, args.quiet or not is_main)
+    rounds = 1 + (len(sweep) if sweep else 0)
+    progress = _Progress(len(specs) * len(seeds) * epochs * rounds, args.quiet or not is_main)
+    shared = {"k": args.k, "rho": args.rho}
     try:
-        report = compare(base, specs, seeds, out, shared={"k": args.k, "rho": args.rho},
+        if sweep:
+            from .compare import sweep_lr
+
+            chosen = sweep_lr(base, specs, seeds, sweep, out, validation_split=held_out,
+                              shared=shared, progress=progress, is_main=is_main,
+                              dist_info=dist_info)
+            specs = chosen["specs"]
+        report = compare(base, specs, seeds, out, shared=shared,
                          task=task, progress=progress, is_main=is_main, dist_info=dist_info)
     finally:
         progress.close()
+    if is_main and sweep:
+        print(f"lr per method (validation accuracy, {held_out:g} of the training set held "
+              f"out):\n{chosen['table']}\n")
     if is_main:
         print(f"{base.task}: {len(seeds)} seeds x {len(specs)} methods, results in {out}")
         print(report["table"])
