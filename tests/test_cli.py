@@ -86,6 +86,44 @@ def test_lr_sweep_chooses_each_lr_on_the_held_out_split(tmp_path, capsys):
     assert "| method | lr 0.01 | lr 0.3 | chosen |" in printed
 
 
+def test_compare_resume_keeps_finished_runs_and_adds_missing_ones(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "sgd", "ksam:k=8", "--epochs", "2", "--out", str(out),
+            *TINY]
+    assert main([*args, "--seeds", "1"]) == 0
+    first = out / "runs" / "ksam_k_8-seed0" / "metrics.jsonl"
+    text, mtime = first.read_text(), first.stat().st_mtime_ns
+    before = json.loads((out / "summary.json").read_text())["rows"]
+
+    assert main([*args, "--seeds", "2", "--resume"]) == 0
+    assert first.read_text() == text and first.stat().st_mtime_ns == mtime  # not retrained
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert all(r["seeds"] == 2 for r in rows.values())
+    for row in before:  # seed 0's accuracy is the one it had
+        assert rows[row["method"]]["test_acc_all"][0] == row["test_acc_all"][0]
+    assert (out / "runs" / "sgd-seed1" / "checkpoint.pt").exists()
+
+    summary = (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert main([*args, "--seeds", "2", "--resume", "--lr", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with lr=0.1 (now 0.3)" in err
+    assert (out / "summary.md").read_text() == summary  # nothing rewritten
+
+
+def test_resume_needs_out(capsys):
+    assert main(["compare", "--resume", *TINY]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_train_resume_refuses_another_configuration(tmp_path, capsys):
+    out = tmp_path / "one"
+    args = ["train", "--method", "ksam:k=8", "--out", str(out), *TINY]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 2
+    assert "was made with epochs=1 (now 2)" in capsys.readouterr().err
+
+
 def test_same_seed_same_initial_weights_for_every_method(tmp_path):
     from ksam.train import TrainConfig, train
 

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a count (3 = seeds 0,1,2; the default), a list (0,4,7) or a range "
                         "(0-4)")
     p.add_argument("--preset", help="a named configuration (see docs/results.md)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue in --out: finished runs are kept, interrupted ones resume "
+                        "from their checkpoints, missing ones run")
     p.add_argument("--lr-sweep", nargs="+", type=float, metavar="LR",
                    help="choose each method's lr among these on a held-out split of the "
                         "training set (--validation-split, default 0.2), then compare every "
@@ -210,6 +213,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sweep = args.lr_sweep
     if sweep and args.lr is not None:
         raise ValueError("--lr and --lr-sweep exclude each other: the sweep sets every lr")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out: the comparison to continue")
     if sweep:  # the held-out split is for the sweep; the final comparison uses the test set
         held_out = base.task_options.pop("validation_split", None) or 0.2
     dist_info = _dist()
@@ -230,10 +235,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
             chosen = sweep_lr(base, specs, seeds, sweep, out, validation_split=held_out,
                               shared=shared, progress=progress, is_main=is_main,
-                              dist_info=dist_info)
+                              dist_info=dist_info, resume=args.resume)
             specs = chosen["specs"]
-        report = compare(base, specs, seeds, out, shared=shared,
-                         task=task, progress=progress, is_main=is_main, dist_info=dist_info)
+        report = compare(base, specs, seeds, out, shared=shared, task=task, progress=progress,
+                         is_main=is_main, dist_info=dist_info, resume=args.resume)
     finally:
         progress.close()
     if is_main and sweep:

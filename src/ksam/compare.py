@@ -202,11 +202,14 @@ def environment() -> dict[str, Any]:
 def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path | None, *,
             shared: dict[str, Any] | None = None, task: Any = None,
             progress: Callable[[str, dict[str, Any]], None] | None = None,
-            is_main: bool = True, dist_info: Any = None) -> dict[str, Any]:
+            is_main: bool = True, dist_info: Any = None,
+            resume: bool = False) -> dict[str, Any]:
     """Train every method spec with every seed; write the report to ``out_dir``.
 
     Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
-    Everything is validated before the first file is written.
+    Everything is validated before the first file is written. ``resume``: a run whose
+    checkpoint is in ``out_dir`` continues from it (a finished one is only re-read), after
+    the checkpoint's configuration is checked against this one.
     """
     from .tasks import get_task
     from .train import resolve_device
@@ -222,6 +225,8 @@ def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path
                         **base.task_options)
     resolved = base.resolved(task.defaults)
     _dry_run(resolved, configs, task)
+    if resume:  # every checkpoint is checked before any run continues
+        _check_checkpoints(resolved, configs, seeds, out_dir)
 
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,11 +237,10 @@ def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path
     runs = []
     for seed in seeds:
         for spec, name, options in configs:
-            method_options, run_options = split_run_options(options)
-            cfg = replace(base, method=name, method_options=method_options, seed=seed,
-                          **run_options)
+            cfg = _run_config(base, name, options, seed)
             run_dir = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" if out_dir else None
-            result = train(cfg, out_dir=run_dir, task=task, dist_info=dist_info,
+            again = resume and run_dir is not None and (run_dir / "checkpoint.pt").exists()
+            result = train(cfg, out_dir=run_dir, task=task, dist_info=dist_info, resume=again,
                            on_epoch=(lambda row, s=spec: progress(s, row)) if progress else None)
             result.pop("model")
             result["label"] = spec
@@ -270,6 +274,25 @@ def _dry_run(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]], t
             engine.check_batch(cfg.batch_size)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"method {spec!r}: {exc}") from None
+
+
+def _run_config(cfg: TrainConfig, name: str, options: dict[str, Any], seed: int) -> TrainConfig:
+    method_options, run_options = split_run_options(options)
+    return replace(cfg, method=name, method_options=method_options, seed=seed, **run_options)
+
+
+def _check_checkpoints(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]],
+                       seeds: list[int], out_dir: Path | None) -> None:
+    from .train import check_resumable
+
+    if out_dir is None or not out_dir.is_dir():
+        raise ValueError(f"resume: no earlier comparison in {out_dir}")
+    for seed in seeds:
+        for spec, name, options in configs:
+            path = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" / "checkpoint.pt"
+            if path.exists():
+                saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+                check_resumable(_run_config(cfg, name, options, seed), saved, path)
 
 
 def _slug(spec: str) -> str:
@@ -325,7 +348,8 @@ def sweep_lr(base: TrainConfig, specs: list[str], seeds: list[int], lrs: list[fl
              out_dir: Path | None, *, validation_split: float = 0.2,
              shared: dict[str, Any] | None = None,
              progress: Callable[[str, dict[str, Any]], None] | None = None,
-             is_main: bool = True, dist_info: Any = None) -> dict[str, Any]:
+             is_main: bool = True, dist_info: Any = None,
+             resume: bool = False) -> dict[str, Any]:
     """Each method's learning rate, chosen on a held-out split of the training set.
 
     For every lr in ``lrs``: :func:`compare` of all ``specs`` with ``validation_split`` of
@@ -353,7 +377,8 @@ def sweep_lr(base: TrainConfig, specs: list[str], seeds: list[int], lrs: list[fl
     for lr in lrs:
         sub = out_dir / "lr-sweep" / f"lr-{lr:g}" if out_dir is not None else None
         report = compare(replace(held_out, lr=lr), specs, seeds, sub, shared=shared,
-                         progress=progress, is_main=is_main, dist_info=dist_info)
+                         progress=progress, is_main=is_main, dist_info=dist_info,
+                         resume=resume and sub is not None and sub.is_dir())
         for row in report["rows"]:
             scores[row["method"]][lr] = row["test_acc_mean"]
             collapsed[row["method"]][lr] = row["collapsed"] or 0

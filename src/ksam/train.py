@@ -32,6 +32,8 @@ from .engine import SharpnessAwareOptimizer
 from .methods import create
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Config fields a resumed run may change: how it executes, not what it computes.
+RESUME_MAY_CHANGE = {"fast", "compile"}
 
 
 @dataclass
@@ -139,6 +141,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """ValueError unless a checkpoint saved with config ``saved`` continues run ``cfg``
+    (resolved): everything that changes the run's math must match; how it executes
+    (:data:`RESUME_MAY_CHANGE`) may differ."""
+    now = cfg.to_dict()
+    if {k: saved.get(k) for k in ("task", "method", "seed")} != \
+            {k: now[k] for k in ("task", "method", "seed")}:
+        raise ValueError(f"checkpoint {path} is of another run ({saved.get('task')}/"
+                         f"{saved.get('method')}/seed {saved.get('seed')})")
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved
+               and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"checkpoint {path} was made with " + ", ".join(
+            f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed))
 
 
 def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
@@ -279,12 +297,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved_cfg = ckpt["config"]
-        if {k: saved_cfg[k] for k in ("task", "method", "seed")} != \
-                {k: cfg.to_dict()[k] for k in ("task", "method", "seed")}:
-            raise ValueError(f"checkpoint {ckpt_path} is of another run "
-                             f"({saved_cfg['task']}/{saved_cfg['method']}/seed "
-                             f"{saved_cfg['seed']})")
+        check_resumable(cfg, ckpt["config"], ckpt_path)
         model.load_state_dict(ckpt["model"])
         engine.load_state_dict(ckpt["engine"])
         scheduler.load_state_dict(ckpt["scheduler"])
