@@ -44,7 +44,9 @@ from torch import Tensor, nn
 from .batch import Batch, batch_device, batch_size, index_batch
 from .batchnorm import BatchNormGuard
 from .perturbation import PerturbationRule
+from .schedule import Schedule
 from .selection import SelectionContext, SelectionRule, WholeBatch
+from .transform import GradientTransform
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -123,6 +125,10 @@ class SharpnessAwareOptimizer:
         sync_perturbation: with DistributedDataParallel, average the ascent gradient
             across ranks (default False: each rank perturbs with its own ascent gradient,
             and the ascent pass sends nothing).
+        schedule: which steps run the ascent pass (:class:`ksam.schedule.Schedule`); the
+            others are one plain pass over the descent subset at w. Default: every step.
+        transform: a :class:`ksam.transform.GradientTransform` that rewrites the descent
+            gradient before the optimizer step (LookSAM).
     """
 
     def __init__(
@@ -139,6 +145,8 @@ class SharpnessAwareOptimizer:
         seed: int | None = None,
         sync_perturbation: bool = False,
         compile: bool | str = False,
+        schedule: Schedule | None = None,
+        transform: GradientTransform | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,8 +154,15 @@ class SharpnessAwareOptimizer:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if (ascent is None) != (perturbation is None):
-            raise ValueError("ascent and perturbation rules come together: give both or neither")
+        if ascent is not None and perturbation is None:
+            raise ValueError("an ascent rule needs a perturbation rule")
+        if perturbation is not None and (ascent is None) == perturbation.needs_ascent:
+            raise ValueError(f"{perturbation!r} " + (
+                "needs an ascent rule" if ascent is None else "takes no ascent pass"))
+        schedule = Schedule() if schedule is None else schedule
+        if ascent is None and not schedule.always:
+            raise ValueError("a schedule of sharpness-aware steps needs a method with an "
+                             "ascent pass")
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
@@ -160,6 +175,13 @@ class SharpnessAwareOptimizer:
         self.ascent = ascent
         self.perturbation = perturbation
         self.descent = descent
+        #: which steps are sharpness-aware; the others are plain passes over
+        #: :attr:`plain_descent`
+        self.schedule = schedule
+        # A plain step's rows: the descent rule's, but the whole batch for a rule that is
+        # defined only under a perturbation (ESAM's largest loss increase).
+        self.plain_descent = WholeBatch() if descent.needs_perturbed_losses else descent
+        self.transform = transform
         self.grad_scaler = grad_scaler
         self.autocast_dtype = autocast_dtype
         self.sync_perturbation = bool(sync_perturbation)
@@ -189,6 +211,9 @@ class SharpnessAwareOptimizer:
         )
         if descent.needs_perturbed_losses and ascent is None:
             raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
+        self._plain_needs_scoring = self.plain_descent.needs_scores
+        if transform is not None:
+            transform.bind(self._params)
 
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -209,11 +234,16 @@ class SharpnessAwareOptimizer:
         losses of shape [n]."""
         n = batch_size(batch)
         self.check_batch(n)
-        if self._fast is not None:
-            result = self._fast.step(batch, loss_fn, n)
-            if result is not None:
-                return result
-        return self._eager_step(batch, loss_fn, n)
+        sharp = self.schedule.next(self.steps, self.generator)
+        try:
+            if self._fast is not None:
+                result = self._fast.step(batch, loss_fn, n, sharp)
+                if result is not None:
+                    return result
+            return self._eager_step(batch, loss_fn, n, sharp)
+        except BaseException:
+            self.schedule.sharp_steps -= sharp  # the step did not happen
+            raise
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
@@ -242,7 +272,10 @@ class SharpnessAwareOptimizer:
             "generator": self.generator.get_state(),
             "ascent": self.ascent.state_dict() if self.ascent is not None else {},
             "descent": self.descent.state_dict(),
+            "schedule": self.schedule.state_dict(),
         }
+        if self.transform is not None:
+            state["transform"] = self.transform.state_dict()
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         if self.grad_scaler is not None:
@@ -264,6 +297,9 @@ class SharpnessAwareOptimizer:
         if self.ascent is not None:
             self.ascent.load_state_dict(state.get("ascent", {}))
         self.descent.load_state_dict(state.get("descent", {}))
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        if self.transform is not None:
+            self.transform.load_state_dict(state.get("transform", {}))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self._fast is not None:
@@ -303,12 +339,17 @@ class SharpnessAwareOptimizer:
             out.append(buf)
         return out
 
-    def _two_pass(self, batch: Batch, loss_fn: LossFn, n: int) -> dict[str, Any]:
-        """Steps 1-5 of the module docstring, up to (not including) the optimizer step.
+    def _two_pass(self, batch: Batch, loss_fn: LossFn, n: int,
+                  sharp: bool = True) -> dict[str, Any]:
+        """Steps 1-5 of the module docstring, up to (not including) the optimizer step;
+        ``sharp=False`` (the schedule's plain steps): one pass over the plain descent rows
+        at w.
 
-        Branches only on the rules (static), never on tensor values: the same code runs
-        eagerly and inside a CUDA graph capture.
+        Branches only on the rules and ``sharp`` (static), never on tensor values: the same
+        code runs eagerly and inside a CUDA graph capture.
         """
+        ascent = self.ascent if sharp else None
+        descent = self.descent if sharp else self.plain_descent
         model = self._forward_model
         device = batch_device(batch)
         # The step's first full-batch pass updates BatchNorm statistics. It is at w for every
@@ -334,13 +375,20 @@ class SharpnessAwareOptimizer:
         ascent_norm = None
         perturbed: list[Tensor] = []
 
-        if self._needs_scoring:
+        if self._needs_scoring if sharp else self._plain_needs_scoring:
             ctx.scores = forward(None, grad=False).detach().float()
 
         ascent_idx: Tensor | None = self._rows(0, device)  # no ascent pass
-        if self.ascent is not None:
+        if self.perturbation is not None and not self.perturbation.needs_ascent:
+            # Momentum-SAM: eps from the optimizer's state, no ascent pass.
+            perturbed, directions = self.perturbation.directions(self._params, self.optimizer)
+            if perturbed:
+                torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
+                with torch.no_grad():
+                    checks.append(self.perturbation.perturb_(perturbed, directions))
+        if ascent is not None:
             assert self.perturbation is not None
-            ascent_idx = self.ascent.select(ctx)
+            ascent_idx = ascent.select(ctx)
             mask = self.perturbation.ascent_mask(len(self._params), self.generator)
             frozen = [p for p, m in zip(self._params, mask) if not m] if mask else []
             # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off
@@ -355,7 +403,7 @@ class SharpnessAwareOptimizer:
                         losses = forward(ascent_idx, grad=False)
                     else:
                         losses = forward(ascent_idx, grad=True)
-                        self._backward(self.ascent.reduce(losses))
+                        self._backward(ascent.reduce(losses))
                         for p in frozen:
                             p.grad = None
             finally:
@@ -374,16 +422,16 @@ class SharpnessAwareOptimizer:
 
         try:
             at_w = not perturbed
-            if self.descent.needs_perturbed_losses:
+            if descent.needs_perturbed_losses:
                 # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
                 losses = forward(None, grad=True)
                 ctx.perturbed_losses = losses.detach().float()
-                descent_idx = self.descent.select(ctx)
-                self._backward(self.descent.reduce(losses.index_select(0, descent_idx)))
+                descent_idx = descent.select(ctx)
+                self._backward(descent.reduce(losses.index_select(0, descent_idx)))
             else:
-                descent_idx = self.descent.select(ctx)
+                descent_idx = descent.select(ctx)
                 losses = forward(descent_idx, grad=True)
-                self._backward(self.descent.reduce(losses))
+                self._backward(descent.reduce(losses))
             if descent_idx is None and ctx.scores is None and at_w:
                 ctx.scores = losses.detach().float()  # SGD: its one pass is at w
             full_loss = ctx.scores.mean() if ctx.scores is not None \
@@ -414,6 +462,15 @@ class SharpnessAwareOptimizer:
     def _descent_grads(self) -> list[Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
 
+    def _transform_descent(self, sharp: bool) -> None:
+        """The descent-gradient transform (LookSAM), after w is restored and before the
+        finiteness check and the optimizer step."""
+        if self.transform is None:
+            return
+        with_grad = [p for p in self._params if p.grad is not None]
+        with torch.no_grad():
+            self.transform.transform_(with_grad, [p.grad for p in with_grad], sharp)
+
     def _all_finite(self, checks: list[Tensor], grads: list[Tensor]) -> Tensor:
         # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
         values = [_fp32(c).reshape(()) for c in checks]
@@ -421,11 +478,13 @@ class SharpnessAwareOptimizer:
             values.extend(_fp32(n) for n in torch._foreach_norm(grads))
         return torch.isfinite(torch.stack(values)).all()
 
-    def _eager_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+    def _eager_step(self, batch: Batch, loss_fn: LossFn, n: int,
+                    sharp: bool = True) -> StepResult:
         self.zero_grad()
         self._bn.save()
         try:
-            out = self._two_pass(batch, loss_fn, n)
+            out = self._two_pass(batch, loss_fn, n, sharp)
+            self._transform_descent(sharp)
         except BaseException:
             self._bn.restore()
             self.zero_grad()
@@ -447,6 +506,8 @@ class SharpnessAwareOptimizer:
         else:
             self._bn.restore()
             self._skipped_eager += 1
+        if self.transform is not None:
+            self.transform.commit(bool(ok), sharp)
         if scaler is not None:
             scaler.update()
         self.zero_grad()

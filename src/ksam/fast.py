@@ -129,12 +129,14 @@ class FastStep:
         self._prepared = True
 
     # ----------------------------------------------------------------------- steps
-    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int) -> dict[str, Any]:
+    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int,
+                   sharp: bool = True) -> dict[str, Any]:
         """One step without a host sync; returns the engine's outputs plus ``skip``."""
         e = self.engine
         e.zero_grad()
         e._bn.save()
-        out = e._two_pass(batch, loss_fn, n)
+        out = e._two_pass(batch, loss_fn, n, sharp)
+        e._transform_descent(sharp)
         finite = e._all_finite(out["checks"], e._descent_grads())
         skip = ~finite
         self._found_inf.copy_(skip)
@@ -144,12 +146,16 @@ class FastStep:
         finally:
             del e.optimizer.found_inf
         e._bn.restore(where=skip)
+        if e.transform is not None:
+            e.transform.commit(finite, sharp)
         e._skipped_device.add_(skip)
         out["skip"] = skip
         return out
 
-    def step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult | None:
-        """A fast step, or ``None`` when the caller must step eagerly."""
+    def step(self, batch: Batch, loss_fn: LossFn, n: int,
+             sharp: bool = True) -> StepResult | None:
+        """A fast step, or ``None`` when the caller must step eagerly. ``sharp``: the
+        schedule's decision for this step (one graph per kind of step)."""
         if self.reason is not None:
             self._fall_back(self.reason)
             return None
@@ -158,7 +164,7 @@ class FastStep:
         if not self._prepared:
             self._prepare_optimizer(device)
         if device.type != "cuda":
-            out = self._sync_free(batch, loss_fn, n)
+            out = self._sync_free(batch, loss_fn, n, sharp)
             e.steps += 1
             return _result(out, out["loss"], out["skip"])
 
@@ -167,7 +173,11 @@ class FastStep:
         # graph; a lambda rebuilt each step has the same code.
         sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
                       if rule is not None)
-        key = (_signature(batch), sizes, getattr(loss_fn, "__code__", loss_fn))
+        # The kind of step: sharp or plain (schedule), and which parameters a perturbation
+        # without an ascent pass moves (Momentum-SAM: none before the first buffer exists).
+        kind = (sharp, e.perturbation is not None and not e.perturbation.needs_ascent
+                and len(e.perturbation.directions(e._params, e.optimizer)[0]))
+        key = (_signature(batch), sizes, kind, getattr(loss_fn, "__code__", loss_fn))
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:
@@ -175,10 +185,10 @@ class FastStep:
             entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
         if entry.graph is None and entry.warmup_left > 0:
             entry.warmup_left -= 1
-            return self._warmup(batch, loss_fn, n)
+            return self._warmup(batch, loss_fn, n, sharp)
         if entry.graph is None:
             try:
-                self._capture(entry, batch, loss_fn, n)
+                self._capture(entry, batch, loss_fn, n, sharp)
             except Exception as exc:  # a loss_fn that syncs, an uncapturable op, ...
                 self._entries.clear()
                 e.zero_grad()
@@ -193,23 +203,24 @@ class FastStep:
         scalars = torch.stack([out["loss"].float(), out["skip"].float()])
         return _result(out, scalars[0], scalars[1].bool())
 
-    def _warmup(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+    def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
         the autograd streams must exist before capture)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            out = self._sync_free(batch, loss_fn, n)
+            out = self._sync_free(batch, loss_fn, n, sharp)
         torch.cuda.current_stream().wait_stream(self._stream)
         self.engine.steps += 1
         return _result(out, out["loss"], out["skip"])
 
-    def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int) -> None:
+    def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int,
+                 sharp: bool) -> None:
         entry.static_batch = _clone_tree(batch)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         self.engine.zero_grad()  # gradients are allocated inside the graph's pool
         with torch.cuda.graph(graph):
-            entry.static_out = self._sync_free(entry.static_batch, loss_fn, n)
+            entry.static_out = self._sync_free(entry.static_batch, loss_fn, n, sharp)
         entry.graph = graph

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .engine import SharpnessAwareOptimizer
 from .methods import create
+from .schedule import schedule_options
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Config fields a resumed run may change: how it executes, not what it computes.
@@ -173,7 +174,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
-                   **cfg.method_options)
+                   **schedule_options(method, cfg.method_options, steps_total))
     if hasattr(model, "no_sync"):  # DistributedDataParallel
         from . import distributed
 
