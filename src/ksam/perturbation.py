@@ -27,6 +27,7 @@ sign of the last steps' descent (Becker et al. 2024).
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -36,8 +37,9 @@ _EPS = 1e-12
 
 
 def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) \
+            or not (math.isfinite(float(value)) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
