@@ -45,11 +45,17 @@ def _pair(method: str, **kw):
     return a, b, ea, eb
 
 
-@pytest.mark.parametrize("method,kw", [("sgd", {}), ("sam", {}), ("ksam", {"k": 8}),
-                                       ("ksam", {"k": 8, "k_warmup": 2}), ("osgd", {"k": 8})])
+@pytest.mark.parametrize("method,kw", [
+    ("sgd", {}), ("sam", {}), ("ksam", {"k": 8}), ("ksam", {"k": 8, "k_warmup": 2}),
+    ("osgd", {"k": 8}),
+    # the rivals: one graph per kind of step (schedule: sharp / plain; MSAM: before and
+    # after its momentum buffer exists)
+    ("msam", {}), ("looksam", {"interval": 2}), ("rst", {"p": 0.5}),
+    ("sam-late", {"start_step": 8}), ("ksam", {"k": 8, "start_step": 8}),
+])
 def test_graph_replay_equals_eager(method, kw):
     a, b, ea, eb = _pair(method, **kw)
-    for batch in batches(10):  # 3 warm-up steps, capture, replays (and re-captures)
+    for batch in batches(16):  # 3 warm-up steps, capture, replays (and re-captures)
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
     assert eb.executor.reason is None and eb.executor._entries
