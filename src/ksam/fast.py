@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -104,7 +104,6 @@ class _Captured:
     static_batch: Batch = None
     static_out: ComputedStep | None = None
     static_skip: Tensor | None = None
-    loss_fn: Any = field(default=None, repr=False)
 
 
 class SyncFreeExecutor:
@@ -215,19 +214,25 @@ class SyncFreeExecutor:
             return StepResult.of(computed, computed.loss, skip)
         return self._graph_step(batch, loss_fn, n)
 
-    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+    def _key(self, batch: Batch, loss_fn: LossFn, n: int) -> tuple:
+        """Which graph a step replays: one per batch signature, per subset sizes (a short
+        last batch or a K schedule gets its own) and per ``loss_fn`` - by equality, not by
+        its code: a closure's captured values are baked into its graph, and two closures of
+        the same code may capture different ones. The key holds ``loss_fn`` itself, so
+        its id cannot be reused by another function while the graph exists."""
         e = self.engine
-        # One graph per batch signature, per subset sizes (a short last batch or a K schedule
-        # gets its own) and per loss_fn: a closure's captured values are baked into its graph.
         sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
                       if rule is not None)
-        key = (_signature(batch), sizes, loss_fn)
+        return (_signature(batch), sizes, loss_fn)
+
+    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+        e = self.engine
+        key = self._key(batch, loss_fn, n)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:
                 return self._eager.step(batch, loss_fn, n)  # shapes keep changing: same results
-            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1,
-                                                   loss_fn=loss_fn)
+            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
         if entry.graph is None and entry.warmup_left > 0:
             entry.warmup_left -= 1
             return self._warmup(batch, loss_fn, n)
