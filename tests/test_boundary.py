@@ -382,3 +382,21 @@ def test_ddp_model_needs_a_finite_reducer():
                             descent_indices=torch.arange(2), losses=None,
                             ascent_grad_norm=None, checks=[torch.tensor(1.0)])
     assert bool(eng.finite(computed)) and len(calls) == 1
+
+
+def test_fast_path_skipped_first_step_leaves_no_momentum():
+    """A skipped first step must not create SGD's momentum buffers: the fused kernel would
+    leave them uninitialized and every later step would use them."""
+    runs = []
+    for fast in (False, True):
+        model = bn_net()
+        opt = sgd(model, **({} if fast else {"fused": True}))
+        eng = ksam.SAM(model, opt, fast_path=fast)
+        x, y = data(seed=0)
+        x[3] = float("nan")
+        assert eng.step((x, y), ce).skipped and not opt.state
+        for s in range(1, 4):
+            assert not eng.step(data(seed=s), ce).skipped
+        runs.append(model.state_dict())
+    for a, b in zip(runs[0].values(), runs[1].values()):
+        assert torch.equal(a, b)
