@@ -31,6 +31,10 @@ load_state_dict` refuses a state saved with the other setting. The skip flag rea
 optimizer that holds the parameters through the integrations' proxy optimizers
 (:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
 
+Until one step has been applied (again after ``load_state_dict``) the steps run eagerly:
+the optimizer creates its state at its first step, and a fused kernel told to skip that
+step would leave SGD's new momentum buffers uninitialized.
+
 Graphs are keyed by the batch's shapes, the subset sizes and the ``loss_fn`` object (by
 equality: the same function, or a bound method of the same object): a ``loss_fn`` built
 anew for every step never replays another's graph, it is captured again, and after
