@@ -269,6 +269,10 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
         }
         if compile:
             row["ratio_to_plain_sgd"] = med / plain_sgd
+        if e["fraction"] is not None:  # each kind's median, for the record
+            for kind, flag in (("plain", False), ("sharp", True)):
+                row[f"ms_{kind}"] = 1000 * statistics.median(
+                    t for t, s in zip(e["times"], e["sharp"]) if s == flag)
         rows.append(row)
     return rows
 
