@@ -43,8 +43,9 @@ from torch import Tensor, nn
 
 from .batch import Batch, batch_device, batch_size, index_batch
 from .batchnorm import BatchNormGuard
-from .perturbation import PerturbationRule
+from .perturbation import PerturbationRule, over_shards
 from .selection import SelectionContext, SelectionRule, WholeBatch
+from .sharded import Sharding
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -176,6 +177,8 @@ class SharpnessAwareOptimizer:
                 "build it over model.parameters()"
             )
         self._model_params = [p for p in model_params if p.requires_grad]
+        # FSDP2: parameters are DTensors; the engine's arithmetic runs on their local shards.
+        self._sharding = Sharding.of(self._params)
         self._saved_w: dict[int, Tensor] = {}
         self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._bn = BatchNormGuard(model)
@@ -363,12 +366,12 @@ class SharpnessAwareOptimizer:
                     p.requires_grad_(True)
             if ascent_idx is None and ctx.scores is None:
                 ctx.scores = losses.detach().float()
-            perturbed = [p for p in self._params if p.grad is not None]
+            perturbed = self._local([p for p in self._params if p.grad is not None])
             if perturbed:  # ESAM's mask can leave every parameter unperturbed
+                grads = self._local([p.grad for p in self._params if p.grad is not None])
                 torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
-                with torch.no_grad():
-                    ascent_norm = self.perturbation.perturb_(
-                        perturbed, [p.grad for p in perturbed])
+                with torch.no_grad(), over_shards(self._sharding):
+                    ascent_norm = self.perturbation.perturb_(perturbed, grads)
                 checks.append(ascent_norm)
             self.zero_grad()
 
@@ -411,8 +414,16 @@ class SharpnessAwareOptimizer:
             rows = self._row_cache[(n, device)] = torch.arange(n, device=device)
         return rows
 
+    def _local(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The local shards of FSDP2's DTensors (the tensors themselves when unsharded)."""
+        return tensors if self._sharding is None else self._sharding.local(tensors)
+
     def _descent_grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
+        return self._local([p.grad for p in self._params if p.grad is not None])
+
+    def _distributed_verdict(self) -> bool:
+        """Whether the finite-step verdict is all-reduced: DDP and FSDP check per rank."""
+        return hasattr(self.model, "no_sync") or self._sharding is not None
 
     def _all_finite(self, checks: list[Tensor], grads: list[Tensor]) -> Tensor:
         # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
@@ -434,10 +445,12 @@ class SharpnessAwareOptimizer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         finite = self._all_finite(out["checks"], self._descent_grads())
-        if hasattr(self.model, "no_sync"):  # DDP: losses are checked per rank; skip together
+        if self._distributed_verdict():  # losses are checked per rank; all skip together
             from .distributed import all_ranks_true
 
-            finite = all_ranks_true(finite, getattr(self.model, "process_group", None))
+            group = self._sharding.group if self._sharding is not None \
+                else getattr(self.model, "process_group", None)
+            finite = all_ranks_true(finite, group)
         loss, ok = torch.stack([out["loss"].float(), finite.float()]).tolist()  # one sync
         if ok:
             if scaler is not None:

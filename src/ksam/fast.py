@@ -96,6 +96,8 @@ class FastStep:
             return "ESAM's weight mask is drawn on the host"
         if hasattr(e.model, "no_sync"):
             return "DistributedDataParallel models run eagerly"
+        if e._sharding is not None:
+            return "FSDP-sharded models run eagerly"
         for group in e.optimizer.param_groups:
             if "fused" not in group:
                 name = type(e.optimizer).__name__
