@@ -7,6 +7,7 @@ with batch b step as one process with batch 2b (up to float summation order).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,3 +174,51 @@ def test_sharded_norm_is_the_norm_of_the_whole():
     with over_shards(Sharding(group=None)):
         torch.testing.assert_close(global_norm(shards[0]), local[0])
     assert Sharding.of([torch.zeros(2)]) is None
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _train_ranks(info: kd.DistInfo, out: str) -> dict:
+    """`ksam train --fsdp` under torchrun: an uninterrupted run, and one stopped after its
+    first epoch's checkpoint and resumed."""
+    from ksam.train import TrainConfig, train
+
+    def cfg() -> TrainConfig:
+        return TrainConfig(task="mnist1d", method="ksam", method_options={"k": 8}, epochs=2,
+                           batch_size=32, device="cpu", fsdp=True,
+                           task_options={"num_samples": 600})
+
+    full = train(cfg(), out_dir=Path(out) / "full", dist_info=info)
+
+    def stop(row: dict) -> None:
+        raise _Interrupt
+
+    try:
+        train(cfg(), out_dir=Path(out) / "cut", dist_info=info, on_epoch=stop)
+    except _Interrupt:
+        kd.barrier()  # rank 0 has written the checkpoint that every rank resumes from
+    resumed = train(cfg(), out_dir=Path(out) / "cut", dist_info=info, resume=True)
+    return {"full": _full(full["model"]), "resumed": _full(resumed["model"]),
+            "shards": [tuple(p.to_local().shape) for p in full["model"].parameters()]}
+
+
+def test_train_fsdp_resumes_exactly(tmp_path):
+    (tmp_path / "ranks").mkdir()
+    ranks = spawn(_train_ranks, tmp_path / "ranks", out=str(tmp_path))
+    for r in ranks:
+        for a, b in zip(r["full"], r["resumed"]):
+            assert torch.equal(a, b)
+    assert ranks[0]["shards"] != [tuple(p.shape) for p in ranks[0]["full"]]  # sharded
+    # the checkpoint holds whole tensors under the model's own names: one process loads it
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["fsdp"]
+    for key, value in ckpt["model"].items():
+        assert not hasattr(value, "placements"), key
+    from ksam.tasks import get_task
+
+    model = get_task("mnist1d", device="cpu", num_samples=600).make_model()
+    model.load_state_dict(ckpt["model"])
+    for a, b in zip(model.parameters(), ranks[0]["full"]):
+        assert torch.equal(a.detach(), b)

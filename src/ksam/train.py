@@ -60,6 +60,8 @@ class TrainConfig:
     # synchronized perturbation. Ignored in a single process.
     selection: str = "local"
     sync_perturbation: bool = False
+    # FSDP2 (fully_shard) instead of DDP; its ascent gradient is always synchronized.
+    fsdp: bool = False
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
@@ -174,11 +176,12 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
                    **cfg.method_options)
-    if hasattr(model, "no_sync"):  # DistributedDataParallel
-        from . import distributed
+    from . import distributed
 
+    if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
+        sync = True if cfg.fsdp else cfg.sync_perturbation
         engine = distributed.create(method, model, optimizer, selection=cfg.selection,
-                                    sync_perturbation=cfg.sync_perturbation, **options)
+                                    sync_perturbation=sync, **options)
     else:
         engine = create(method, model, optimizer, **options)
     return engine, scheduler
@@ -277,7 +280,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
 
         # No buffer broadcast inside forwards (it would put a collective into the per-rank
         # ascent pass); BatchNorm statistics are averaged before evaluation instead.
-        net = distributed.wrap(model, device)
+        net = distributed.wrap(model, device, fsdp=cfg.fsdp)
     if cfg.compile:
         import torch._dynamo as dynamo
 
@@ -298,8 +301,15 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
             raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         check_resumable(cfg, ckpt["config"], ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        engine.load_state_dict(ckpt["engine"])
+        if cfg.fsdp and world > 1:
+            from . import distributed
+
+            distributed.load_state_dict(engine, {
+                "model": ckpt["model"], "optimizer": ckpt["fsdp_optimizer"],
+                "engine": ckpt["engine"]})
+        else:
+            model.load_state_dict(ckpt["model"])
+            engine.load_state_dict(ckpt["engine"])
         scheduler.load_state_dict(ckpt["scheduler"])
         data_gen.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -334,7 +344,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         steps = timer.step_times()
-        if net is not model:
+        if world > 1:
             from . import distributed
 
             distributed.sync_buffers(net)
@@ -353,11 +363,19 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
             "lr": float(scheduler.get_last_lr()[0]),
         }
         history.append(row)
+        sharded = None
+        if cfg.fsdp and world > 1 and out_dir is not None:  # every rank gathers the shards
+            from . import distributed
+
+            sharded = distributed.state_dict(engine)
         if out_dir is not None and is_main:
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
             atomic_torch_save({
-                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
+                "config": cfg.to_dict(), "epoch": epoch + 1,
+                "model": model.state_dict() if sharded is None else sharded["model"],
+                "engine": engine.state_dict() if sharded is None else sharded["engine"],
+                "fsdp_optimizer": None if sharded is None else sharded["optimizer"],
+                "scheduler": scheduler.state_dict(),
                 "data_generator": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history,
