@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ksam-global": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5, selection="global"),
     "osgd-global": dict(method="osgd", k=5, selection="global"),
     "sgd": dict(method="sgd"),
+    # gamma=1: the descent on every row (ESAM's loss-increase selection is per rank)
+    "esam": dict(method="esam", rho=0.5, gamma=1.0),
 }
 STEPS, B = 3, 10
 
