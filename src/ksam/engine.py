@@ -448,7 +448,8 @@ class SharpnessAwareOptimizer:
         if self._distributed_verdict():  # losses are checked per rank; all skip together
             from .distributed import all_ranks_true
 
-            group = self._sharding.group if self._sharding is not None \
+            # FSDP: over all ranks (HSDP's replicas too), not only one shard group
+            group = None if self._sharding is not None \
                 else getattr(self.model, "process_group", None)
             finite = all_ranks_true(finite, group)
         loss, ok = torch.stack([out["loss"].float(), finite.float()]).tolist()  # one sync
