@@ -18,7 +18,14 @@ from .perturbation import (
     GradientNormPerturbation,
     StochasticWeightPerturbation,
 )
-from .selection import LargestLossIncrease, RandomSubset, TopLoss, WholeBatch
+from .selection import (
+    RESCALE_KINDS,
+    LargestLossIncrease,
+    RandomSubset,
+    TopLoss,
+    WholeBatch,
+    check_loss_kind,
+)
 
 
 class SGD(SharpnessAwareOptimizer):
@@ -62,20 +69,28 @@ class KSAM(SharpnessAwareOptimizer):
     down to K2 (:class:`TopLoss`'s ``warmup``); ``rescale`` scales the descent step to a
     full-batch step's estimated size. ``k_warmup=0, rescale=False`` is the paper's plain
     K-SAM (also ``create("ksam-plain")``).
+
+    ``loss_kind`` says what ``loss_fn`` returns, which the rescale estimate depends on
+    (:func:`ksam.selection.subset_gradient_scale`): ``"ce"`` (default) cross-entropy,
+    ``"mse"`` a squared error, ``"other"`` anything else (a mean over tokens or labels, a
+    label-smoothed loss, ...), for which there is no estimate: ``rescale`` then defaults
+    to off, and an explicit ``rescale`` is refused.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float = RESCALE,
+                 rescale: bool | float | None = None, loss_kind: str = "ce",
                  **engine: Any):
+        if rescale is None:  # the default: on where the loss kind has an estimate
+            rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,
                          "k" if k_ascent is None else "k_ascent")
         descent = TopLoss(k if k_descent is None else k_descent,
                           "k" if k_descent is None else "k_descent", warmup=k_warmup,
-                          rescale=rescale)
+                          rescale=rescale, loss_kind=loss_kind)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, **engine)
 
@@ -117,10 +132,11 @@ class OrderedSGD(SharpnessAwareOptimizer):
 def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.05,
                 k: float | int = 0.25, k_ascent: float | int | None = None,
                 k_descent: float | int | None = None, adaptive: bool = False,
-                eta: float = 0.01, **engine: Any) -> KSAM:
+                eta: float = 0.01, loss_kind: str = "ce", **engine: Any) -> KSAM:
     """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
     return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
-                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, **engine)
+                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, loss_kind=loss_kind,
+                **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,
