@@ -274,7 +274,9 @@ class SyncFreeExecutor:
             losses=None if out.losses is None else out.losses.clone(),
             ascent_grad_norm=None if out.ascent_grad_norm is None
             else out.ascent_grad_norm.clone(),
-            checks=[])
+            checks=[],
+            descent_grad_norm=None if out.descent_grad_norm is None
+            else out.descent_grad_norm.clone())
         return StepResult.of(copied, scalars[0], scalars[1].bool())
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
