@@ -33,6 +33,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ksam-global": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5, selection="global"),
     "osgd-global": dict(method="osgd", k=5, selection="global"),
     "sgd": dict(method="sgd"),
+    "sam-chunks-clip": dict(method="sam", rho=0.5, micro_batch_size=3, max_grad_norm=0.2),
     # gamma=1: the descent on every row (ESAM's loss-increase selection is per rank)
     "esam": dict(method="esam", rho=0.5, gamma=1.0),
 }
@@ -57,14 +58,16 @@ def _equiv_ranks(info: kd.DistInfo) -> dict:
         model = kd.wrap(net(0), info.device, fsdp=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         eng = kd.create(method, model, opt, seed=0, **opts)
-        norms = []
+        norms, descent = [], []
         for xb, yb in _batches():
             rows = slice(info.rank * B, (info.rank + 1) * B)
             result = eng.step((xb[rows], yb[rows]), ce)
+            descent.append(float(result.descent_grad_norm))
             if result.ascent_grad_norm is not None:
                 norms.append(float(result.ascent_grad_norm))
         shapes = [tuple(p.to_local().shape) for p in model.parameters()]
-        out[name] = {"params": _full(model), "norms": norms, "shapes": shapes,
+        out[name] = {"params": _full(model), "norms": norms, "descent": descent,
+                     "shapes": shapes,
                      "skipped": eng.skipped_steps}
     return out
 
@@ -78,9 +81,10 @@ def test_fsdp_matches_single_process(tmp_path):
         model = net(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         eng = ksam.create(method, model, opt, seed=0, **opts)
-        norms = []
+        norms, descent = [], []
         for batch in _batches():
             result = eng.step(batch, ce)
+            descent.append(float(result.descent_grad_norm))
             if result.ascent_grad_norm is not None:
                 norms.append(float(result.ascent_grad_norm))
         for r in ranks:
@@ -88,6 +92,7 @@ def test_fsdp_matches_single_process(tmp_path):
             # really sharded: the first Linear's 16 rows split 8 + 8
             assert r[name]["shapes"][0] == (8, 6), r[name]["shapes"]
             assert r[name]["norms"] == pytest.approx(norms, rel=1e-5), name
+            assert r[name]["descent"] == pytest.approx(descent, rel=1e-5), name
             for p, q in zip(r[name]["params"], model.parameters()):
                 torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
@@ -224,3 +229,18 @@ def test_train_fsdp_resumes_exactly(tmp_path):
     model.load_state_dict(ckpt["model"])
     for a, b in zip(model.parameters(), ranks[0]["full"]):
         assert torch.equal(a.detach(), b)
+
+
+def _global_chunks_ranks(info: kd.DistInfo) -> str:
+    model = kd.wrap(net(0), info.device, fsdp=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        kd.create("ksam", model, opt, k=0.25, selection="global", micro_batch_size=4)
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_fsdp_refuses_global_selection_in_chunks(tmp_path):
+    for message in spawn(_global_chunks_ranks, tmp_path):
+        assert "micro_batch_size with selection='global' is not possible" in message

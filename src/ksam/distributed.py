@@ -658,6 +658,11 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
     if selection not in ("local", "global"):
         raise ValueError(f"selection must be 'local' or 'global', got {selection!r}")
     if is_fsdp(model):
+        if selection == "global" and kwargs.get("micro_batch_size") is not None:
+            raise ValueError("micro_batch_size with selection='global' is not possible on an "
+                             "FSDP-sharded model: each chunk's forward all-gathers the "
+                             "parameters, and ranks with different numbers of selected rows "
+                             "would run different numbers of chunks")
         if kwargs.get("sync_perturbation") is False:
             raise ValueError("an FSDP-sharded model's ascent gradient is always averaged "
                              "across ranks (each rank holds only its shard of it): "
