@@ -280,3 +280,26 @@ def test_bad_options_are_refused(method, kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine(method, model, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_cli_micro_batch_size_and_max_grad_norm(tmp_path, capsys):
+    from ksam.cli import main
+
+    tiny = ["train", "--method", "ksam:k=8", "--epochs", "1", "--task-option",
+            "num_samples=300", "--batch-size", "32", "--quiet", "--seed", "2"]
+    assert main([*tiny, "--out", str(tmp_path / "a"), "--max-grad-norm", "0.5"]) == 0
+    assert main([*tiny, "--out", str(tmp_path / "b"), "--max-grad-norm", "0.5",
+                 "--micro-batch-size", "5"]) == 0
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert (a["config"]["micro_batch_size"], b["config"]["micro_batch_size"]) == (None, 5)
+    assert a["config"]["max_grad_norm"] == b["config"]["max_grad_norm"] == 0.5
+    for key in a["model"]:  # no BatchNorm in the mnist1d CNN: chunks change nothing
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    for flag, value, message in [("--micro-batch-size", "0", "micro_batch_size must be"),
+                                 ("--max-grad-norm", "-1", "max_grad_norm must be")]:
+        assert main([*tiny, "--out", str(tmp_path / "bad"), flag, value]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -71,6 +71,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: each rank's own top-K (default) or the global top-K")
     p.add_argument("--sync-perturbation", action="store_true",
                    help="under torchrun: average the ascent gradient across ranks")
+    p.add_argument("--micro-batch-size", type=int, metavar="M",
+                   help="run every forward of a step in chunks of at most M examples (same "
+                        "step up to float rounding; BatchNorm normalizes per chunk)")
+    p.add_argument("--max-grad-norm", type=float, metavar="X",
+                   help="clip the descent gradient to global L2 norm X before each step")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP "
                         "(the perturbation is then always synchronized)")
@@ -164,7 +169,8 @@ def _base_config(args: argparse.Namespace):
         schedule=args.schedule or "cosine", device=args.device or "auto",
         precision=args.precision or "fp32", fast=args.fast, compile=args.compile,
         task_options=_task_options(args), selection=args.selection,
-        sync_perturbation=args.sync_perturbation, fsdp=args.fsdp)
+        sync_perturbation=args.sync_perturbation, fsdp=args.fsdp,
+        micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm)
 
 
 class _Progress:

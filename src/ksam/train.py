@@ -62,6 +62,9 @@ class TrainConfig:
     sync_perturbation: bool = False
     # FSDP2 (fully_shard) instead of DDP; its ascent gradient is always synchronized.
     fsdp: bool = False
+    # Engine options: forwards in chunks of at most this many rows; descent-gradient clip.
+    micro_batch_size: int | None = None
+    max_grad_norm: float | None = None
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
@@ -88,6 +91,12 @@ class TrainConfig:
 
         positive("epochs", integer=True)
         positive("batch_size", integer=True)
+        positive("micro_batch_size", integer=True)
+        if self.max_grad_norm is not None and not (
+                isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
+                and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, "
+                             f"got {self.max_grad_norm!r}")
         for name in ("lr", "momentum", "weight_decay"):
             positive(name)
         if self.precision not in PRECISIONS:
@@ -175,6 +184,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
+                   micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
                    **cfg.method_options)
     from . import distributed
 
