@@ -259,10 +259,6 @@ def test_refused_settings(tmp_path):
         KSAMTrainer(model=tiny_bert(), args=training_args(tmp_path,
                                                           gradient_accumulation_steps=2),
                     ksam_kwargs={"micro_batch_size": 2})
-    args = training_args(tmp_path)
-    args.fp16 = True  # TrainingArguments itself may refuse fp16 on a CPU-only machine
-    with pytest.raises(ValueError, match="fp16"):
-        KSAMTrainer(model=tiny_bert(), args=args)
     with pytest.raises(ValueError, match="unknown method"):
         KSAMTrainer(model=tiny_bert(), args=training_args(tmp_path), ksam_method="adam")
     with pytest.raises(ValueError, match="k must be"):
@@ -379,3 +375,22 @@ def test_merge_batches_pads_like_a_collator():
     assert left["input_ids"].tolist() == [[5, 6, 7], [3, 8, 9], [3, 4, 0]]
     same = merge_batches([{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}])
     assert same["x"].shape == (3, 3)
+
+
+def test_fp16_engine_owns_the_grad_scaler(tmp_path):
+    """fp16: the engine scales, unscales once (before the clip) and steps; accelerate's
+    scaler is gone; the scale survives a checkpoint."""
+    args = training_args(tmp_path, fp16=True, max_steps=2, max_grad_norm=1.0,
+                         save_strategy="steps", save_steps=2)
+    trainer = KSAMTrainer(model=tiny_bert(), args=args, train_dataset=ToyText(),
+                          ksam_method="sam")
+    assert trainer.accelerator.scaler is None
+    trainer.train()
+    engine = trainer.ksam
+    assert engine.grad_scaler is trainer.grad_scaler
+    assert engine.autocast_dtype is torch.float16 and engine.max_grad_norm == 1.0
+    assert engine.steps == 2 and engine.skipped_steps == 0
+    result = trainer.last_step_result
+    assert 0 < float(result.descent_grad_norm) < 1e3  # unscaled: not times the 2**16 scale
+    saved = torch.load(tmp_path / "checkpoint-2" / "ksam_state.pt", weights_only=True)
+    assert saved["grad_scaler"]["scale"] == trainer.grad_scaler.get_scale()

@@ -38,12 +38,17 @@ How it fits the Trainer loop (tested with transformers 4.48 and 5.24, accelerate
 - A step that ksam skips (non-finite loss or gradient) leaves the weights alone, but the
   Trainer still counts it and steps the LR scheduler.
 
-Refused at construction (clear ``ValueError``): ``fp16`` (accelerate's GradScaler steps and
-unscales the optimizer the Trainer holds, which by then has no gradients: ksam has stepped
-the real optimizer already; an engine-owned scaler would also need accelerate's fp16
-autocast and loss scaling switched off behind its back; use ``bf16``), DeepSpeed and the
-Trainer's FSDP (the engine runs on FSDP2 models through :mod:`ksam.distributed`, not
-through accelerate's wrapper).
+- ``fp16=True``: the engine owns the GradScaler (``KSAMTrainer.grad_scaler``) and runs the
+  passes under float16 autocast; it scales every backward, unscales the descent gradient
+  once before clipping and the optimizer step, skips a step whose gradients overflow and
+  backs the scale off. Accelerate's own scaler is removed (``accelerator.scaler = None``):
+  it would unscale and step the optimizer the Trainer holds, which has no gradients by then
+  (ksam has stepped the real optimizer already). The scaler's state rides in
+  ``ksam_state.pt``.
+
+Refused at construction (clear ``ValueError``): DeepSpeed and the Trainer's FSDP (the
+engine runs on FSDP2 models through :mod:`ksam.distributed`, not through accelerate's
+wrapper).
 
 Per-sample losses (:func:`per_sample_loss`): ksam ranks the examples of a batch, so the
 Trainer's batch-mean loss cannot be used; the losses are rebuilt from the model's logits and
@@ -254,6 +259,11 @@ class KSAMTrainer(transformers.Trainer):
             _check_supported(training_args, self.ksam_kwargs)
         super().__init__(*args, **kwargs)
         _check_supported(self.args, self.ksam_kwargs)
+        #: fp16: the engine's GradScaler (accelerate's is removed; see the module docstring)
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        if self.args.fp16:
+            self.accelerator.scaler = None
+            self.grad_scaler = torch.amp.GradScaler(self.args.device.type)
         if per_sample_loss_fn is None:
             per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
         self.per_sample_loss_fn = per_sample_loss_fn
@@ -290,6 +300,9 @@ class KSAMTrainer(transformers.Trainer):
         kw.setdefault("seed", self.args.seed)
         if self.args.bf16:
             kw.setdefault("autocast_dtype", torch.bfloat16)
+        if self.grad_scaler is not None:
+            kw.setdefault("autocast_dtype", torch.float16)
+            kw["grad_scaler"] = self.grad_scaler
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             kw.setdefault("max_grad_norm", self.args.max_grad_norm)
         if self.args.gradient_accumulation_steps > 1:
@@ -419,9 +432,6 @@ class KSAMTrainer(transformers.Trainer):
 
 def _check_supported(args: Any, ksam_kwargs: dict[str, Any]) -> None:
     """Raise ValueError for the Trainer settings a ksam step cannot honour."""
-    if args.fp16:
-        raise ValueError("KSAMTrainer does not support fp16 (accelerate's GradScaler would step "
-                         "an optimizer without gradients); use bf16=True or fp32")
     if getattr(args, "deepspeed", None):
         raise ValueError("KSAMTrainer does not support DeepSpeed")
     if getattr(args, "fsdp", None):
