@@ -348,6 +348,70 @@ def _print_memory(args: argparse.Namespace, device: torch.device,
     return rows
 
 
+# -------------------------------------------------------------- FSDP2 vs DDP (torchrun)
+def ddp_vs_fsdp(case: Case, device: torch.device, steps: int, warmup: int,
+                only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Step times of every method on a DDP model (per-rank and synchronized perturbation)
+    and on an FSDP2-sharded one, interleaved round-robin in the same processes; run under
+    torchrun (every rank calls it; rank 0's times are returned). The model is the same on
+    all ranks, each rank steps on its own batch of ``case.batch_size``."""
+    from . import distributed as kd
+
+    if not kd.is_distributed():
+        raise RuntimeError("--ddp-vs-fsdp runs under torchrun with 2 or more processes")
+    torch.manual_seed(0)
+    base = case.make_model().to(device)
+    x, y = case.make_batch(case.batch_size, device)
+    x = x + kd.get_rank()  # a different batch on each rank
+    entries = []
+    for label, name, options in methods_for(case.batch_size):
+        if only and label.split()[0] not in only:
+            continue
+        for mode in ("ddp", "ddp-sync", "fsdp"):
+            model = kd.wrap(copy.deepcopy(base), device, fsdp=mode == "fsdp")
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            sync = {} if mode == "fsdp" else {"sync_perturbation": mode == "ddp-sync"}
+            engine = kd.create(name, model, opt, seed=0, **sync, **options)
+            entries.append({"label": label, "mode": mode, "engine": engine, "times": []})
+    for e in entries:
+        for _ in range(warmup):
+            e["engine"].step((x, y), ce)
+    for _ in range(steps):
+        for e in entries:
+            kd.barrier()  # every rank starts the step together: the time includes waiting
+            t0 = time.perf_counter()
+            e["engine"].step((x, y), ce)
+            e["times"].append(time.perf_counter() - t0)
+    ddp = {e["label"]: statistics.median(e["times"]) for e in entries if e["mode"] == "ddp"}
+    return [{"case": case.name, "method": e["label"], "mode": e["mode"],
+             "ms": 1000 * statistics.median(e["times"]),
+             "ratio_to_ddp": statistics.median(e["times"]) / ddp[e["label"]]}
+            for e in entries]
+
+
+def _print_ddp_vs_fsdp(args: argparse.Namespace, device: torch.device, selected: list[Case],
+                       steps: int, warmup: int, only: list[str] | None) -> list[dict[str, Any]]:
+    from . import distributed as kd
+
+    kd.setup(device=device)
+    main = kd.is_main_process()
+    if main:
+        print(f"ksam bench --ddp-vs-fsdp: torch {torch.__version__}, {kd.get_world_size()} "
+              f"processes on {device}, {torch.get_num_threads()} thread(s) each, per-rank batch "
+              f"as in the case, median of {steps} steps after {warmup} warm-up")
+        print("| case | method | mode | step ms | x DDP |")
+        print("|---|---|---|---|---|")
+    rows = []
+    for case in selected:
+        for r in ddp_vs_fsdp(case, device, steps, warmup, only):
+            rows.append(r)
+            if main:
+                print(f"| {r['case']} | {r['method']} | {r['mode']} | {r['ms']:.2f} "
+                      f"| {r['ratio_to_ddp']:.2f} |", flush=True)
+    kd.cleanup()
+    return rows if main else []
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (CPU smoke)")
     p.add_argument("--device", default="auto")
@@ -371,6 +435,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="micro-batch size of --memory (default 64; batch = 8 x this)")
     p.add_argument("--micro-batch-size", type=int,
                    help="also time every method with this micro_batch_size, side by side")
+    p.add_argument("--ddp-vs-fsdp", action="store_true",
+                   help="under torchrun: every method on a DDP and on an FSDP2 model, "
+                        "interleaved (rank 0 prints)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -402,6 +469,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.ddp_vs_fsdp:
+        rows = _print_ddp_vs_fsdp(args, device, selected, steps, warmup, only)
+        if args.json and rows:
+            atomic_write_text(args.json, json.dumps(rows, indent=2))
+        return 0
     if args.memory:
         rows = _print_memory(args, device, selected)
         if args.json:
