@@ -31,18 +31,26 @@ load_state_dict` refuses a state saved with the other setting. The skip flag rea
 optimizer that holds the parameters through the integrations' proxy optimizers
 (:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
 
+Until one step has been applied (again after ``load_state_dict``) the steps run eagerly:
+the optimizer creates its state at its first step, and a fused kernel told to skip that
+step would leave SGD's new momentum buffers uninitialized.
+
 Graphs are keyed by the batch's shapes, the subset sizes and the ``loss_fn`` object (by
 equality: the same function, or a bound method of the same object): a ``loss_fn`` built
 anew for every step never replays another's graph, it is captured again, and after
 ``MAX_GRAPHS`` graphs the steps run eagerly; build it once. A :class:`StepResult`'s index
 tensors are copies, which later steps do not overwrite.
 
-The fast path falls back to the eager step, by itself and with the
-same results, for a batch of another shape than the captured one (a short last batch), for
-rules that draw random numbers on the host (random-subset SAM, ESAM), with a GradScaler, a
-DistributedDataParallel model, or an optimizer without a fused kernel. ``SyncFreeExecutor.reason``
-says why it fell back. On the CPU there is no graph: the sync-free step runs eagerly,
-which is how the tests check that it equals the eager step.
+:class:`SyncFreeExecutor` runs a step with the engine's public stages only
+(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``finite``, ``apply``; see
+:mod:`ksam.executor`) and owns what is its own: the optimizer's preparation, the
+``found_inf`` flag and the skipped-step count on the device. A short last batch or a K
+schedule gets a graph of its own. It steps eagerly instead, by itself and with the same
+results, for rules that draw random numbers on the host (random-subset SAM, ESAM), with a
+GradScaler, a DistributedDataParallel model or an optimizer without a fused kernel, and
+after a failed capture; ``SyncFreeExecutor.reason`` says why. On the CPU there is no
+graph: the sync-free step runs eagerly, which is how the tests check that it equals the
+eager step.
 """
 
 from __future__ import annotations

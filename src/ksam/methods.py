@@ -55,6 +55,17 @@ K_WARMUP = 100
 RESCALE = True
 
 
+class _Auto:
+    """Type of :data:`_AUTO`, the default of K-SAM's ``rescale``."""
+
+    def __repr__(self) -> str:
+        return f"{RESCALE} where loss_kind has an estimate, else False"
+
+
+#: ``rescale``'s default: :data:`RESCALE` for a ``loss_kind`` with an estimate, else off.
+_AUTO = _Auto()
+
+
 class KSAM(SharpnessAwareOptimizer):
     """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
 
@@ -81,9 +92,9 @@ class KSAM(SharpnessAwareOptimizer):
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float | None = None, loss_kind: str = "ce",
+                 rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
                  **engine: Any):
-        if rescale is None:  # the default: on where the loss kind has an estimate
+        if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,
