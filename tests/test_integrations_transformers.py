@@ -384,7 +384,7 @@ def test_fp16_engine_owns_the_grad_scaler(tmp_path):
                          save_strategy="steps", save_steps=2)
     trainer = KSAMTrainer(model=tiny_bert(), args=args, train_dataset=ToyText(),
                           ksam_method="sam")
-    assert trainer.accelerator.scaler is None
+    assert trainer.accelerator.scaler is None and not trainer.accelerator.native_amp
     trainer.train()
     engine = trainer.ksam
     assert engine.grad_scaler is trainer.grad_scaler

@@ -316,3 +316,23 @@ def test_chunked_fast_path_equals_unchunked_eager(method):
     assert eb.fast_path_active
     for p, q in zip(a.parameters(), b.parameters()):  # the clip at 10 never bites here
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- bench --memory
+def test_bench_memory_table(tmp_path, capsys):
+    import json
+
+    from ksam.cli import main
+
+    path = tmp_path / "mem.json"
+    assert main(["bench", "--memory", "--quick", "--device", "cpu", "--cases",
+                 "mnist1d-cnn-b128", "--memory-chunk", "4", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert [(r["method"], r["batch"], r["micro_batch_size"]) for r in rows] == [
+        ("sgd", 32, None), ("sam", 32, None), ("sam, micro-batch 4", 32, 4),
+        ("ksam K=B/8", 32, None), ("ksam K=B/8, micro-batch 4", 32, 4)]
+    sam = rows[1]
+    assert sam["ratio_to_sam"] == 1.0 or sam["step_peak_mib"] <= 0
+    assert "| mnist1d-cnn-b128 | ksam K=B/8, micro-batch 4 | 32 |" in capsys.readouterr().out
+    assert main(["bench", "--memory", "--memory-chunk", "0"]) == 2
+    assert "--memory-chunk must be >= 1" in capsys.readouterr().err

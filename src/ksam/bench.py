@@ -279,7 +279,9 @@ def measure_memory(case_name: str, quick: bool, device: str, method: str,
     before them (model, optimizer, batch). CPU: torch's CPU allocator is invisible to
     ``tracemalloc``, so the figure is the peak resident set (``ru_maxrss``) minus the
     resident set just before the first step; run each configuration in a fresh process
-    (:func:`memory_table` does), or the peak of an earlier one hides it.
+    (:func:`memory_table` does), or the peak of an earlier one hides it. ``resolved`` is
+    False when the steps did not raise the process's peak (an earlier one, e.g. importing
+    torch, was higher): the figure is then only an upper bound.
     """
     dev = torch.device(device)
     case = next(c for c in cases(quick, dev) if c.name == case_name)
@@ -295,15 +297,18 @@ def measure_memory(case_name: str, quick: bool, device: str, method: str,
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
+    peak_before = _max_rss_bytes()
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step((x, y), ce)
+    seconds = (time.perf_counter() - t0) / steps
     if cuda:
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
+        peak, resolved = torch.cuda.max_memory_allocated() - before, True
     else:
-        peak = _max_rss_bytes() - before
-    return {"step_peak_mib": peak / 2**20, "s_per_step": (time.perf_counter() - t0) / steps}
+        peak_after = _max_rss_bytes()
+        peak, resolved = peak_after - before, peak_after > peak_before
+    return {"step_peak_mib": peak / 2**20, "resolved": resolved, "s_per_step": seconds}
 
 
 def memory_table(case_name: str, quick: bool, device: str, chunk: int,
@@ -326,7 +331,7 @@ def memory_table(case_name: str, quick: bool, device: str, chunk: int,
                      "micro_batch_size": options.get("micro_batch_size"), **result})
     sam = next(r["step_peak_mib"] for r in rows if r["method"] == "sam")
     for r in rows:
-        r["ratio_to_sam"] = r["step_peak_mib"] / sam
+        r["ratio_to_sam"] = r["step_peak_mib"] / sam if sam > 0 else float("nan")
     return rows
 
 
@@ -343,7 +348,9 @@ def _print_memory(args: argparse.Namespace, device: torch.device,
     for case in selected:
         for r in memory_table(case.name, args.quick, str(device), chunk):
             rows.append(r)
-            print(f"| {r['case']} | {r['method']} | {r['batch']} | {r['step_peak_mib']:.0f} "
+            bound = "" if r["resolved"] else "<= "  # the steps did not set the peak
+            print(f"| {r['case']} | {r['method']} | {r['batch']} | "
+                  f"{bound}{r['step_peak_mib']:.0f} "
                   f"| {r['ratio_to_sam']:.2f} | {r['s_per_step']:.2f} |", flush=True)
     return rows
 

@@ -464,7 +464,7 @@ class SharpnessAwareOptimizer:
         makes the gradients non-finite too, but that step is skipped anyway."""
         assert self.max_grad_norm is not None
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(grads, coef)  # a 0-d fp32 factor keeps each gradient's dtype
 
     def apply(self, computed: ComputedStep, skip: bool | Tensor) -> None:
         """The update after :meth:`compute`.

@@ -262,7 +262,11 @@ class KSAMTrainer(transformers.Trainer):
         #: fp16: the engine's GradScaler (accelerate's is removed; see the module docstring)
         self.grad_scaler: torch.amp.GradScaler | None = None
         if self.args.fp16:
+            # accelerate's AMP off altogether: no scaler to step or unscale (transformers < 5
+            # clips through accelerator.clip_grad_norm_, which unscales when native_amp is
+            # on), no autocast wrapper around the model's forward (the engine autocasts).
             self.accelerator.scaler = None
+            self.accelerator.native_amp = False
             self.grad_scaler = torch.amp.GradScaler(self.args.device.type)
         if per_sample_loss_fn is None:
             per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
@@ -358,6 +362,10 @@ class KSAMTrainer(transformers.Trainer):
         self._pending_ksam_state = None
         self._ksam = new
         return new
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._micro_batches = []  # an accumulation cut short by the last run is dropped
+        return super().train(*args, **kwargs)
 
     # -- the step -------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
