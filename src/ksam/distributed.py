@@ -46,6 +46,13 @@ engine all-reduces that verdict (one float) so that all ranks skip together and 
 weights never drift apart: :func:`create` hands the engine :func:`finite_reducer` (an
 engine over a DDP model refuses to be built without one).
 
+**FSDP2.** :func:`wrap` with ``fsdp=True`` (or :func:`fully_shard`) shards the model with
+``torch.distributed.fsdp.fully_shard`` instead; the engine then runs its elementwise
+arithmetic on the local shards and sums every norm over the shards (:mod:`ksam.sharded`), so
+the perturbation is the one a single process computes; the ascent gradient is always
+synchronized (each rank holds only its shard of it). :func:`state_dict` /
+:func:`load_state_dict` checkpoint through ``torch.distributed.checkpoint``.
+
 Launch with ``torchrun`` (see ``docs/distributed.md``)::
 
     info = ksam.distributed.setup()                 # reads RANK, WORLD_SIZE, LOCAL_RANK
