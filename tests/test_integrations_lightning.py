@@ -172,3 +172,14 @@ def test_fast_path_skip_reaches_the_real_optimizer(tmp_path):
     weights, momentum = module.after_first
     for p, w, m in zip(module.net.parameters(), weights, momentum):
         assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
+
+
+def test_max_grad_norm_and_micro_batches_are_engine_options(tmp_path):
+    model = Module("sam", max_grad_norm=1e-3, micro_batch_size=3)
+    init = [p.detach().clone() for p in model.parameters()]
+    trainer(tmp_path, max_steps=1).fit(model, loader())
+    assert model.ksam.max_grad_norm == 1e-3 and model.ksam.micro_batch_size == 3
+    assert model.sizes == [3, 3, 2] * 2  # ascent and descent over 8 rows in chunks of 3
+    step = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach() - q) for p, q in zip(model.parameters(), init)]))
+    assert float(step) == pytest.approx(0.1 * 1e-3, rel=1e-4)  # lr x the clipped norm

@@ -22,6 +22,7 @@ import ksam  # noqa: E402
 from ksam.integrations.transformers import (  # noqa: E402
     HFPerSampleLoss,
     KSAMTrainer,
+    merge_batches,
     per_sample_loss,
 )
 
@@ -254,13 +255,10 @@ def test_bf16_autocast(tmp_path):
 
 
 def test_refused_settings(tmp_path):
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+    with pytest.raises(ValueError, match="gradient_accumulation_steps sets the engine's"):
         KSAMTrainer(model=tiny_bert(), args=training_args(tmp_path,
-                                                          gradient_accumulation_steps=2))
-    args = training_args(tmp_path)
-    args.fp16 = True  # TrainingArguments itself may refuse fp16 on a CPU-only machine
-    with pytest.raises(ValueError, match="fp16"):
-        KSAMTrainer(model=tiny_bert(), args=args)
+                                                          gradient_accumulation_steps=2),
+                    ksam_kwargs={"micro_batch_size": 2})
     with pytest.raises(ValueError, match="unknown method"):
         KSAMTrainer(model=tiny_bert(), args=training_args(tmp_path), ksam_method="adam")
     with pytest.raises(ValueError, match="k must be"):
@@ -337,3 +335,62 @@ def test_token_level_ksam_runs_without_rescale(tmp_path):
                           ksam_kwargs={"k": 0.5})
     trainer.train()
     assert trainer.ksam.descent.loss_kind == "other" and trainer.ksam.descent.rescale is False
+
+
+def test_gradient_accumulation_is_one_step_in_chunks(tmp_path):
+    """G=2 micro-batches of 4 step as one batch of 8 (K-SAM ranks all 8), with no forward
+    larger than 4; the logged loss is the mean over the 8."""
+    kwargs = {"rho": 0.05, "k": 0.25, "k_warmup": 0}
+    whole, chunked = tiny_bert(), tiny_bert()
+    sizes = count_forwards(chunked)
+    a = KSAMTrainer(model=whole, args=training_args(tmp_path / "a", max_steps=2),
+                    train_dataset=ToyText(), ksam_method="ksam", ksam_kwargs=kwargs)
+    b = KSAMTrainer(model=chunked, args=training_args(
+        tmp_path / "b", max_steps=2, per_device_train_batch_size=BATCH // 2,
+        gradient_accumulation_steps=2), train_dataset=ToyText(), ksam_method="ksam",
+        ksam_kwargs=kwargs)
+    a.train()
+    b.train()
+    assert b.ksam.micro_batch_size == BATCH // 2 and b.ksam.steps == a.ksam.steps == 2
+    assert sizes == [4, 4, 2, 2] * 2  # scoring in 2 chunks, then K=2 rows per pass
+    for p, q in zip(whole.parameters(), chunked.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    la = [h["loss"] for h in a.state.log_history if "loss" in h]
+    lb = [h["loss"] for h in b.state.log_history if "loss" in h]
+    assert lb == pytest.approx(la, rel=1e-4)
+
+
+def test_merge_batches_pads_like_a_collator():
+    first = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+             "labels": torch.tensor([[1, 2, 3]]), "flag": "x"}
+    second = {"input_ids": torch.tensor([[8, 9], [4, 0]]),
+              "attention_mask": torch.tensor([[1, 1], [1, 0]]),
+              "labels": torch.tensor([[4, 5], [6, -100]]), "flag": "y"}
+    out = merge_batches([first, second], pad_token_id=3)
+    assert out["flag"] == "x"
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 3], [4, 0, 3]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert out["labels"].tolist() == [[1, 2, 3], [4, 5, -100], [6, -100, -100]]
+    left = merge_batches([first, second], pad_token_id=3, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [3, 8, 9], [3, 4, 0]]
+    same = merge_batches([{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}])
+    assert same["x"].shape == (3, 3)
+
+
+def test_fp16_engine_owns_the_grad_scaler(tmp_path):
+    """fp16: the engine scales, unscales once (before the clip) and steps; accelerate's
+    scaler is gone; the scale survives a checkpoint."""
+    args = training_args(tmp_path, fp16=True, max_steps=2, max_grad_norm=1.0,
+                         save_strategy="steps", save_steps=2)
+    trainer = KSAMTrainer(model=tiny_bert(), args=args, train_dataset=ToyText(),
+                          ksam_method="sam")
+    assert trainer.accelerator.scaler is None and not trainer.accelerator.native_amp
+    trainer.train()
+    engine = trainer.ksam
+    assert engine.grad_scaler is trainer.grad_scaler
+    assert engine.autocast_dtype is torch.float16 and engine.max_grad_norm == 1.0
+    assert engine.steps == 2 and engine.skipped_steps == 0
+    result = trainer.last_step_result
+    assert 0 < float(result.descent_grad_norm) < 1e3  # unscaled: not times the 2**16 scale
+    saved = torch.load(tmp_path / "checkpoint-2" / "ksam_state.pt", weights_only=True)
+    assert saved["grad_scaler"]["scale"] == trainer.grad_scaler.get_scale()

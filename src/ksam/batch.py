@@ -52,11 +52,14 @@ def batch_device(batch: Batch) -> torch.device:
     return _tensor_leaves(batch)[0][1].device
 
 
-def index_batch(batch: Batch, index: Tensor | None) -> Batch:
-    """The sub-batch at ``index`` (a LongTensor of rows); ``None`` means the whole batch."""
+def index_batch(batch: Batch, index: Tensor | slice | None) -> Batch:
+    """The sub-batch at ``index`` (a LongTensor of rows, or a slice of them: views, no copy);
+    ``None`` means the whole batch."""
     if index is None:
         return batch
     if isinstance(batch, Tensor):
+        if isinstance(index, slice):
+            return batch[index]
         if index.device != batch.device:
             index = index.to(batch.device, non_blocking=True)
         return batch.index_select(0, index)

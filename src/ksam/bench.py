@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,11 +196,13 @@ def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
 
 def bench_case(case: Case, device: torch.device, precision: str, fast: bool, steps: int,
                warmup: int, only: list[str] | None = None,
-               profile: bool = False, compile: str | None = None) -> list[dict[str, Any]]:
+               profile: bool = False, compile: str | None = None,
+               micro_batch_size: int | None = None) -> list[dict[str, Any]]:
     """Rows of one case in one precision and mode. With ``compile`` every method runs twice,
     without and with torch.compile, all interleaved in the same loop; each row's
     ``ratio_to_sgd`` is to SGD of its own variant, ``ratio_to_plain_sgd`` to SGD without
-    compile."""
+    compile. With ``micro_batch_size`` every method also runs chunked (label
+    ``+mb{M}``), interleaved with the others and compared with the same SGD."""
     torch.manual_seed(0)
     base = case.make_model().to(device)
     if device.type == "cuda" and "bert" not in case.name:
@@ -207,7 +213,13 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     entries = []
     for backend in [None, compile] if compile else [None]:
-        for label, name, options in methods_for(case.batch_size):
+        variants = [(label, name, options) for label, name, options
+                    in methods_for(case.batch_size)]
+        if micro_batch_size is not None:
+            variants += [(f"{label} +mb{micro_batch_size}", name,
+                          {**options, "micro_batch_size": micro_batch_size})
+                         for label, name, options in methods_for(case.batch_size)]
+        for label, name, options in variants:
             if only and label.split()[0] not in only:
                 continue
             model = copy.deepcopy(base)
@@ -277,6 +289,182 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
     return rows
 
 
+# ------------------------------------------------------------------------- peak memory
+def memory_configs(chunk: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """What ``--memory`` compares on a batch of ``8 * chunk``: SAM, K-SAM with K = B/8
+    unchunked and in chunks of ``chunk``, and SGD for scale."""
+    b = 8 * chunk
+    return [
+        ("sgd", "sgd", {}),
+        ("sam", "sam", {}),
+        (f"sam, micro-batch {chunk}", "sam", {"micro_batch_size": chunk}),
+        ("ksam K=B/8", "ksam", {"k": b // 8, "k_warmup": 0}),
+        (f"ksam K=B/8, micro-batch {chunk}", "ksam",
+         {"k": b // 8, "k_warmup": 0, "micro_batch_size": chunk}),
+    ]
+
+
+def _rss_bytes() -> int:
+    """This process's resident set now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss_bytes() -> int:
+    """This process's peak resident set so far (ru_maxrss is in KiB on Linux, bytes on
+    macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def measure_memory(case_name: str, quick: bool, device: str, method: str,
+                   options: dict[str, Any], batch: int, steps: int) -> dict[str, float]:
+    """Peak memory of ``steps`` optimizer steps of one configuration, in this process.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the steps, minus what was allocated
+    before them (model, optimizer, batch). CPU: torch's CPU allocator is invisible to
+    ``tracemalloc``, so the figure is the peak resident set (``ru_maxrss``) minus the
+    resident set just before the first step; run each configuration in a fresh process
+    (:func:`memory_table` does), or the peak of an earlier one hides it. ``resolved`` is
+    False when the steps did not raise the process's peak (an earlier one, e.g. importing
+    torch, was higher): the figure is then only an upper bound.
+    """
+    dev = torch.device(device)
+    case = next(c for c in cases(quick, dev) if c.name == case_name)
+    torch.manual_seed(0)
+    model = case.make_model().to(dev)
+    x, y = case.make_batch(batch, dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    engine = create(method, model, opt, seed=0, **options)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    peak_before = _max_rss_bytes()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step((x, y), ce)
+    seconds = (time.perf_counter() - t0) / steps
+    if cuda:
+        torch.cuda.synchronize()
+        peak, resolved = torch.cuda.max_memory_allocated() - before, True
+    else:
+        peak_after = _max_rss_bytes()
+        peak, resolved = peak_after - before, peak_after > peak_before
+    return {"step_peak_mib": peak / 2**20, "resolved": resolved, "s_per_step": seconds}
+
+
+def memory_table(case_name: str, quick: bool, device: str, chunk: int,
+                 steps: int = 2) -> list[dict[str, Any]]:
+    """:func:`measure_memory` of every :func:`memory_configs` entry, each in a fresh Python
+    process (the CPU figure is a process's peak resident set); ``ratio_to_sam`` compares
+    with SAM at the same batch."""
+    rows = []
+    batch = 8 * chunk
+    for label, method, options in memory_configs(chunk):
+        args = json.dumps([case_name, quick, device, method, options, batch, steps])
+        code = ("import json, sys; from ksam.bench import measure_memory; "
+                "print(json.dumps(measure_memory(*json.loads(sys.argv[1]))))")
+        done = subprocess.run([sys.executable, "-c", code, args], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement of {label!r} failed:\n{done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"case": case_name, "method": label, "batch": batch,
+                     "micro_batch_size": options.get("micro_batch_size"), **result})
+    sam = next(r["step_peak_mib"] for r in rows if r["method"] == "sam")
+    for r in rows:
+        r["ratio_to_sam"] = r["step_peak_mib"] / sam if sam > 0 else float("nan")
+    return rows
+
+
+def _print_memory(args: argparse.Namespace, device: torch.device,
+                  selected: list[Case]) -> list[dict[str, Any]]:
+    chunk = args.memory_chunk
+    what = "max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)"
+    print(f"ksam bench --memory: torch {torch.__version__}, {device}, batch {8 * chunk} "
+          f"= 8 x chunk {chunk}; {what} over the steps minus before them, one fresh process "
+          "per row")
+    print("| case | method | batch | step peak MiB | x SAM | s/step |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for case in selected:
+        for r in memory_table(case.name, args.quick, str(device), chunk):
+            rows.append(r)
+            bound = "" if r["resolved"] else "<= "  # the steps did not set the peak
+            print(f"| {r['case']} | {r['method']} | {r['batch']} | "
+                  f"{bound}{r['step_peak_mib']:.0f} "
+                  f"| {r['ratio_to_sam']:.2f} | {r['s_per_step']:.2f} |", flush=True)
+    return rows
+
+
+# -------------------------------------------------------------- FSDP2 vs DDP (torchrun)
+def ddp_vs_fsdp(case: Case, device: torch.device, steps: int, warmup: int,
+                only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Step times of every method on a DDP model (per-rank and synchronized perturbation)
+    and on an FSDP2-sharded one, interleaved round-robin in the same processes; run under
+    torchrun (every rank calls it; rank 0's times are returned). The model is the same on
+    all ranks, each rank steps on its own batch of ``case.batch_size``."""
+    from . import distributed as kd
+
+    if not kd.is_distributed():
+        raise RuntimeError("--ddp-vs-fsdp runs under torchrun with 2 or more processes")
+    torch.manual_seed(0)
+    base = case.make_model().to(device)
+    x, y = case.make_batch(case.batch_size, device)
+    x = x + kd.get_rank()  # a different batch on each rank
+    entries = []
+    for label, name, options in methods_for(case.batch_size):
+        if only and label.split()[0] not in only:
+            continue
+        for mode in ("ddp", "ddp-sync", "fsdp"):
+            model = kd.wrap(copy.deepcopy(base), device, fsdp=mode == "fsdp")
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            sync = {} if mode == "fsdp" else {"sync_perturbation": mode == "ddp-sync"}
+            engine = kd.create(name, model, opt, seed=0, **sync, **options)
+            entries.append({"label": label, "mode": mode, "engine": engine, "times": []})
+    for e in entries:
+        for _ in range(warmup):
+            e["engine"].step((x, y), ce)
+    for _ in range(steps):
+        for e in entries:
+            kd.barrier()  # every rank starts the step together: the time includes waiting
+            t0 = time.perf_counter()
+            e["engine"].step((x, y), ce)
+            e["times"].append(time.perf_counter() - t0)
+    ddp = {e["label"]: statistics.median(e["times"]) for e in entries if e["mode"] == "ddp"}
+    return [{"case": case.name, "method": e["label"], "mode": e["mode"],
+             "ms": 1000 * statistics.median(e["times"]),
+             "ratio_to_ddp": statistics.median(e["times"]) / ddp[e["label"]]}
+            for e in entries]
+
+
+def _print_ddp_vs_fsdp(args: argparse.Namespace, device: torch.device, selected: list[Case],
+                       steps: int, warmup: int, only: list[str] | None) -> list[dict[str, Any]]:
+    from . import distributed as kd
+
+    kd.setup(device=device)
+    main = kd.is_main_process()
+    if main:
+        print(f"ksam bench --ddp-vs-fsdp: torch {torch.__version__}, {kd.get_world_size()} "
+              f"processes on {device}, {torch.get_num_threads()} thread(s) each, per-rank batch "
+              f"as in the case, median of {steps} steps after {warmup} warm-up")
+        print("| case | method | mode | step ms | x DDP |")
+        print("|---|---|---|---|---|")
+    rows = []
+    for case in selected:
+        for r in ddp_vs_fsdp(case, device, steps, warmup, only):
+            rows.append(r)
+            if main:
+                print(f"| {r['case']} | {r['method']} | {r['mode']} | {r['ms']:.2f} "
+                      f"| {r['ratio_to_ddp']:.2f} |", flush=True)
+    kd.cleanup()
+    return rows if main else []
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (CPU smoke)")
     p.add_argument("--device", default="auto")
@@ -293,6 +481,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also count what one step issues: ATen ops (CPU), kernels and launch "
                         "calls (CUDA)")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory instead of time: SAM and K-SAM (K=B/8) with and without "
+                        "micro-batching on a batch of 8 x --memory-chunk, one process each")
+    p.add_argument("--memory-chunk", type=int, default=64,
+                   help="micro-batch size of --memory (default 64; batch = 8 x this)")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="also time every method with this micro_batch_size, side by side")
+    p.add_argument("--ddp-vs-fsdp", action="store_true",
+                   help="under torchrun: every method on a DDP and on an FSDP2 model, "
+                        "interleaved (rank 0 prints)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -320,6 +518,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     selected = [c for c in cases(args.quick, device) if not args.cases or c.name in args.cases]
     if not selected:
         raise ValueError(f"no benchmark case matches {args.cases}")
+    for name in ("memory_chunk", "micro_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.ddp_vs_fsdp:
+        rows = _print_ddp_vs_fsdp(args, device, selected, steps, warmup, only)
+        if args.json and rows:
+            atomic_write_text(args.json, json.dumps(rows, indent=2))
+        return 0
+    if args.memory:
+        rows = _print_memory(args, device, selected)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(rows, indent=2))
+        return 0
     rows = []
     print(f"ksam bench: torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}"
@@ -335,7 +547,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         for precision in precisions:
             for mode in modes:
                 for r in bench_case(case, device, precision, mode == "fast", steps, warmup,
-                                    only, args.profile, args.compile):
+                                    only, args.profile, args.compile,
+                                    args.micro_batch_size):
                     rows.append(r)
                     peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
                     flag = "" if r["fast_path_used"] or mode == "eager" else " (eager fallback)"

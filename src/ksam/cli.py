@@ -71,6 +71,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: each rank's own top-K (default) or the global top-K")
     p.add_argument("--sync-perturbation", action="store_true",
                    help="under torchrun: average the ascent gradient across ranks")
+    p.add_argument("--micro-batch-size", type=int, metavar="M",
+                   help="run every forward of a step in chunks of at most M examples (same "
+                        "step up to float rounding; BatchNorm normalizes per chunk)")
+    p.add_argument("--max-grad-norm", type=float, metavar="X",
+                   help="clip the descent gradient to global L2 norm X before each step")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 instead of DDP "
+                        "(the perturbation is then always synchronized)")
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -161,7 +169,8 @@ def _base_config(args: argparse.Namespace):
         schedule=args.schedule or "cosine", device=args.device or "auto",
         precision=args.precision or "fp32", fast=args.fast, compile=args.compile,
         task_options=_task_options(args), selection=args.selection,
-        sync_perturbation=args.sync_perturbation)
+        sync_perturbation=args.sync_perturbation, fsdp=args.fsdp,
+        micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm)
 
 
 class _Progress:
@@ -274,7 +283,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"test acc {row['test_acc']:6.2f}%  epoch {row['epoch_time']:.2f}s  "
                   f"step {1000 * row['step_time_median']:.2f} ms", flush=True)
 
-    result = train(base, out_dir=out, resume=args.resume, on_epoch=report, dist_info=dist_info)
+    try:
+        result = train(base, out_dir=out, resume=args.resume, on_epoch=report,
+                       dist_info=dist_info)
+    finally:
+        if dist_info is not None:  # FSDP's process group aborts the process if left open
+            from . import distributed
+
+            distributed.cleanup()
     if is_main:
         final = result["final"]
         print(json.dumps({k: final[k] for k in ("epoch", "test_acc", "train_time",

@@ -46,6 +46,13 @@ engine all-reduces that verdict (one float) so that all ranks skip together and 
 weights never drift apart: :func:`create` hands the engine :func:`finite_reducer` (an
 engine over a DDP model refuses to be built without one).
 
+**FSDP2.** :func:`wrap` with ``fsdp=True`` (or :func:`fully_shard`) shards the model with
+``torch.distributed.fsdp.fully_shard`` instead; the engine then runs its elementwise
+arithmetic on the local shards and sums every norm over the shards (:mod:`ksam.sharded`), so
+the perturbation is the one a single process computes; the ascent gradient is always
+synchronized (each rank holds only its shard of it). :func:`state_dict` /
+:func:`load_state_dict` checkpoint through ``torch.distributed.checkpoint``.
+
 Launch with ``torchrun`` (see ``docs/distributed.md``)::
 
     info = ksam.distributed.setup()                 # reads RANK, WORLD_SIZE, LOCAL_RANK
@@ -91,6 +98,7 @@ __all__ = [
     "is_distributed", "is_main_process", "get_rank", "get_world_size", "wrap", "unwrap",
     "sync_buffers", "shard_indices", "shard", "GlobalTopLoss", "use_global_selection",
     "create", "all_ranks_true", "finite_reducer", "TIMEOUT_ENV", "resolve_timeout",
+    "fsdp_available", "fully_shard", "is_fsdp", "state_dict", "load_state_dict",
 ]
 
 #: Default time a collective may wait for the other ranks before failing.
@@ -280,9 +288,11 @@ def cleanup() -> None:
 
 # ------------------------------------------------------------------------------- model
 def wrap(model: nn.Module, device: str | torch.device | None = None, *,
-         forward_sync_buffers: bool = False, **ddp_kwargs: Any) -> nn.Module:
+         forward_sync_buffers: bool = False, fsdp: bool = False,
+         **ddp_kwargs: Any) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it in DDP (returned unwrapped when not
-    distributed).
+    distributed); with ``fsdp=True`` shard it with FSDP2 instead (:func:`fully_shard`,
+    where the keywords go).
 
     ``forward_sync_buffers=False`` (the default here, not DDP's) keeps DDP from
     broadcasting buffers at the start of forwards, which would otherwise put a broadcast
@@ -294,6 +304,8 @@ def wrap(model: nn.Module, device: str | torch.device | None = None, *,
     model = model.to(dev)
     if not is_distributed():
         return model
+    if fsdp:
+        return fully_shard(model, **ddp_kwargs)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     if "forward_sync_buffers" in params:  # torch >= 2.13; broadcast_buffers is deprecated
         ddp_kwargs.setdefault("forward_sync_buffers", forward_sync_buffers)
@@ -303,6 +315,91 @@ def wrap(model: nn.Module, device: str | torch.device | None = None, *,
         ddp_kwargs.setdefault("device_ids", [dev.index if dev.index is not None
                                              else torch.cuda.current_device()])
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def fsdp_available() -> bool:
+    """Whether this torch has FSDP2 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6)."""
+    try:
+        from torch.distributed.fsdp import fully_shard as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fully_shard(model: nn.Module, *, modules: list[nn.Module] | None = None,
+                **fsdp_kwargs: Any) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 and return it.
+
+    ``fully_shard`` is applied to each module of ``modules`` (default: every direct child
+    that holds parameters; each then all-gathers its own parameters just before its forward
+    and frees them after) and to ``model`` itself, which takes the parameters left over.
+    Keywords (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...) go to
+    :func:`torch.distributed.fsdp.fully_shard`. Call it on every rank, after moving the
+    model to its device and before building the optimizer. The engine then computes
+    every norm over all shards (see :mod:`ksam.sharded`).
+    """
+    if not fsdp_available():
+        raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6, "
+                           f"this is {torch.__version__}")
+    from torch.distributed.fsdp import fully_shard as _fully_shard
+
+    if modules is None:
+        modules = [m for m in model.children() if any(True for _ in m.parameters())]
+    for m in modules:
+        _fully_shard(m, **fsdp_kwargs)
+    return _fully_shard(model, **fsdp_kwargs)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True for a module sharded with FSDP2's ``fully_shard``."""
+    if not fsdp_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def state_dict(engine: SharpnessAwareOptimizer, *, full: bool = True) -> dict[str, Any]:
+    """Model, optimizer and engine state of a (possibly FSDP-sharded) run, through the
+    distributed checkpoint API (:func:`torch.distributed.checkpoint.state_dict.get_state_dict`).
+
+    ``{"model": ..., "optimizer": ..., "engine": engine.state_dict(include_optimizer=False)}``.
+    ``full=True`` gathers whole tensors on every rank (parameter names as in the unsharded
+    model), so the result loads into a single process or another world size; every rank must
+    call it (it runs collectives), and one of them saves it. ``full=False`` keeps each
+    rank's shards as DTensors, for :func:`torch.distributed.checkpoint.save`. Without
+    sharding it is the model's and optimizer's own state_dict.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model = unwrap(engine.model)
+    # cpu_offload would leave the full state on rank 0 only; every rank keeps it here, so that
+    # any rank (or all) can load what one of them saved.
+    options = StateDictOptions(full_state_dict=full)
+    model_state, optim_state = get_state_dict(model, engine.optimizer, options=options)
+    return {"model": model_state, "optimizer": optim_state,
+            "engine": engine.state_dict(include_optimizer=False)}
+
+
+def load_state_dict(engine: SharpnessAwareOptimizer, state: dict[str, Any]) -> None:
+    """Load a :func:`state_dict` (full or sharded) into the engine's model and optimizer
+    (:func:`torch.distributed.checkpoint.state_dict.set_state_dict`; every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    missing = {"model", "optimizer", "engine"} - set(state)
+    if missing:
+        raise KeyError(f"not a ksam.distributed state_dict: missing {sorted(missing)}")
+    full = not any(_has_dtensor(v) for v in state["model"].values())
+    set_state_dict(unwrap(engine.model), engine.optimizer,
+                   model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=full))
+    engine.load_state_dict(state["engine"])
+
+
+def _has_dtensor(value: Any) -> bool:
+    from .sharded import is_dtensor
+
+    return is_dtensor(value)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -567,6 +664,17 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
     """
     if selection not in ("local", "global"):
         raise ValueError(f"selection must be 'local' or 'global', got {selection!r}")
+    if is_fsdp(model):
+        if selection == "global" and kwargs.get("micro_batch_size") is not None:
+            raise ValueError("micro_batch_size with selection='global' is not possible on an "
+                             "FSDP-sharded model: each chunk's forward all-gathers the "
+                             "parameters, and ranks with different numbers of selected rows "
+                             "would run different numbers of chunks")
+        if kwargs.get("sync_perturbation") is False:
+            raise ValueError("an FSDP-sharded model's ascent gradient is always averaged "
+                             "across ranks (each rank holds only its shard of it): "
+                             "sync_perturbation=False is not possible")
+        kwargs["sync_perturbation"] = True
     sync = bool(kwargs.get("sync_perturbation", False))
     if name.lower() == "esam" and sync and isinstance(model, DistributedDataParallel) \
             and not model.find_unused_parameters:
@@ -579,6 +687,8 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
             "broadcast into the per-rank ascent pass; wrap it with "
             "ksam.distributed.wrap(...) (forward_sync_buffers=False) and call "
             "sync_buffers() before evaluation instead", stacklevel=2)
+    if is_fsdp(model):  # every rank's verdict, whatever its shard group
+        kwargs.setdefault("finite_reducer", finite_reducer(None))
     if isinstance(model, DistributedDataParallel) or hasattr(model, "no_sync"):
         kwargs.setdefault("finite_reducer", finite_reducer(getattr(model, "process_group",
                                                                    None)))

@@ -41,20 +41,24 @@ is skipped: weights, BatchNorm statistics and optimizer state stay exactly as th
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import Batch, batch_device, batch_size, index_batch
 from .batchnorm import BatchNormGuard
 from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
 from .fast import SyncFreeExecutor
-from .perturbation import PerturbationRule
+from .perturbation import PerturbationRule, over_shards
 from .schedule import Schedule
 from .selection import SelectionContext, SelectionRule, WholeBatch
+from .sharded import Sharding
 from .transform import GradientTransform
 
 __all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "LossFn",
@@ -102,6 +106,19 @@ class SharpnessAwareOptimizer:
             others run one plain pass over the descent subset at w. Default: every step.
         transform: a :class:`ksam.transform.GradientTransform` that rewrites the descent
             gradient before the optimizer step (LookSAM).
+        micro_batch_size: run every forward of a step in chunks of at most this many rows:
+            gradient-free passes (K-SAM's scoring) chunk by chunk, gradient passes
+            accumulating each chunk's share of the pass's loss (a rule's ``reduce`` is a
+            mean times a scale, linear in the losses), so the step equals the unchunked one
+            up to float summation order. Selection still sees the whole batch. BatchNorm
+            layers normalize each chunk with that chunk's statistics; the running statistics
+            still change once per step, by the statistics of the full-batch pass's inputs
+            over all its chunks (see :class:`ksam.batchnorm.BatchNormGuard`). ``None``
+            (default): no chunking.
+        max_grad_norm: clip the descent gradient to this global L2 norm right before the
+            optimizer step (after a GradScaler's unscale), on the device without a host sync;
+            the ascent gradient is not clipped (the perturbation normalizes it).
+            ``StepResult.descent_grad_norm`` is the norm before clipping. ``None``: no clip.
 
     One step is two public stages, which the executors (:class:`ksam.executor.EagerExecutor`,
     :class:`ksam.fast.SyncFreeExecutor`) run: :meth:`compute` (the passes, in the phases
@@ -127,6 +144,8 @@ class SharpnessAwareOptimizer:
         finite_reducer: FiniteReducer | None = None,
         schedule: Schedule | None = None,
         transform: GradientTransform | None = None,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,6 +166,8 @@ class SharpnessAwareOptimizer:
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
         backend = compile_backend(compile)
+        self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
+        self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.model = model
         self.compile = backend
         # What the passes call: the model itself, or torch.compile's wrapper of it.
@@ -186,9 +207,18 @@ class SharpnessAwareOptimizer:
                 "build it over model.parameters()"
             )
         self._model_params = [p for p in model_params if p.requires_grad]
+        #: FSDP2 (``fully_shard``): the parameters' sharding; the engine's arithmetic then runs
+        #: on their local shards, norms summed over the shards (:mod:`ksam.sharded`)
+        self.sharding = Sharding.of(self._params)
+        if self.sharding is not None and finite_reducer is None:
+            raise ValueError("an FSDP-sharded model needs its ranks to skip steps together: "
+                             "build the engine with ksam.distributed.create(...) or pass "
+                             "finite_reducer=ksam.distributed.finite_reducer()")
         self._saved_w: dict[int, Tensor] = {}
         self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._bn = BatchNormGuard(model)
+        if self.micro_batch_size is not None:
+            self._bn.check_chunkable(compiled=backend is not None)
 
         # A rule that reads losses at w needs a scoring forward unless the ascent pass is a
         # full-batch pass at w (ESAM) that yields them anyway.
@@ -376,7 +406,7 @@ class SharpnessAwareOptimizer:
         """Phase 1: per-sample losses at w without gradient, when a rule reads them and no
         full-batch pass at w comes first."""
         if self._needs_scoring if step.sharp else self._plain_needs_scoring:
-            step.ctx.scores = step.forward(None, grad=False).detach().float()
+            step.ctx.scores = step.run(None).float()
 
     def _ascend(self, step: _Step) -> None:
         """Phase 2: the ascent gradient on the ascent rule's rows, then the perturbation
@@ -395,17 +425,18 @@ class SharpnessAwareOptimizer:
         try:
             with self._ascent_context():
                 if len(frozen) == len(self._params):  # nothing to perturb this step
-                    losses = step.forward(selection.index, grad=False)
+                    losses = step.run(selection.index)
                 else:
-                    losses = step.forward(selection.index, grad=True)
-                    self._backward(self.ascent.reduce(losses, selection))
+                    ascent = self.ascent
+                    losses = step.run(selection.index,
+                                      lambda part: ascent.reduce(part, selection))
                     for p in frozen:
                         p.grad = None
         finally:
             for p in switched:
                 p.requires_grad_(True)
         if selection.index is None and step.ctx.scores is None:
-            step.ctx.scores = losses.detach().float()
+            step.ctx.scores = losses.float()
         self._perturb(step)
         self.zero_grad()
 
@@ -415,10 +446,12 @@ class SharpnessAwareOptimizer:
         perturbed = [p for p in self._params if p.grad is not None and p.requires_grad]
         if not perturbed:  # ESAM's mask can leave every parameter unperturbed
             return
+        grads = self._local([p.grad for p in perturbed])
+        perturbed = self._local(perturbed)
         torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
         step.perturbed = perturbed
-        with torch.no_grad():
-            norm = self.perturbation.perturb_(perturbed, [p.grad for p in perturbed])
+        with torch.no_grad(), over_shards(self.sharding):
+            norm = self.perturbation.perturb_(perturbed, grads)
         step.checks.append(norm)
         # Under fp16 the gradients were scaled: report the norm of the true gradient.
         step.ascent_grad_norm = norm if self.grad_scaler is None \
@@ -441,22 +474,25 @@ class SharpnessAwareOptimizer:
         perturbed; on a plain step, :attr:`plain_descent`'s rows at w), left in ``.grad``."""
         ctx = step.ctx
         rule = self.descent if step.sharp else self.plain_descent
-        if rule.needs_perturbed_losses:
+        if rule.needs_perturbed_losses and not step.chunked(step.n):
             # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
             losses = step.forward(None, grad=True)
             ctx.perturbed_losses = losses.detach().float()
             selection = rule.select(ctx)
             assert selection.index is not None
             self._backward(rule.reduce(losses.index_select(0, selection.index), selection))
+            losses = losses.detach()
         else:
+            if rule.needs_perturbed_losses:
+                # ESAM in chunks: the losses at w+eps without gradient (a graph over the
+                # whole batch is what chunking avoids), then the selected rows' gradient.
+                ctx.perturbed_losses = step.run(None).float()
             selection = rule.select(ctx)
-            losses = step.forward(selection.index, grad=True)
-            self._backward(rule.reduce(losses, selection))
+            losses = step.run(selection.index, lambda part: rule.reduce(part, selection))
         step.descent_index = selection.index
         if selection.index is None and ctx.scores is None and not step.perturbed:
-            ctx.scores = losses.detach().float()  # SGD: its one pass is at w
-        step.loss = ctx.scores.mean() if ctx.scores is not None \
-            else losses.detach().float().mean()
+            ctx.scores = losses.float()  # SGD: its one pass is at w
+        step.loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
         step.checks.append(step.loss)
 
     def _restore(self, step: _Step) -> None:
@@ -484,13 +520,31 @@ class SharpnessAwareOptimizer:
             self.grad_scaler.unscale_(self.optimizer)
         # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
         values = [_fp32(c).reshape(()) for c in computed.checks]
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = self._local([p.grad for p in self._params if p.grad is not None])
         if grads:
-            values.extend(_fp32(n) for n in torch._foreach_norm(grads))
+            norms = torch._foreach_norm(grads)
+            values.extend(_fp32(n) for n in norms)
+            computed.descent_grad_norm = self._total_norm(norms)
         finite = torch.isfinite(torch.stack(values)).all()
         if self.finite_reducer is not None:
             finite = self.finite_reducer(finite)
+        if grads and self.max_grad_norm is not None:
+            self._clip(grads, computed.descent_grad_norm)
         return finite
+
+    def _total_norm(self, norms: list[Tensor]) -> Tensor:
+        """The global L2 norm from per-tensor norms (over all shards under FSDP)."""
+        if self.sharding is not None:
+            return self.sharding.norm(norms)
+        return torch.linalg.vector_norm(torch.stack([_fp32(n) for n in norms]))
+
+    def _clip(self, grads: list[Tensor], norm: Tensor) -> None:
+        """Descent-gradient transform: scale to at most ``max_grad_norm`` (on the device, no
+        sync; ``torch.nn.utils.clip_grad_norm_``'s rule and epsilon). A non-finite norm
+        makes the gradients non-finite too, but that step is skipped anyway."""
+        assert self.max_grad_norm is not None
+        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)  # a 0-d fp32 factor keeps each gradient's dtype
 
     def apply(self, computed: ComputedStep, skip: bool | Tensor) -> None:
         """The update after :meth:`compute`.
@@ -543,10 +597,20 @@ class SharpnessAwareOptimizer:
             return no_sync()
         return contextlib.nullcontext()
 
+    def _accumulating(self) -> contextlib.AbstractContextManager:
+        """A gradient pass's chunks but the last: DDP keeps their gradients local (the last
+        chunk's backward all-reduces the sum)."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
     def _backward(self, loss: Tensor) -> None:
         if self.grad_scaler is not None:
             loss = self.grad_scaler.scale(loss)
         loss.backward()
+
+    def _local(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The local shards of FSDP2's DTensors (the tensors themselves when unsharded)."""
+        return tensors if self.sharding is None else self.sharding.local(tensors)
 
     def _saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
         out = []
@@ -598,18 +662,64 @@ class _Step:
                                     generator=e.generator, step=e.steps)
 
     def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
-        """Per-sample losses of the rows ``index`` (None: all), checked for shape."""
-        e = self.engine
+        """Per-sample losses of the rows ``index`` (None: all) in one forward, checked for
+        shape; the step's first full-batch pass updates the BatchNorm statistics."""
         update_bn = index is None and self.bn_pending
         expected = self.n if index is None else index.numel()
-        sub = index_batch(self.batch, index)
-        with e._bn.frozen(not update_bn), e._autocast(self.device), \
-                torch.set_grad_enabled(grad):
-            losses = self.loss_fn(e._forward_model, sub)
-        _check_losses(losses, expected)
+        losses = self._call(index_batch(self.batch, index), expected, grad=grad,
+                            freeze_bn=not update_bn)
         if update_bn:
             self.bn_pending = False
         return losses
+
+    def _call(self, sub: Batch, expected: int, *, grad: bool, freeze_bn: bool) -> Tensor:
+        e = self.engine
+        with e._bn.frozen(freeze_bn), e._autocast(self.device), torch.set_grad_enabled(grad):
+            losses = self.loss_fn(e._forward_model, sub)
+        _check_losses(losses, expected)
+        return losses
+
+    def chunked(self, rows: int) -> bool:
+        """Whether a pass over ``rows`` rows runs in more than one chunk."""
+        m = self.engine.micro_batch_size
+        return m is not None and rows > m
+
+    def run(self, index: Tensor | None,
+            objective: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """A pass over the rows ``index`` (None: all): their detached per-sample losses, and
+        with ``objective`` (the rule's reduce) the backward of ``objective(losses)``.
+
+        With ``micro_batch_size`` the rows run in chunks of at most that many. Chunk c's
+        backward takes ``objective`` of the pass's losses with every other chunk's entries
+        zero: for an objective linear in the losses (a mean times a scale) the chunks'
+        gradients add up to the unchunked one, and each chunk's graph is freed before the
+        next is built."""
+        e = self.engine
+        total = self.n if index is None else index.numel()
+        if not self.chunked(total):
+            losses = self.forward(index, grad=objective is not None)
+            if objective is not None:
+                e._backward(objective(losses))
+            return losses.detach()
+        assert e.micro_batch_size is not None
+        update_bn = index is None and self.bn_pending
+        starts = range(0, total, e.micro_batch_size)
+        parts = []
+        with e._bn.accumulated() if update_bn else contextlib.nullcontext():
+            for start in starts:
+                stop = min(start + e.micro_batch_size, total)
+                rows = slice(start, stop) if index is None else index[start:stop]
+                last = stop == total
+                with e._accumulating() if objective is not None and not last \
+                        else contextlib.nullcontext():
+                    losses = self._call(index_batch(self.batch, rows), stop - start,
+                                        grad=objective is not None, freeze_bn=True)
+                    if objective is not None:
+                        e._backward(objective(F.pad(losses, (start, total - stop))))
+                parts.append(losses.detach())
+        if update_bn:
+            self.bn_pending = False
+        return torch.cat(parts)
 
     def result(self) -> ComputedStep:
         e = self.engine
@@ -647,6 +757,23 @@ def compile_backend(compile: bool | str | None) -> str | None:
         raise ValueError(f"compile: unknown torch.compile backend {compile!r} "
                          f"(known: {', '.join(sorted(known))})")
     return compile
+
+
+def _check_micro_batch_size(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"micro_batch_size must be an integer >= 1 or None, got {value!r}")
+    return value
+
+
+def _check_max_grad_norm(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) \
+            or not (math.isfinite(float(value)) and value > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {value!r}")
+    return float(value)
 
 
 def _fp32(t: Tensor) -> Tensor:

@@ -53,6 +53,8 @@ class ComputedStep:
     checks: list[Tensor]
     #: the schedule's decision (host-side, static for the step): sharpness-aware or plain
     sharp: bool = True
+    #: L2 norm of the descent gradient before clipping (set by ``finite``, after unscaling)
+    descent_grad_norm: Tensor | None = None
 
 
 class StepResult:
@@ -60,11 +62,12 @@ class StepResult:
     are read from the device only when first accessed, so a step itself never syncs."""
 
     __slots__ = ("_loss", "_skipped", "ascent_indices", "descent_indices", "losses",
-                 "ascent_grad_norm")
+                 "ascent_grad_norm", "descent_grad_norm")
 
     def __init__(self, loss: float | Tensor, skipped: bool | Tensor,
                  ascent_indices: Tensor, descent_indices: Tensor,
-                 losses: Tensor | None = None, ascent_grad_norm: Tensor | None = None) -> None:
+                 losses: Tensor | None = None, ascent_grad_norm: Tensor | None = None,
+                 descent_grad_norm: Tensor | None = None) -> None:
         self._loss = loss
         self._skipped = skipped
         #: rows of the batch used for the ascent / descent gradient (empty: no ascent pass)
@@ -74,12 +77,14 @@ class StepResult:
         self.losses = losses
         #: L2 norm of the ascent gradient (None without an ascent pass)
         self.ascent_grad_norm = ascent_grad_norm
+        #: L2 norm of the descent gradient before ``max_grad_norm`` clipped it (unscaled)
+        self.descent_grad_norm = descent_grad_norm
 
     @classmethod
     def of(cls, computed: ComputedStep, loss: float | Tensor,
            skipped: bool | Tensor) -> StepResult:
         return cls(loss, skipped, computed.ascent_indices, computed.descent_indices,
-                   computed.losses, computed.ascent_grad_norm)
+                   computed.losses, computed.ascent_grad_norm, computed.descent_grad_norm)
 
     @property
     def loss(self) -> float:

@@ -160,6 +160,8 @@ class SyncFreeExecutor:
             return "ESAM's weight mask is drawn on the host"
         if hasattr(e.model, "no_sync"):
             return "DistributedDataParallel models run eagerly"
+        if e.sharding is not None:
+            return "FSDP-sharded models run eagerly"
         for group in e.optimizer.param_groups:
             if "fused" not in group:
                 name = type(e.optimizer).__name__
@@ -284,7 +286,9 @@ class SyncFreeExecutor:
             losses=None if out.losses is None else out.losses.clone(),
             ascent_grad_norm=None if out.ascent_grad_norm is None
             else out.ascent_grad_norm.clone(),
-            checks=[], sharp=out.sharp)
+            checks=[], sharp=out.sharp,
+            descent_grad_norm=None if out.descent_grad_norm is None
+            else out.descent_grad_norm.clone())
         return StepResult.of(copied, scalars[0], scalars[1].bool())
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:

@@ -28,12 +28,32 @@ sign of the last steps' descent (Becker et al. 2024).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 
 _EPS = 1e-12
+
+# The sharding (ksam.sharded.Sharding) whose shards the tensors given to global_norm are; None:
+# the tensors are whole.
+_SHARDING: ContextVar[Any] = ContextVar("ksam_sharding", default=None)
+
+
+@contextmanager
+def over_shards(sharding: Any) -> Iterator[None]:
+    """Within the block, :func:`global_norm` takes its tensors for the local shards of
+    ``sharding`` (a :class:`ksam.sharded.Sharding`, or None for whole tensors) and returns the
+    norm over all shards: the squared local norms summed over the ranks (one all-reduce)."""
+    token = _SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _SHARDING.reset(token)
 
 
 def _check_nonneg(value: float, name: str) -> float:
@@ -44,10 +64,14 @@ def _check_nonneg(value: float, name: str) -> float:
 
 
 def global_norm(tensors: list[Tensor]) -> Tensor:
-    """L2 norm over a list of tensors, on their device, without a host sync."""
+    """L2 norm over a list of tensors, on their device, without a host sync (over all shards
+    inside :func:`over_shards`)."""
+    sharding = _SHARDING.get()
     if not tensors:
-        return torch.zeros(())
+        return torch.zeros(()) if sharding is None else sharding.norm([torch.zeros(())])
     norms = torch._foreach_norm(tensors)
+    if sharding is not None:
+        return sharding.norm(norms)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

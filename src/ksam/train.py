@@ -61,6 +61,11 @@ class TrainConfig:
     # synchronized perturbation. Ignored in a single process.
     selection: str = "local"
     sync_perturbation: bool = False
+    # FSDP2 (fully_shard) instead of DDP; its ascent gradient is always synchronized.
+    fsdp: bool = False
+    # Engine options: forwards in chunks of at most this many rows; descent-gradient clip.
+    micro_batch_size: int | None = None
+    max_grad_norm: float | None = None
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
@@ -87,6 +92,12 @@ class TrainConfig:
 
         positive("epochs", integer=True)
         positive("batch_size", integer=True)
+        positive("micro_batch_size", integer=True)
+        if self.max_grad_norm is not None and not (
+                isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
+                and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, "
+                             f"got {self.max_grad_norm!r}")
         for name in ("lr", "momentum", "weight_decay"):
             positive(name)
         if self.precision not in PRECISIONS:
@@ -174,12 +185,14 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
+                   micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
                    **schedule_options(method, cfg.method_options, steps_total))
-    if hasattr(model, "no_sync"):  # DistributedDataParallel
-        from . import distributed
+    from . import distributed
 
+    if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
+        sync = True if cfg.fsdp else cfg.sync_perturbation
         engine = distributed.create(method, model, optimizer, selection=cfg.selection,
-                                    sync_perturbation=cfg.sync_perturbation, **options)
+                                    sync_perturbation=sync, **options)
     else:
         engine = create(method, model, optimizer, **options)
     return engine, scheduler
@@ -278,7 +291,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
 
         # No buffer broadcast inside forwards (it would put a collective into the per-rank
         # ascent pass); BatchNorm statistics are averaged before evaluation instead.
-        net = distributed.wrap(model, device)
+        net = distributed.wrap(model, device, fsdp=cfg.fsdp)
     if cfg.compile:
         import torch._dynamo as dynamo
 
@@ -299,8 +312,15 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
             raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         check_resumable(cfg, ckpt["config"], ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        engine.load_state_dict(ckpt["engine"])
+        if cfg.fsdp and world > 1:
+            from . import distributed
+
+            distributed.load_state_dict(engine, {
+                "model": ckpt["model"], "optimizer": ckpt["fsdp_optimizer"],
+                "engine": ckpt["engine"]})
+        else:
+            model.load_state_dict(ckpt["model"])
+            engine.load_state_dict(ckpt["engine"])
         scheduler.load_state_dict(ckpt["scheduler"])
         data_gen.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -335,7 +355,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         steps = timer.step_times()
-        if net is not model:
+        if world > 1:
             from . import distributed
 
             distributed.sync_buffers(net)
@@ -354,11 +374,19 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
             "lr": float(scheduler.get_last_lr()[0]),
         }
         history.append(row)
+        sharded = None
+        if cfg.fsdp and world > 1 and out_dir is not None:  # every rank gathers the shards
+            from . import distributed
+
+            sharded = distributed.state_dict(engine)
         if out_dir is not None and is_main:
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
             atomic_torch_save({
-                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
+                "config": cfg.to_dict(), "epoch": epoch + 1,
+                "model": model.state_dict() if sharded is None else sharded["model"],
+                "engine": engine.state_dict() if sharded is None else sharded["engine"],
+                "fsdp_optimizer": None if sharded is None else sharded["optimizer"],
+                "scheduler": scheduler.state_dict(),
                 "data_generator": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history,

@@ -26,13 +26,17 @@ What the helper takes care of:
   (Lightning's GradScaler unscales and steps on its own, which would unscale twice), use
   ``bf16-mixed`` or ``32-true``; ``*-true`` precisions need nothing;
 - logging: ``self.log(log_name, result.loss)`` (the batch's mean per-sample loss at w);
+- gradient clipping and large batches are engine options: ``configure_ksam(...,
+  max_grad_norm=1.0)`` clips the descent gradient right before the optimizer step (the
+  step's pre-clip norm is ``result.descent_grad_norm``), ``micro_batch_size=64`` runs
+  every forward in chunks of at most 64 examples. (Lightning's own ``gradient_clip_val`` and
+  ``accumulate_grad_batches`` are refused by Lightning under manual optimization.)
 - checkpoints: the engine's own state (step count, random generator) rides in the
   checkpoint under ``"ksam_state"``; the optimizer state is Lightning's usual one.
 
 Limits: one optimizer; a single device (under DDP the bare module would not all-reduce its
 gradients, so more than one process is refused); LR schedulers are stepped by you, as with
-any manual optimization (``self.lr_schedulers().step()``); ``gradient_clip_val`` is not
-available (Lightning refuses it with manual optimization); a step skipped for non-finite
+any manual optimization (``self.lr_schedulers().step()``); a step skipped for non-finite
 losses does not advance ``global_step``; the backward passes call ``Tensor.backward``
 directly, so ``on_before_backward``/``on_after_backward`` hooks do not run.
 """

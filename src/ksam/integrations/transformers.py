@@ -13,11 +13,20 @@ How it fits the Trainer loop (tested with transformers 4.48 and 5.24, accelerate
   nothing, so the Trainer's own ``optimizer.step()`` after ``training_step`` cannot step twice.
   It shares ``param_groups`` and ``state`` with the real optimizer, so the LR scheduler sets
   the real learning rates and ``optimizer.pt`` holds the real optimizer's state.
-- ``max_grad_norm > 0`` clips the *descent* gradient (the one the optimizer applies) to that
-  norm right before the optimizer step, as the plain Trainer clips its gradient; the ascent
-  gradient is normalized by the method anyway. The logged ``grad_norm`` is the pre-clip norm
-  of the descent gradient (on transformers < 5 it is logged as 0: the loop measures the
-  gradients after ksam has already cleared them).
+- ``max_grad_norm > 0`` becomes the engine's ``max_grad_norm``: the *descent* gradient (the
+  one the optimizer applies) is clipped to that norm right before the optimizer step, as the
+  plain Trainer clips its gradient; the ascent gradient is normalized by the method anyway.
+  The logged ``grad_norm`` is the pre-clip norm of the descent gradient
+  (``StepResult.descent_grad_norm``; on transformers < 5 it is logged as 0: the loop
+  measures the gradients after ksam has already cleared them).
+- ``gradient_accumulation_steps = G > 1`` becomes the engine's ``micro_batch_size``: the G
+  micro-batches of one optimizer step are gathered (sequences padded to the longest, labels
+  with -100, attention masks with 0) and stepped as one batch of G x
+  ``per_device_train_batch_size`` examples whose forwards run in chunks of
+  ``per_device_train_batch_size``. K-SAM thus ranks all G micro-batches together, and no
+  forward is larger than without accumulation. The first G-1 ``training_step`` calls of an
+  optimizer step return 0 and the last one the whole batch's mean loss, so the logged loss
+  is the mean over the G micro-batches.
 - Checkpoints: ``optimizer.pt`` / ``scheduler.pt`` as usual, plus ``ksam_state.pt`` (engine
   step count, its random generator, rule state), so ``resume_from_checkpoint`` continues
   the run exactly.
@@ -29,11 +38,17 @@ How it fits the Trainer loop (tested with transformers 4.48 and 5.24, accelerate
 - A step that ksam skips (non-finite loss or gradient) leaves the weights alone, but the
   Trainer still counts it and steps the LR scheduler.
 
-Refused at construction (clear ``ValueError``): ``gradient_accumulation_steps > 1`` (a ksam
-step needs the whole batch's losses before any gradient, so it cannot be split into
-micro-batches), ``fp16`` (accelerate's GradScaler would step an optimizer that has no
-gradients; use ``bf16``), DeepSpeed and FSDP (sharded parameters are not supported by the
-engine's perturbation).
+- ``fp16=True``: the engine owns the GradScaler (``KSAMTrainer.grad_scaler``) and runs the
+  passes under float16 autocast; it scales every backward, unscales the descent gradient
+  once before clipping and the optimizer step, skips a step whose gradients overflow and
+  backs the scale off. Accelerate's own scaler is removed (``accelerator.scaler = None``):
+  it would unscale and step the optimizer the Trainer holds, which has no gradients by then
+  (ksam has stepped the real optimizer already). The scaler's state rides in
+  ``ksam_state.pt``.
+
+Refused at construction (clear ``ValueError``): DeepSpeed and the Trainer's FSDP (the
+engine runs on FSDP2 models through :mod:`ksam.distributed`, not through accelerate's
+wrapper).
 
 Per-sample losses (:func:`per_sample_loss`): ksam ranks the examples of a batch, so the
 Trainer's batch-mean loss cannot be used; the losses are rebuilt from the model's logits and
@@ -193,27 +208,6 @@ class _TrainerOptimizer(_ProxyOptimizer):
         return None
 
 
-class _ClippingOptimizer(_ProxyOptimizer):
-    """What the engine steps: measures (and with ``max_norm > 0`` clips) the descent
-    gradient, then steps the real optimizer."""
-
-    def __init__(self, base: torch.optim.Optimizer, max_norm: float) -> None:
-        super().__init__(base)
-        self.max_norm = float(max_norm)
-        self.last_grad_norm: Tensor | None = None
-
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            if self.max_norm > 0:
-                coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
-            self.last_grad_norm = norm.detach()
-        return self.base.step(closure)
-
-
 def _find_trainer_optimizer(opt: Any) -> _TrainerOptimizer | None:
     """Our proxy under any wrappers (accelerate's ``AcceleratedOptimizer`` has ``.optimizer``)."""
     seen = 0
@@ -265,11 +259,21 @@ class KSAMTrainer(transformers.Trainer):
             _check_supported(training_args, self.ksam_kwargs)
         super().__init__(*args, **kwargs)
         _check_supported(self.args, self.ksam_kwargs)
+        #: fp16: the engine's GradScaler (accelerate's is removed; see the module docstring)
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        if self.args.fp16:
+            # accelerate's AMP off altogether: no scaler to step or unscale (transformers < 5
+            # clips through accelerator.clip_grad_norm_, which unscales when native_amp is
+            # on), no autocast wrapper around the model's forward (the engine autocasts).
+            self.accelerator.scaler = None
+            self.accelerator.native_amp = False
+            self.grad_scaler = torch.amp.GradScaler(self.args.device.type)
         if per_sample_loss_fn is None:
             per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
         self.per_sample_loss_fn = per_sample_loss_fn
         self._ksam: SharpnessAwareOptimizer | None = None
-        self._engine_optimizer: _ClippingOptimizer | None = None
+        self._engine_optimizer: torch.optim.Optimizer | None = None
+        self._micro_batches: list[dict[str, Any]] = []  # gradient accumulation's, so far
         self._pending_ksam_state: dict[str, Any] | None = None
         self.last_step_result: StepResult | None = None
         # Fail on a bad method name or option now rather than at the first step.
@@ -300,6 +304,13 @@ class KSAMTrainer(transformers.Trainer):
         kw.setdefault("seed", self.args.seed)
         if self.args.bf16:
             kw.setdefault("autocast_dtype", torch.bfloat16)
+        if self.grad_scaler is not None:
+            kw.setdefault("autocast_dtype", torch.float16)
+            kw["grad_scaler"] = self.grad_scaler
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            kw.setdefault("max_grad_norm", self.args.max_grad_norm)
+        if self.args.gradient_accumulation_steps > 1:
+            kw.setdefault("micro_batch_size", self.args.per_device_train_batch_size)
         return kw
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -310,7 +321,7 @@ class KSAMTrainer(transformers.Trainer):
             self.optimizer = existing
             return existing
         base = super().create_optimizer() if model is None else super().create_optimizer(model)
-        self._engine_optimizer = _ClippingOptimizer(base, self.args.max_grad_norm or 0.0)
+        self._engine_optimizer = base
         self.optimizer = _TrainerOptimizer(base)
         self._ksam = None
         return self.optimizer
@@ -318,7 +329,7 @@ class KSAMTrainer(transformers.Trainer):
     @property
     def base_optimizer(self) -> torch.optim.Optimizer | None:
         """The real optimizer that ksam steps (None before ``create_optimizer``)."""
-        return self._engine_optimizer.base if self._engine_optimizer is not None else None
+        return self._engine_optimizer
 
     @property
     def ksam(self) -> SharpnessAwareOptimizer | None:
@@ -352,12 +363,25 @@ class KSAMTrainer(transformers.Trainer):
         self._ksam = new
         return new
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._micro_batches = []  # an accumulation cut short by the last run is dropped
+        return super().train(*args, **kwargs)
+
     # -- the step -------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> Tensor:
         """One ksam step on ``inputs``: all passes and the optimizer step. Returns the batch's
         mean per-sample loss (at w) for logging; nothing is left for the Trainer to do."""
         del num_items_in_batch  # each example weighs the same in a ksam step
+        if self.args.gradient_accumulation_steps > 1:
+            # The loop calls this once per micro-batch and steps the optimizer after the
+            # last one (sync_gradients): gather them, and step once on all of them.
+            self._micro_batches.append(inputs)
+            if not self.accelerator.sync_gradients:
+                return torch.zeros((), device=self.args.device)
+            inputs = merge_batches(self._micro_batches, self._pad_token_id(),
+                                   self._padding_side())
+            self._micro_batches = []
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -367,15 +391,24 @@ class KSAMTrainer(transformers.Trainer):
         self.last_step_result = result
         return torch.tensor(result.loss, device=self.args.device)
 
+    def _pad_token_id(self) -> int:
+        config = getattr(self.model, "config", None)
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        return int(pad) if pad is not None else 0
+
+    def _padding_side(self) -> str:
+        tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        return getattr(tokenizer, "padding_side", "right") or "right"
+
     # -- grad-norm logging (transformers >= 5 calls these; older versions log 0) -------
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         return self._get_grad_norm(model)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        opt = self._engine_optimizer
-        if opt is None or opt.last_grad_norm is None:
+        result = self.last_step_result
+        if result is None or result.descent_grad_norm is None:
             return 0.0
-        return opt.last_grad_norm
+        return result.descent_grad_norm
 
     # -- checkpoints ----------------------------------------------------------------
     def _ksam_state_file(self, folder: str) -> str:
@@ -407,19 +440,13 @@ class KSAMTrainer(transformers.Trainer):
 
 def _check_supported(args: Any, ksam_kwargs: dict[str, Any]) -> None:
     """Raise ValueError for the Trainer settings a ksam step cannot honour."""
-    if args.gradient_accumulation_steps != 1:
-        raise ValueError(
-            "KSAMTrainer does not support gradient_accumulation_steps > 1: a ksam step ranks "
-            "the whole batch before any gradient, so it cannot be split into micro-batches; "
-            "raise per_device_train_batch_size instead"
-        )
-    if args.fp16:
-        raise ValueError("KSAMTrainer does not support fp16 (accelerate's GradScaler would step "
-                         "an optimizer without gradients); use bf16=True or fp32")
     if getattr(args, "deepspeed", None):
         raise ValueError("KSAMTrainer does not support DeepSpeed")
     if getattr(args, "fsdp", None):
         raise ValueError("KSAMTrainer does not support FSDP")
+    if args.gradient_accumulation_steps > 1 and "micro_batch_size" in ksam_kwargs:
+        raise ValueError("gradient_accumulation_steps sets the engine's micro_batch_size "
+                         "(per_device_train_batch_size): do not set it in ksam_kwargs too")
     for key in ("grad_scaler", "model", "optimizer"):
         if key in ksam_kwargs:
             raise ValueError(f"ksam_kwargs must not set {key!r}: the Trainer provides it")
@@ -432,3 +459,33 @@ def _engine_extras(engine: SharpnessAwareOptimizer) -> dict[str, Any]:
 
 def _load_engine_extras(engine: SharpnessAwareOptimizer, extras: dict[str, Any]) -> None:
     engine.load_state_dict(extras)
+
+
+def merge_batches(batches: list[Mapping[str, Any]], pad_token_id: int = 0,
+                  padding_side: str = "right") -> dict[str, Any]:
+    """One batch from several (a gradient accumulation's micro-batches): tensors concatenated
+    along the batch dimension; sequences of different lengths first padded to the longest
+    (on ``padding_side``), ``labels`` with -100, ``attention_mask`` / ``token_type_ids``
+    with 0 and anything else (``input_ids``) with ``pad_token_id``, as a padding collator
+    would have done for the whole batch. Non-tensor values come from the first batch."""
+    if len(batches) == 1:
+        return dict(batches[0])
+    out: dict[str, Any] = {}
+    for key, first in batches[0].items():
+        if not isinstance(first, Tensor):
+            out[key] = first
+            continue
+        parts = [b[key] for b in batches]
+        if first.dim() >= 2 and len({p.shape[1] for p in parts}) > 1:
+            length = max(p.shape[1] for p in parts)
+            value = -100 if key == "labels" else (
+                0 if key in ("attention_mask", "token_type_ids") else pad_token_id)
+            padded = []
+            for p in parts:
+                extra = length - p.shape[1]
+                widths = [0, 0] * (p.dim() - 2)  # F.pad lists the last dimension first
+                widths += [extra, 0] if padding_side == "left" else [0, extra]
+                padded.append(F.pad(p, widths, value=value))
+            parts = padded
+        out[key] = torch.cat(parts)
+    return out
