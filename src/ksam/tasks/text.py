@@ -349,7 +349,7 @@ def make_text_task(
 
     del data_dir
     defaults = {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
-                "weight_decay": 5e-4, "rho": 0.05, "k": 16}
+                "weight_decay": 5e-4}
     if hf_dataset is not None:
         if hf_model is None:
             raise ValueError("hf_dataset needs hf_model too (its tokenizer makes the ids)")
