@@ -224,6 +224,8 @@ def test_default_compare_sweeps_each_lr_and_a_given_lr_does_not():
     assert _cfg("compare", "--no-lr-sweep").sweep_lrs is None
     assert _cfg("compare", "--methods", "sgd:lr=0.2", "sam").sweep_lrs is None
     assert _cfg("compare", "--preset", "mnist1d").sweep_lrs is None  # the preset's lr
+    assert _cfg("compare", "--validation-split", "0.2").sweep_lrs is None  # a tuning run
+    assert _cfg("compare", "--validation-split", "0.3", "--lr-sweep", "0.1").sweep_lrs == [0.1]
 
 
 def test_default_compare_reports_each_methods_lr(tmp_path, capsys):

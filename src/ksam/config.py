@@ -199,8 +199,8 @@ class CliConfig:
     """Everything a ``ksam compare`` or ``ksam train`` command runs with.
 
     ``None`` for a training hyper-parameter means the task's default. ``lr_sweep`` is the
-    list of learning rates each method's lr is chosen from; ``None`` means: the default
-    sweep if no lr is given anywhere (``--lr``, a spec's ``lr=``, a preset), else none.
+    list of learning rates each method's lr is chosen from; ``None`` means: see
+    :attr:`sweep_lrs`.
     """
 
     task: str = "mnist1d"
@@ -289,11 +289,13 @@ class CliConfig:
     @property
     def sweep_lrs(self) -> list[float] | None:
         """The learning rates to choose each method's lr from, or None for no sweep: the
-        default sweep when no lr is given anywhere and ``--no-lr-sweep`` is not set."""
+        default sweep when no lr is given anywhere, ``--no-lr-sweep`` is not set and the
+        comparison is on the test set (a ``--validation-split`` comparison without
+        ``--lr-sweep`` is itself a tuning run, at one shared lr)."""
         if self.lr_sweep is not None:
             return list(self.lr_sweep)
-        if self.no_lr_sweep or self.lr is not None or any(m.lr is not None
-                                                          for m in self.methods):
+        if self.no_lr_sweep or self.validation_split or self.lr is not None \
+                or any(m.lr is not None for m in self.methods):
             return None
         return list(DEFAULT_LR_SWEEP)
 
