@@ -239,7 +239,7 @@ def test_default_compare_reports_each_methods_lr(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lr_choice"]["mode"] == "sweep"
     assert summary["rows"][0]["lr"] == lr
-    assert "each method at its own lr, chosen among 0.05, 0.1, 0.2, 0.4" in printed
+    assert "each method at its own lr, chosen among 0.1, 0.2, 0.4" in printed
     assert f"| sgd:lr={lr:g} | {lr:g} |" in printed
     assert "each method at its own lr" in (out / "summary.md").read_text()
 
@@ -301,3 +301,10 @@ def test_a_method_taking_total_steps_gets_the_runs_step_count(monkeypatch):
     train(TrainConfig(method="late-test", method_options=spec.options, epochs=2,
                       batch_size=32, task_options={"num_samples": 300}))
     assert seen == {"start": 0.8, "total_steps": 2 * (240 // 32)}
+
+
+def test_sgd_at_its_own_lr_is_the_reference(tmp_path):
+    report = compare(TrainConfig(epochs=1, batch_size=32, task_options={"num_samples": 300}),
+                     ["sam:lr=0.2", "sgd:lr=0.2"], [0], None)
+    assert report["reference"] == "sgd:lr=0.2"
+    assert report["rows"][1]["time_vs_ref"] == 1.0

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="choose each method's lr among these on a held-out split of the "
                             "training set (--validation-split, default 0.2), then compare "
                             "every method at its own lr on the test set; the default when "
-                            "no lr is given: 0.05 0.1 0.2 0.4")
+                            "no lr is given: 0.1 0.2 0.4")
     sweep.add_argument("--no-lr-sweep", action="store_true",
                        help="no lr sweep: every method at one shared lr (--lr, else the "
                             "task's default)")

@@ -327,7 +327,10 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
             result["seed"] = seed
             runs.append(result)
 
-    reference = "sgd" if "sgd" in labels else labels[0]
+    # SGD is the reference: the plain "sgd" spec, else the first SGD spec (e.g. at its own
+    # lr after a sweep), else the first method.
+    reference = "sgd" if "sgd" in labels else next(
+        (spec.label for spec in parsed if spec.name == "sgd"), labels[0])
     rows = summarize(runs, reference)
     report = {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
               "runs": runs, "task_name": task.name, "lr_choice": lr_choice,
