@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import data as _data
 from . import models as _models
 from .augment import RandomCropFlip, random_crop_flip
+from .base import Augment, TaskData
 
 __all__ = [
     "TASKS",
@@ -41,9 +42,6 @@ __all__ = [
     "random_crop_flip",
     "register_task",
 ]
-
-Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
-
 
 @dataclass(eq=False, repr=False)
 class Task:
@@ -87,24 +85,6 @@ def per_sample_cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> 
     """Unreduced cross-entropy ``[n]``: the per-example losses K-SAM ranks to pick its top-K."""
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")
-
-
-@dataclass
-class TaskData:
-    """What a task builder returns: raw arrays (see :mod:`ksam.tasks.data`) plus metadata.
-
-    Images are uint8 (scaled to [0, 1] then normalized with ``mean``/``std`` per channel on
-    the device) or float already normalized (``mean``/``std`` None).
-    """
-
-    splits: _data.RawSplits
-    num_classes: int
-    make_model: Callable[[], nn.Module]
-    defaults: dict[str, Any]
-    description: str
-    augment: Augment | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
 
 
 Builder = Callable[..., TaskData]
