@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from ksam.cli import main
+from ksam.train import load_checkpoint
 
 TINY = ["--task-option", "num_samples=600", "--batch-size", "32", "--quiet"]
+SHARED_LR = ["--no-lr-sweep"]  # one shared lr: no lr sweep before the comparison
 
 
 def test_compare_writes_a_complete_report(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--methods", "sgd", "sam", "ksam:k=8", "osgd:k=8", "--seeds", "2",
-                 "--epochs", "2", "--out", str(out), *TINY])
+                 "--epochs", "2", "--out", str(out), *TINY, *SHARED_LR])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| sgd |" in printed and "| ksam:k=8 |" in printed
@@ -89,7 +91,7 @@ def test_lr_sweep_chooses_each_lr_on_the_held_out_split(tmp_path, capsys):
 def test_compare_resume_keeps_finished_runs_and_adds_missing_ones(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--methods", "sgd", "ksam:k=8", "--epochs", "2", "--out", str(out),
-            *TINY]
+            *TINY, *SHARED_LR]
     assert main([*args, "--seeds", "1"]) == 0
     first = out / "runs" / "ksam_k_8-seed0" / "metrics.jsonl"
     text, mtime = first.read_text(), first.stat().st_mtime_ns
@@ -167,14 +169,14 @@ def test_train_resumes_after_a_real_kill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    at_kill = load_checkpoint(ckpt)["epoch"]
     assert 1 <= at_kill < 10
 
     resumed = subprocess.run(_python_ksam(*common, "--out", str(killed), "--resume"),
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(ckpt, weights_only=False)
+    a = load_checkpoint(full / "checkpoint.pt")
+    b = load_checkpoint(ckpt)
     assert b["epoch"] == 10
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -278,8 +280,7 @@ def test_train_with_compile_matches_eager(tmp_path):
     assert compiled["final"]["test_acc"] == plain["final"]["test_acc"]
     assert compiled["final"]["train_loss"] == pytest.approx(plain["final"]["train_loss"],
                                                              abs=1e-5)
-    ckpt = torch.load(tmp_path / str({"compile": "aot_eager"}) / "checkpoint.pt",
-                      weights_only=False)
+    ckpt = load_checkpoint(tmp_path / str({"compile": "aot_eager"}) / "checkpoint.pt")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
 
 

@@ -10,12 +10,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "ksam"
 
 # Cycles known and fixed elsewhere, as frozensets of the modules in them.
-KNOWN: set[frozenset[str]] = {
-    frozenset({"ksam.cli", "ksam.presets"}),  # cli/presets: fixed on the cli branch
-    # tasks/text: text.py imports TaskData from the package that imports it (tasks/ is
-    # reworked on the cli branch)
-    frozenset({"ksam.tasks", "ksam.tasks.text"}),
-}
+KNOWN: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:

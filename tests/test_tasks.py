@@ -182,7 +182,7 @@ def test_fashion_mnist_loads(tmp_path: Path, gz: bool) -> None:
     assert task.test_y.tolist() == arrays["test_y"].tolist()
     assert isinstance(task.augment, RandomCropFlip) and task.augment.padding == 2
     assert task.defaults == {"epochs": 10, "batch_size": 128, "lr": 0.05, "momentum": 0.9,
-                             "weight_decay": 5e-4, "rho": 0.05, "k": 32}
+                             "weight_decay": 5e-4}
     assert task.noisy_mask is None and task.description
 
 

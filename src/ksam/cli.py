@@ -1,119 +1,64 @@
 """The ``ksam`` command: ``compare``, ``train``, ``bench``, ``tasks``.
 
 Bad input gives one ``ksam: error: ...`` line and exit code 2, before anything is written.
+The flags of ``compare`` and ``train`` have no argparse defaults: the parsed namespace holds
+exactly what the user typed, which is merged over a preset and the command's defaults into
+one :class:`ksam.config.CliConfig` (:func:`config_from_args`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .config import DEFAULT_SWEEP_SPLIT, CliConfig, MethodSpec, parse_seeds, parse_value
 from .methods import METHODS
+from .presets import PRESETS, preset_layer
+
+__all__ = ["build_parser", "config_from_args", "main", "parse_seeds"]
 
 
-def _task_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if args.data_dir is not None:
-        opts["data_dir"] = args.data_dir
-    if args.train_subset is not None:
-        opts["train_subset"] = args.train_subset
-    if args.label_noise:
-        opts["label_noise"] = args.label_noise
-    if args.validation_split:
-        opts["validation_split"] = args.validation_split
-    if args.model is not None:
-        opts["model"] = args.model
-    for item in args.task_option or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--task-option {item!r} is not of the form key=value")
-        from .compare import _parse_value
+# --------------------------------------------------------------------------- argument types
 
-        opts[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return opts
+def _typed(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` whose ValueError message becomes the error line."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="task name (see `ksam tasks`); default mnist1d")
-    p.add_argument("--data-dir", type=Path, help="where the task's data files are")
-    p.add_argument("--model", help="model variant of the task (e.g. cnn, mlp, resnet18)")
-    p.add_argument("--train-subset", type=int, help="train on the first N examples only")
-    p.add_argument("--label-noise", type=float,
-                   help="fraction of training labels replaced by another class")
-    p.add_argument("--validation-split", type=float,
-                   help="hold out this fraction of the training set as the test set "
-                        "(for tuning without touching the test set)")
-    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
-                   help="extra task option, repeatable")
-    p.add_argument("--k", type=_number, help="K-SAM / Ordered SGD subset: fraction or count")
-    p.add_argument("--rho", type=float, help="perturbation radius")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "constant"], help="default cosine")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
-    fast = p.add_mutually_exclusive_group()
-    fast.add_argument("--fast", dest="fast", action="store_true", default=None,
-                      help="whole-step CUDA graphs (default on CUDA)")
-    fast.add_argument("--no-fast", dest="fast", action="store_false")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="run the forward passes through torch.compile (default backend "
-                        "inductor); compile time counts in the first epoch")
-    p.add_argument("--selection", choices=["local", "global"], default="local",
-                   help="under torchrun: each rank's own top-K (default) or the global top-K")
-    p.add_argument("--sync-perturbation", action="store_true",
-                   help="under torchrun: average the ascent gradient across ranks")
-    p.add_argument("--micro-batch-size", type=int, metavar="M",
-                   help="run every forward of a step in chunks of at most M examples (same "
-                        "step up to float rounding; BatchNorm normalizes per chunk)")
-    p.add_argument("--max-grad-norm", type=float, metavar="X",
-                   help="clip the descent gradient to global L2 norm X before each step")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the model with FSDP2 instead of DDP "
-                        "(the perturbation is then always synchronized)")
-    p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def _number(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        return _finite(text)
 
 
-def parse_seeds(value: str | int | list[int]) -> list[int]:
-    """A count (``3`` = seeds 0, 1, 2), a list (``0,4,7``) or a range (``0-4``)."""
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    text = str(value).strip()
-    try:
-        if text.isdigit():
-            if int(text) < 1:
-                raise ValueError
-            return list(range(int(text)))
-        if "-" in text and "," not in text:
-            lo, hi = (int(v) for v in text.split("-"))
-            if hi < lo:
-                raise ValueError
-            return list(range(lo, hi + 1))
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds must be a count (3), a list (0,1,2) or a range (0-4), got {text!r}"
-        ) from None
+_FLOAT, _NUMBER = _typed(_finite), _typed(_number)
+_SPEC, _SEEDS = _typed(MethodSpec.parse), _typed(parse_seeds)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,33 +68,99 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ksam: error: {message}\n")
 
 
+# --------------------------------------------------------------------------- the parser
+
+def _add_task(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="task name (see `ksam tasks`); default mnist1d")
+    p.add_argument("--data-dir", help="where the task's data files are")
+    p.add_argument("--model", help="model variant of the task (e.g. cnn, mlp, resnet18)")
+    p.add_argument("--train-subset", type=int, help="train on the first N examples only")
+    p.add_argument("--label-noise", type=_FLOAT,
+                   help="fraction of training labels replaced by another class")
+    p.add_argument("--validation-split", type=_FLOAT,
+                   help="hold out this fraction of the training set as the test set "
+                        "(for tuning without touching the test set)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                   help="extra task option, repeatable")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=_NUMBER, help="K-SAM / Ordered SGD subset: fraction or count")
+    p.add_argument("--rho", type=_FLOAT, help="perturbation radius")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=_FLOAT)
+    p.add_argument("--momentum", type=_FLOAT)
+    p.add_argument("--weight-decay", type=_FLOAT)
+    p.add_argument("--schedule", choices=["cosine", "constant"], help="default cosine")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    fast = p.add_mutually_exclusive_group()
+    fast.add_argument("--fast", dest="fast", action="store_true",
+                      help="whole-step CUDA graphs (default on CUDA)")
+    fast.add_argument("--no-fast", dest="fast", action="store_false")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="run the forward passes through torch.compile (default backend "
+                        "inductor); compile time counts in the first epoch")
+    p.add_argument("--selection", choices=["local", "global"],
+                   help="under torchrun: each rank's own top-K (default) or the global top-K")
+    p.add_argument("--sync-perturbation", action="store_true",
+                   help="under torchrun: average the ascent gradient across ranks")
+    p.add_argument("--micro-batch-size", type=int, metavar="M",
+                   help="run every forward of a step in chunks of at most M examples (same "
+                        "step up to float rounding; BatchNorm normalizes per chunk)")
+    p.add_argument("--max-grad-norm", type=_FLOAT, metavar="X",
+                   help="clip the descent gradient to global L2 norm X before each step")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 instead of DDP "
+                        "(the perturbation is then always synchronized)")
+
+
+def _add_output(p: argparse.ArgumentParser, resume_help: str) -> None:
+    p.add_argument("--out", type=Path, help="output directory (must be empty or new)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=resume_help)
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the results already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ksam", description="Sharpness-aware training at SGD's cost (K-SAM and friends).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("compare", help="train several methods x seeds and compare them")
-    _add_common(p)
-    p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
-                   help="method specs, e.g. sgd sam ksam ksam:k=16 osgd:k=16 "
+    p = sub.add_parser("compare", help="train several methods x seeds and compare them",
+                       argument_default=argparse.SUPPRESS)
+    _add_task(p)
+    _add_training(p)
+    _add_output(p, "continue in --out: finished runs are kept, interrupted ones resume from "
+                   "their checkpoints, missing ones run")
+    p.add_argument("--methods", nargs="+", type=_SPEC, metavar="SPEC",
+                   help="method specs, e.g. sgd sam ksam ksam:k=16 osgd:k=16 sgd:lr=0.2 "
                         f"(methods: {', '.join(METHODS)}); default: sgd sam ksam")
-    p.add_argument("--seeds", type=parse_seeds, default=None,
+    p.add_argument("--seeds", type=_SEEDS,
                    help="a count (3 = seeds 0,1,2; the default), a list (0,4,7) or a range "
                         "(0-4)")
-    p.add_argument("--preset", help="a named configuration (see docs/results.md)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue in --out: finished runs are kept, interrupted ones resume "
-                        "from their checkpoints, missing ones run")
-    p.add_argument("--lr-sweep", nargs="+", type=float, metavar="LR",
-                   help="choose each method's lr among these on a held-out split of the "
-                        "training set (--validation-split, default 0.2), then compare every "
-                        "method at its own lr on the test set")
+    p.add_argument("--preset", help=f"a named configuration: {', '.join(PRESETS)} "
+                                    "(docs/results.md)")
+    sweep = p.add_mutually_exclusive_group()
+    sweep.add_argument("--lr-sweep", nargs="+", type=_FLOAT, metavar="LR",
+                       help="choose each method's lr among these on a held-out split of the "
+                            "training set (--validation-split, default 0.2), then compare "
+                            "every method at its own lr on the test set; the default when "
+                            "no lr is given: 0.1 0.2 0.4")
+    sweep.add_argument("--no-lr-sweep", action="store_true",
+                       help="no lr sweep: every method at one shared lr (--lr, else the "
+                            "task's default)")
 
-    p = sub.add_parser("train", help="train one method once (checkpoints every epoch)")
-    _add_common(p)
-    p.add_argument("--method", default="ksam", help="method spec, e.g. ksam:k=16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p = sub.add_parser("train", help="train one method once (checkpoints every epoch)",
+                       argument_default=argparse.SUPPRESS)
+    _add_task(p)
+    _add_training(p)
+    _add_output(p, "continue from OUT/checkpoint.pt")
+    p.add_argument("--method", type=_SPEC, help="method spec, e.g. ksam:k=16 (default ksam)")
+    p.add_argument("--seed", type=int, help="default 0")
 
     p = sub.add_parser("bench", help="time optimizer steps of every method side by side")
     from .bench import add_arguments
@@ -160,18 +171,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _base_config(args: argparse.Namespace):
-    from .train import TrainConfig
+# --------------------------------------------------------------------------- configuration
 
-    return TrainConfig(
-        task=args.task or "mnist1d", epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        schedule=args.schedule or "cosine", device=args.device or "auto",
-        precision=args.precision or "fp32", fast=args.fast, compile=args.compile,
-        task_options=_task_options(args), selection=args.selection,
-        sync_perturbation=args.sync_perturbation, fsdp=args.fsdp,
-        micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm)
+def _task_options(items: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--task-option {item!r} is not of the form key=value")
+        try:
+            opts[key.strip().replace("-", "_")] = parse_value(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"--task-option {item!r}: {exc}") from None
+    return opts
 
+
+def config_from_args(args: argparse.Namespace) -> CliConfig:
+    """The command's defaults, then ``--preset``'s values, then the user's flags."""
+    user = {k: v for k, v in vars(args).items() if k != "command"}
+    if "task_option" in user:
+        user["task_options"] = _task_options(user.pop("task_option"))
+    if "method" in user:
+        user["methods"] = [user.pop("method")]
+    defaults: dict[str, Any] = {"methods": ["ksam"]} if args.command == "train" else {}
+    layers = [defaults]
+    if user.get("preset") is not None:
+        layers.append(preset_layer(user["preset"], user))
+    return CliConfig.from_layers(*layers, user)
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """ValueError unless ``out`` can take a new run's results: a new or empty folder, or
+    one with results under ``resume``/``overwrite``; never a file; writable."""
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if existing == out and any(out.iterdir()) and not (resume or overwrite):
+        raise ValueError(f"--out {out} is not empty; give --resume to continue the results "
+                         "there or --overwrite to replace them")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
+def _clear_outputs(out: Path, names: tuple[str, ...]) -> None:
+    """Remove what an earlier ksam command wrote in ``out`` (only those files and folders)."""
+    import shutil
+
+    for name in names:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- commands
 
 class _Progress:
     """A tqdm bar over epochs of all runs; off with --quiet or when stdout is no terminal."""
@@ -206,86 +260,88 @@ def _dist():
     return distributed.init_from_env()
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+def cmd_compare(cfg: CliConfig) -> int:
+    from . import compare as cmp
     from .tasks import get_task
     from .train import resolve_device
 
-    if args.preset:
-        from .presets import apply_preset
-
-        apply_preset(args)
-    base = _base_config(args)
-    base.validate()
-    seeds = parse_seeds(args.seeds if args.seeds is not None else 3)
-    specs = args.methods or ["sgd", "sam", "ksam"]
-    sweep = args.lr_sweep
-    if sweep and args.lr is not None:
+    sweep = cfg.sweep_lrs
+    if sweep and cfg.lr is not None:
         raise ValueError("--lr and --lr-sweep exclude each other: the sweep sets every lr")
-    if args.resume and args.out is None:
+    if cfg.resume and cfg.out is None:
         raise ValueError("--resume needs --out: the comparison to continue")
-    if sweep:  # the held-out split is for the sweep; the final comparison uses the test set
-        held_out = base.task_options.pop("validation_split", None) or 0.2
+    out = cfg.out or Path("runs") / f"compare-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    # The held-out split is for the sweep; the final comparison uses the test set.
+    base = cfg.train_config(with_validation=not sweep)
+    base.validate()
+    if sweep:
+        cmp.check_sweep(base, cfg.methods, sweep)
     dist_info = _dist()
-    device = resolve_device(base.device)
     if dist_info is not None:
-        device = str(dist_info.device)
-        base.device = device
-    task = get_task(base.task, device=device, seed=seeds[0], **base.task_options)
-    epochs = base.epochs or task.defaults["epochs"]
-    out = args.out or Path("runs") / f"compare-{base.task}-{datetime.now():%Y%m%d-%H%M%S}"
+        base.device = str(dist_info.device)
+    task = get_task(base.task, device=resolve_device(base.device), seed=cfg.seeds[0],
+                    **base.task_options)
+    cmp.check_methods(base.resolved(task.defaults), cfg.methods, cfg.shared, task)
     is_main = dist_info is None or dist_info.rank == 0
+    if cfg.overwrite and is_main and out.is_dir():
+        _clear_outputs(out, cmp.OUTPUTS)
+    epochs = base.resolved(task.defaults).epochs
     rounds = 1 + (len(sweep) if sweep else 0)
-    progress = _Progress(len(specs) * len(seeds) * epochs * rounds, args.quiet or not is_main)
-    shared = {"k": args.k, "rho": args.rho}
+    progress = _Progress(len(cfg.methods) * len(cfg.seeds) * epochs * rounds,
+                         cfg.quiet or not is_main)
+    common = dict(shared=cfg.shared, progress=progress, is_main=is_main, dist_info=dist_info,
+                  resume=cfg.resume)
+    specs, lr_choice = cfg.methods, cmp.describe_lrs(base, cfg.methods)
     try:
         if sweep:
-            from .compare import sweep_lr
-
-            chosen = sweep_lr(base, specs, seeds, sweep, out, validation_split=held_out,
-                              shared=shared, progress=progress, is_main=is_main,
-                              dist_info=dist_info, resume=args.resume)
-            specs = chosen["specs"]
-        report = compare(base, specs, seeds, out, shared=shared, task=task, progress=progress,
-                         is_main=is_main, dist_info=dist_info, resume=args.resume)
+            held_out = cfg.validation_split or DEFAULT_SWEEP_SPLIT
+            chosen = cmp.sweep_lr(base, cfg.methods, cfg.seeds, sweep, out,
+                                  validation_split=held_out, **common)
+            specs, lr_choice = chosen["specs"], cmp.describe_lrs(base, specs, chosen)
+        report = cmp.compare(base, specs, cfg.seeds, out, task=task, lr_choice=lr_choice,
+                             **common)
     finally:
         progress.close()
-    if is_main and sweep:
-        print(f"lr per method (validation accuracy, {held_out:g} of the training set held "
-              f"out):\n{chosen['table']}\n")
     if is_main:
-        print(f"{base.task}: {len(seeds)} seeds x {len(specs)} methods, results in {out}")
+        if sweep:
+            print(f"lr per method (validation accuracy, {held_out:g} of the training set held "
+                  f"out; the test set is not used):\n{chosen['table']}\n")
+        print(f"{base.task}: {len(cfg.seeds)} seeds x {len(specs)} methods, {lr_choice['text']}"
+              f"; results in {out}")
         print(report["table"])
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .compare import method_config, split_run_options
-    from .train import train
+def cmd_train(cfg: CliConfig) -> int:
+    from .train import TRAIN_OUTPUTS, checkpoint_path, train
 
-    base = _base_config(args)
-    name, options = method_config(args.method, {"k": args.k, "rho": args.rho})
-    options, run_options = split_run_options(options)
-    base.method, base.method_options, base.seed = name, options, args.seed
-    if "lr" in run_options:
-        base.lr = run_options["lr"]
-    out = args.out or Path("runs") / f"train-{base.task}-{name}-seed{args.seed}"
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+    spec = cfg.methods[0]
+    base = cfg.train_config()
+    base.method, base.method_options = spec.name, spec.method_options(cfg.shared)
+    base.seed = cfg.seed
+    if spec.lr is not None:
+        base.lr = spec.lr
+    out = cfg.out or Path("runs") / f"train-{base.task}-{spec.name}-seed{cfg.seed}"
+    check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume and not checkpoint_path(out).exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path(out)}")
     dist_info = _dist()
     if dist_info is not None:
         base.device = str(dist_info.device)
     is_main = dist_info is None or dist_info.rank == 0
 
     def report(row: dict[str, Any]) -> None:
-        if is_main and not args.quiet:
+        if is_main and not cfg.quiet:
             print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
                   f"test acc {row['test_acc']:6.2f}%  epoch {row['epoch_time']:.2f}s  "
                   f"step {1000 * row['step_time_median']:.2f} ms", flush=True)
 
+    clear = (lambda: _clear_outputs(out, TRAIN_OUTPUTS)) if cfg.overwrite and is_main \
+        else None
     try:
-        result = train(base, out_dir=out, resume=args.resume, on_epoch=report,
-                       dist_info=dist_info)
+        result = train(base, out_dir=out, resume=cfg.resume, on_epoch=report,
+                       dist_info=dist_info, before_write=clear)
     finally:
         if dist_info is not None:  # FSDP's process group aborts the process if left open
             from . import distributed
@@ -298,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tasks(args: argparse.Namespace) -> int:
+def cmd_tasks() -> int:
     from .tasks import TASKS
 
     for name, spec in TASKS.items():
@@ -307,18 +363,25 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handlers = {"compare": cmd_compare, "train": cmd_train, "tasks": cmd_tasks}
-    try:
-        if args.command == "bench":
-            from .bench import run_from_args
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        from .bench import run_from_args
 
-            return run_from_args(args)
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError,
-            argparse.ArgumentTypeError) as exc:
+        return run_from_args(args)
+    if args.command == "tasks":
+        return cmd_tasks()
+    cfg = config_from_args(args)
+    return cmd_compare(cfg) if args.command == "compare" else cmd_train(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a parse error (its line is printed) or --help
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _run(args)
+    except (ValueError, OSError, ImportError, KeyError, argparse.ArgumentTypeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"ksam: error: {message}", file=sys.stderr)
         return 2

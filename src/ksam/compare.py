@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
@@ -17,78 +16,21 @@ from typing import Any
 
 import torch
 
-from .methods import METHODS
+from .config import MethodSpec
 from .train import TrainConfig, atomic_write_bytes, atomic_write_text, train
 
-ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation",
-                  "compile"}
-#: Options of the run rather than the method, allowed in every spec ("sgd:lr=0.2"): each
-#: method can be compared at its own learning rate (docs/collapse.md section 5: at one shared
-#: lr a method that enlarges its effective step can look better than it is).
-RUN_OPTIONS = {"lr"}
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
-
-
-def method_options(name: str) -> set[str]:
-    """The options a method takes (besides model, optimizer and the engine's)."""
-    factory = METHODS[name]
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    params = inspect.signature(target).parameters
-    options = {p for p, v in params.items()
-               if v.kind == v.KEYWORD_ONLY and p not in ENGINE_OPTIONS}
-    if "start_step" in options:  # the CLI also says it as a fraction of the run (start=0.8)
-        options.add("start")
-    return options
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+#: What ``ksam compare --out D`` writes in D (``--overwrite`` removes these only).
+OUTPUTS = ("config.json", "summary.md", "summary.json", "metrics.csv", "accuracy_vs_time.png",
+           "accuracy_vs_cost.png", "lr_sweep.md", "lr_sweep.json", "runs", "lr-sweep")
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"ksam:k=16,rho=0.1"`` -> ``("ksam", {"k": 16, "rho": 0.1})``."""
-    name, _, rest = spec.partition(":")
-    name = name.strip().lower()
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    options: dict[str, Any] = {}
-    allowed = method_options(name) | RUN_OPTIONS
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise ValueError(f"method option {item!r} in {spec!r} is not of the form key=value")
-        if key not in allowed:
-            raise ValueError(f"method {name!r} takes no option {key!r} "
-                             f"(it takes: {', '.join(sorted(allowed)) or 'none'})")
-        options[key] = _parse_value(value.strip())
-    return name, options
-
-
-def method_config(spec: str, shared: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Method name and options: the spec's own, then the shared ones (--k, --rho) that the
-    method takes."""
-    name, options = parse_method_spec(spec)
-    allowed = method_options(name)
-    for key, value in shared.items():
-        if value is not None and key in allowed and key not in options:
-            options[key] = value
-    return name, options
-
-
-def split_run_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the method's options, the run's: :data:`RUN_OPTIONS` given in the spec)."""
-    method = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
-    run = {k: v for k, v in options.items() if k in RUN_OPTIONS}
-    return method, run
+    """``"ksam:k=16,rho=0.1"`` -> ``("ksam", {"k": 16, "rho": 0.1})`` (``lr`` included when
+    the spec sets it)."""
+    parsed = MethodSpec.parse(spec)
+    return parsed.name, ({**parsed.options, "lr": parsed.lr} if parsed.lr is not None
+                         else dict(parsed.options))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -98,8 +40,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """One row per method label: accuracy over seeds, time, time relative to the reference,
-    steps/s and the collapse count (final accuracy > 10 points below the reference's mean)."""
+    """One row per method label: accuracy over seeds, its lr, time, time relative to the
+    reference, steps/s and the collapse count (final accuracy > 10 points below the
+    reference's mean)."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     by_label = {lab: [r for r in runs if r["label"] == lab] for lab in labels}
     ref_runs = by_label.get(reference, [])
@@ -116,6 +59,7 @@ def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]
         t = statistics.fmean(times)
         rows.append({
             "method": lab,
+            "lr": by_label[lab][0]["config"]["lr"] if "config" in by_label[lab][0] else None,
             "seeds": len(finals),
             "test_acc_mean": mean,
             "test_acc_std": std,
@@ -134,30 +78,71 @@ def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]
 
 def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
     lines = [
-        f"| method | test acc % (mean ± std) | min | collapsed | train time s "
+        f"| method | lr | test acc % (mean ± std) | min | collapsed | train time s "
         f"| time / {reference} | steps/s | step ms (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         collapsed = "-" if r["collapsed"] is None else f"{r['collapsed']}/{r['seeds']}"
+        lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
         lines.append(
-            f"| {r['method']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
+            f"| {r['method']} | {lr} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
             f"| {r['test_acc_min']:.2f} | {collapsed} | {r['train_time_s']:.1f} "
             f"| {r['time_vs_ref']:.2f}x | {r['steps_per_s']:.1f} | {r['step_ms_median']:.2f} |"
         )
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Test accuracy against training wall-clock: per method the mean over seeds and the
-    min-max band.
-    Returns False (and writes nothing) when matplotlib is missing."""
+def accuracy_vs_cost(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One point per method: training time relative to the reference method's mean time
+    (mean and sample std over seeds of each seed's time / that mean) and final test accuracy
+    (mean and sample std over seeds); ``frontier`` marks the methods no other method beats
+    on both axes (at most the time and at least the accuracy, one of them strictly)."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    ref_times = [r["final"]["train_time"] for r in runs if r["label"] == reference]
+    ref_time = statistics.fmean(ref_times) if ref_times else math.nan
+    points = []
+    for lab in labels:
+        finals = [r["final"] for r in runs if r["label"] == lab]
+        cost_mean, cost_std = _mean_std([f["train_time"] / ref_time for f in finals])
+        acc_mean, acc_std = _mean_std([f["test_acc"] for f in finals])
+        points.append({"method": lab, "seeds": len(finals), "cost_mean": cost_mean,
+                       "cost_std": cost_std, "acc_mean": acc_mean, "acc_std": acc_std})
+    for p in points:
+        p["frontier"] = not any(
+            q is not p and q["cost_mean"] <= p["cost_mean"] and q["acc_mean"] >= p["acc_mean"]
+            and (q["cost_mean"] < p["cost_mean"] or q["acc_mean"] > p["acc_mean"])
+            for q in points)
+    return points
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Test accuracy against training wall-clock: per method the mean over seeds and the
+    min-max band.
+    Returns False (and writes nothing) when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     labels = list(dict.fromkeys(r["label"] for r in runs))
@@ -183,10 +168,33 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_png(fig, path)
+    return True
+
+
+def plot_accuracy_vs_cost(points: list[dict[str, Any]], reference: str, path: Path,
+                          title: str) -> bool:
+    """The :func:`accuracy_vs_cost` points with their std over seeds as error bars; the
+    frontier's points filled, the others hollow. False (nothing written) without
+    matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, p in enumerate(points):
+        colour = colours[i % len(colours)]
+        ax.errorbar(p["cost_mean"], p["acc_mean"], xerr=p["cost_std"], yerr=p["acc_std"],
+                    fmt="o", color=colour, capsize=3, ms=7,
+                    mfc=colour if p["frontier"] else "white",
+                    label=f"{p['method']}{' (frontier)' if p['frontier'] else ''}")
+    ax.set_xlabel(f"training time / {reference}'s (evaluation excluded)")
+    ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
     return True
 
 
@@ -202,59 +210,131 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path | None, *,
-            shared: dict[str, Any] | None = None, task: Any = None,
+def describe_lrs(base: TrainConfig, specs: list[MethodSpec],
+              sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How the comparison's learning rates were set, for the report: ``mode`` is
+    ``"sweep"`` (each method's own, chosen on held-out data), ``"per-method"`` (set in the
+    specs) or ``"shared"`` (one lr for all), and ``text`` says so in words."""
+    if sweep is not None:
+        lrs = ", ".join(f"{lr:g}" for lr in sweep["lrs"])
+        return {"mode": "sweep", "lrs": sweep["lrs"],
+                "validation_split": sweep["validation_split"],
+                "text": f"each method at its own lr, chosen among {lrs} by final accuracy on "
+                        f"a held-out {sweep['validation_split']:g} of the training set "
+                        "(lr_sweep.md)"}
+    shared = "the task's default" if base.lr is None else f"{base.lr:g}"
+    if any(spec.lr is not None for spec in specs):
+        return {"mode": "per-method",
+                "text": f"each method at the lr its spec sets (else {shared})"}
+    return {"mode": "shared",
+            "text": f"one shared lr ({shared}) for every method, not tuned per method"}
+
+
+def check_methods(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
+                  task: Any) -> None:
+    """Build every method once on a throw-away model so bad options fail before any run.
+    ``cfg`` is resolved against the task."""
+    from .train import build_engine
+
+    for spec in specs:
+        model = task.make_model()
+        try:
+            run_cfg = replace(cfg, method_options=spec.method_options(shared), fast=False,
+                              device="cpu", lr=cfg.lr if spec.lr is None else spec.lr)
+            run_cfg.validate()
+            steps = max(1, task.num_train // cfg.batch_size) * cfg.epochs
+            engine, _ = build_engine(spec.name, model, run_cfg, steps)
+            engine.check_batch(cfg.batch_size)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"method {spec.label!r}: {exc}") from None
+
+
+def _run_config(cfg: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None,
+                seed: int) -> TrainConfig:
+    return replace(cfg, method=spec.name, method_options=spec.method_options(shared),
+                   seed=seed, lr=cfg.lr if spec.lr is None else spec.lr)
+
+
+def _run_dir(out_dir: Path | None, spec: MethodSpec, seed: int) -> Path | None:
+    return out_dir / "runs" / f"{_slug(spec.label)}-seed{seed}" if out_dir else None
+
+
+def _check_checkpoints(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
+                       seeds: list[int], out_dir: Path | None) -> None:
+    """Every checkpoint in ``out_dir`` is sound and continues its run (else ValueError)."""
+    from .train import check_resumable, checkpoint_path, load_checkpoint
+
+    if out_dir is None or not out_dir.is_dir():
+        raise ValueError(f"resume: no earlier comparison in {out_dir}")
+    for seed in seeds:
+        for spec in specs:
+            path = checkpoint_path(_run_dir(out_dir, spec, seed))
+            if path.exists():
+                check_resumable(_run_config(cfg, spec, shared, seed),
+                                load_checkpoint(path)["config"], path)
+
+
+def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
+            out_dir: Path | None, *, shared: dict[str, Any] | None = None, task: Any = None,
             progress: Callable[[str, dict[str, Any]], None] | None = None,
-            is_main: bool = True, dist_info: Any = None,
-            resume: bool = False) -> dict[str, Any]:
+            is_main: bool = True, dist_info: Any = None, resume: bool = False,
+            lr_choice: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every method spec with every seed; write the report to ``out_dir``.
 
     Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
     Everything is validated before the first file is written. ``resume``: a run whose
     checkpoint is in ``out_dir`` continues from it (a finished one is only re-read), after
-    the checkpoint's configuration is checked against this one.
+    every checkpoint is verified and its configuration checked against this one.
+    ``lr_choice`` (see :func:`describe_lrs`) says in the report how the lrs were set.
     """
+    from .config import parse_seeds
     from .tasks import get_task
-    from .train import resolve_device
+    from .train import checkpoint_path, resolve_device
 
     base.validate()
-    configs = [(spec, *method_config(spec, shared or {})) for spec in specs]
-    if len({spec for spec, _, _ in configs}) != len(configs):
+    parsed = [MethodSpec.parse(spec) for spec in specs]
+    if len({spec.label for spec in parsed}) != len(parsed):
         raise ValueError("the same method spec is given twice")
-    if not seeds:
-        raise ValueError("give at least one seed")
+    seeds = parse_seeds(seeds)
     if task is None:
         task = get_task(base.task, device=resolve_device(base.device), seed=seeds[0],
                         **base.task_options)
     resolved = base.resolved(task.defaults)
-    _dry_run(resolved, configs, task)
+    check_methods(resolved, parsed, shared, task)
     if resume:  # every checkpoint is checked before any run continues
-        _check_checkpoints(resolved, configs, seeds, out_dir)
-
+        _check_checkpoints(resolved, parsed, shared, seeds, out_dir)
+    lr_choice = lr_choice or describe_lrs(base, parsed)
+    labels = [spec.label for spec in parsed]
     if out_dir is not None and is_main:
+        config_text = json.dumps({
+            "base": resolved.to_dict(), "methods": labels, "seeds": seeds,
+            "lr_choice": lr_choice, "environment": environment(),
+            "task": task.description}, indent=2)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps({
-            "base": resolved.to_dict(), "methods": specs, "seeds": seeds,
-            "environment": environment(), "task": task.description}, indent=2))
+        atomic_write_text(out_dir / "config.json", config_text)
 
     runs = []
     for seed in seeds:
-        for spec, name, options in configs:
-            cfg = _run_config(base, name, options, seed)
-            run_dir = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" if out_dir else None
-            again = resume and run_dir is not None and (run_dir / "checkpoint.pt").exists()
-            result = train(cfg, out_dir=run_dir, task=task, dist_info=dist_info, resume=again,
-                           on_epoch=(lambda row, s=spec: progress(s, row)) if progress else None)
+        for spec in parsed:
+            run_dir = _run_dir(out_dir, spec, seed)
+            again = resume and run_dir is not None and checkpoint_path(run_dir).exists()
+            result = train(_run_config(base, spec, shared, seed), out_dir=run_dir, task=task,
+                           dist_info=dist_info, resume=again,
+                           on_epoch=(lambda row, s=spec.label: progress(s, row))
+                           if progress else None)
             result.pop("model")
-            result["label"] = spec
+            result["label"] = spec.label
             result["seed"] = seed
             runs.append(result)
 
-    reference = "sgd" if "sgd" in specs else specs[0]
+    # SGD is the reference: the plain "sgd" spec, else the first SGD spec (e.g. at its own
+    # lr after a sweep), else the first method.
+    reference = "sgd" if "sgd" in labels else next(
+        (spec.label for spec in parsed if spec.name == "sgd"), labels[0])
     rows = summarize(runs, reference)
-    table = markdown_table(rows, reference)
-    report = {"rows": rows, "table": table, "reference": reference, "runs": runs,
-              "task_name": task.name,
+    report = {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
+              "runs": runs, "task_name": task.name, "lr_choice": lr_choice,
+              "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
               "split": "validation" if base.task_options.get("validation_split") else "test",
               "config": resolved.to_dict(), "environment": environment()}
     if out_dir is not None and is_main:
@@ -262,93 +342,94 @@ def compare(base: TrainConfig, specs: list[str], seeds: list[int], out_dir: Path
     return report
 
 
-def _dry_run(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]], task: Any) -> None:
-    """Build every method once on a throw-away model so bad options fail before any run."""
-    from .train import build_engine
-
-    for spec, name, options in configs:
-        model = task.make_model()
-        method_options, run_options = split_run_options(options)
-        try:
-            run_cfg = replace(cfg, method_options=method_options, fast=False, device="cpu",
-                              **run_options)
-            run_cfg.validate()
-            engine, _ = build_engine(name, model, run_cfg, 1)
-            engine.check_batch(cfg.batch_size)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"method {spec!r}: {exc}") from None
-
-
-def _run_config(cfg: TrainConfig, name: str, options: dict[str, Any], seed: int) -> TrainConfig:
-    method_options, run_options = split_run_options(options)
-    return replace(cfg, method=name, method_options=method_options, seed=seed, **run_options)
-
-
-def _check_checkpoints(cfg: TrainConfig, configs: list[tuple[str, str, dict[str, Any]]],
-                       seeds: list[int], out_dir: Path | None) -> None:
-    from .train import check_resumable
-
-    if out_dir is None or not out_dir.is_dir():
-        raise ValueError(f"resume: no earlier comparison in {out_dir}")
-    for seed in seeds:
-        for spec, name, options in configs:
-            path = out_dir / "runs" / f"{_slug(spec)}-seed{seed}" / "checkpoint.pt"
-            if path.exists():
-                saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
-                check_resumable(_run_config(cfg, name, options, seed), saved, path)
-
-
 def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
 
 
-def _write_report(out_dir: Path, report: dict[str, Any], description: str,
-                  seeds: list[int]) -> None:
-    env = report["environment"]
-    cfg = report["config"]
-    own_lr = any("lr" in split_run_options(parse_method_spec(r["method"])[1])[1]
-                 for r in report["rows"])
-    header = (
+def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -> str:
+    env, cfg = report["environment"], report["config"]
+    return (
         f"# ksam compare: {report['task_name']}\n\n{description}\n\n"
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {cfg['epochs']} epochs, "
-        f"batch {cfg['batch_size']}, lr {cfg['lr']}"
-        f"{' (where a method sets no lr of its own)' if own_lr else ''} ({cfg['schedule']}), "
-        f"momentum "
+        f"batch {cfg['batch_size']} ({cfg['schedule']} lr schedule), momentum "
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"
         f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n\n"
+        f"Learning rate: {report['lr_choice']['text']} (the 'lr' column).\n\n"
         f"{report['split'].capitalize()} accuracy at the end of training (the 'test acc' "
         f"column); train time is the wall-clock of the training "
         f"steps only (evaluation excluded), mean over seeds; 'collapsed' counts runs ending "
         f"more than {COLLAPSE_MARGIN:.0f} points below {report['reference']}'s mean.\n\n"
     )
-    atomic_write_text(out_dir / "summary.md", header + report["table"] + "\n")
-    slim = {k: v for k, v in report.items() if k != "runs"}
-    slim["runs"] = [{k: r[k] for k in ("label", "seed", "final")} for r in report["runs"]]
-    atomic_write_text(out_dir / "summary.json", json.dumps(slim, indent=2, default=str))
+
+
+def _metrics_csv(runs: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     fields = ["method", "seed", "epoch", "train_loss", "test_loss", "test_acc", "epoch_time",
               "train_time", "step_time_median", "steps", "skipped_steps", "lr"]
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
-    for r in report["runs"]:
+    for r in runs:
         for e in r["epochs"]:
             writer.writerow({"method": r["label"], "seed": r["seed"],
                              **{k: e[k] for k in fields[2:]}})
-    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _write_report(out_dir: Path, report: dict[str, Any], description: str,
+                  seeds: list[int]) -> None:
+    cfg = report["config"]
+    title = f"{cfg['task']}: final test accuracy vs training cost"
+    drawn = plot_accuracy_vs_cost(report["accuracy_vs_cost"], report["reference"],
+                                  out_dir / "accuracy_vs_cost.png", title)
+    note = "" if drawn else ("\n(matplotlib is not installed: no plots; the accuracy-vs-cost "
+                             "points are in summary.json.)\n")
+    atomic_write_text(out_dir / "summary.md", _report_header(report, description, seeds)
+                      + report["table"] + "\n" + note)
+    slim = {k: v for k, v in report.items() if k != "runs"}
+    slim["runs"] = [{k: r[k] for k in ("label", "seed", "final")} for r in report["runs"]]
+    atomic_write_text(out_dir / "summary.json", json.dumps(slim, indent=2, default=str))
+    atomic_write_text(out_dir / "metrics.csv", _metrics_csv(report["runs"]))
     plot_accuracy_vs_time(report["runs"], out_dir / "accuracy_vs_time.png",
                           f"{cfg['task']}: test accuracy vs training time")
 
 
-def with_lr(spec: str, lr: float) -> str:
+def with_lr(spec: str | MethodSpec, lr: float) -> str:
     """``spec`` with ``lr=`` appended: ``ksam:k=32`` -> ``ksam:k=32,lr=0.2``."""
-    name, sep, rest = spec.partition(":")
-    return f"{name}:{rest},lr={lr:g}" if rest.strip() else f"{name}:lr={lr:g}"
+    return MethodSpec.parse(spec).with_lr(lr).label
 
 
-def sweep_lr(base: TrainConfig, specs: list[str], seeds: list[int], lrs: list[float],
-             out_dir: Path | None, *, validation_split: float = 0.2,
+def check_sweep(base: TrainConfig, specs: list[MethodSpec], lrs: list[float]) -> None:
+    """ValueError unless ``lrs`` can be swept for ``specs``."""
+    if not lrs:
+        raise ValueError("give at least one learning rate to sweep")
+    for lr in lrs:
+        replace(base, lr=lr).validate()
+    for spec in specs:
+        if spec.lr is not None:
+            raise ValueError(f"method {spec.label!r} sets its own lr; the lr sweep chooses it")
+    if len(set(lrs)) != len(lrs):
+        raise ValueError("the same learning rate is given twice")
+
+
+def _sweep_table(specs: list[MethodSpec], lrs: list[float], scores: dict[str, dict],
+                 collapsed: dict[str, dict], chosen: dict[str, float], n_seeds: int) -> str:
+    header = "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |"
+    lines = [header, "|---|" + "---|" * (len(lrs) + 1)]
+    for spec in specs:
+        cells = []
+        for lr in lrs:
+            cell = f"{scores[spec.label][lr]:.2f}"
+            if collapsed[spec.label][lr]:
+                cell += f" ({collapsed[spec.label][lr]}/{n_seeds} collapsed)"
+            cells.append(f"**{cell}**" if lr == chosen[spec.label] else cell)
+        lines.append(f"| {spec.label} | " + " | ".join(cells) + f" | {chosen[spec.label]:g} |")
+    return "\n".join(lines)
+
+
+def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
+             lrs: list[float], out_dir: Path | None, *, validation_split: float = 0.2,
              shared: dict[str, Any] | None = None,
              progress: Callable[[str, dict[str, Any]], None] | None = None,
              is_main: bool = True, dist_info: Any = None,
@@ -358,48 +439,31 @@ def sweep_lr(base: TrainConfig, specs: list[str], seeds: list[int], lrs: list[fl
     For every lr in ``lrs``: :func:`compare` of all ``specs`` with ``validation_split`` of
     the training set held out as the evaluation set (the test set is not touched); a
     method's lr is the one with the best mean final validation accuracy (the first one on a
-    tie). Returns ``{"chosen": {spec: lr}, "specs": [spec with lr=...], "table": markdown,
-    "validation": {spec: {lr: mean acc}}}`` and writes each sweep run under
-    ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``.
+    tie). Returns ``{"chosen": {label: lr}, "specs": [MethodSpec with lr], "table":
+    markdown, "validation": {label: {lr: mean acc}}, "lrs", "validation_split"}`` and writes
+    each sweep run under ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``.
     """
-    if not lrs:
-        raise ValueError("give at least one learning rate to sweep")
-    for lr in lrs:
-        replace(base, lr=lr).validate()
-    for spec in specs:
-        _, options = parse_method_spec(spec)
-        if "lr" in options:
-            raise ValueError(f"method {spec!r} sets its own lr; the lr sweep chooses it")
-    if len(set(lrs)) != len(lrs):
-        raise ValueError("the same learning rate is given twice")
+    parsed = [MethodSpec.parse(spec) for spec in specs]
+    check_sweep(base, parsed, lrs)
     held_out = replace(base, task_options={**base.task_options,
                                            "validation_split": validation_split})
     held_out.validate()
-    scores: dict[str, dict[float, float]] = {spec: {} for spec in specs}
-    collapsed: dict[str, dict[float, int]] = {spec: {} for spec in specs}
+    scores: dict[str, dict[float, float]] = {spec.label: {} for spec in parsed}
+    collapsed: dict[str, dict[float, int]] = {spec.label: {} for spec in parsed}
     for lr in lrs:
         sub = out_dir / "lr-sweep" / f"lr-{lr:g}" if out_dir is not None else None
-        report = compare(replace(held_out, lr=lr), specs, seeds, sub, shared=shared,
+        report = compare(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
                          progress=progress, is_main=is_main, dist_info=dist_info,
                          resume=resume and sub is not None and sub.is_dir())
         for row in report["rows"]:
             scores[row["method"]][lr] = row["test_acc_mean"]
             collapsed[row["method"]][lr] = row["collapsed"] or 0
-    chosen = {spec: max(lrs, key=lambda lr, s=spec: (scores[s][lr], -lrs.index(lr)))
-              for spec in specs}
-    header = "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |"
-    lines = [header, "|---|" + "---|" * (len(lrs) + 1)]
-    for spec in specs:
-        cells = []
-        for lr in lrs:
-            cell = f"{scores[spec][lr]:.2f}"
-            if collapsed[spec][lr]:
-                cell += f" ({collapsed[spec][lr]}/{len(seeds)} collapsed)"
-            cells.append(f"**{cell}**" if lr == chosen[spec] else cell)
-        lines.append(f"| {spec} | " + " | ".join(cells) + f" | {chosen[spec]:g} |")
-    table = "\n".join(lines)
-    result = {"chosen": chosen, "specs": [with_lr(s, chosen[s]) for s in specs],
-              "table": table, "validation": scores, "validation_split": validation_split}
+    chosen = {spec.label: max(lrs, key=lambda lr, s=spec.label: (scores[s][lr], -lrs.index(lr)))
+              for spec in parsed}
+    table = _sweep_table(parsed, lrs, scores, collapsed, chosen, len(seeds))
+    result = {"chosen": chosen, "specs": [s.with_lr(chosen[s.label]) for s in parsed],
+              "table": table, "validation": scores, "validation_split": validation_split,
+              "lrs": list(lrs)}
     if out_dir is not None and is_main:
         text = (f"# Learning rate per method, chosen on a held-out split\n\n"
                 f"Final validation accuracy % (mean over {len(seeds)} seeds) with "
@@ -407,5 +471,6 @@ def sweep_lr(base: TrainConfig, specs: list[str], seeds: list[int], lrs: list[fl
                 f"used. Each method then runs on the test set at its chosen lr.\n\n"
                 f"{table}\n")
         atomic_write_text(out_dir / "lr_sweep.md", text)
-        atomic_write_text(out_dir / "lr_sweep.json", json.dumps(result, indent=2))
+        atomic_write_text(out_dir / "lr_sweep.json", json.dumps(
+            {**result, "specs": [s.label for s in result["specs"]]}, indent=2))
     return result

@@ -1,27 +1,28 @@
 """Named configurations for ``ksam compare --preset NAME`` (the evidence in docs/results.md).
 
-A preset fills the fields of the parsed ``compare`` arguments that the user did not set on the
-command line; whatever the user gave wins. A field counts as "not set" when it still holds
-the parser's default (``None`` for most options; ``--seeds 3``, ``--task mnist1d``,
-``--label-noise 0`` etc. for the few options with a non-None default, which therefore cannot be
-told apart from an explicit value equal to that default).
+A preset is a partial :class:`ksam.config.CliConfig`: a mapping from its field names to
+values. ``ksam compare`` merges the command's defaults, then the preset, then the flags the
+user typed, so whatever the user gave wins (also a value equal to a default).
 
-Method specs carry their own ``k`` (two K values per preset) and ``rho`` (tuned per method on
-a held-out split). If the user gives ``--k`` or ``--rho``, those keys are removed from the
-preset's specs so the user's shared value applies to every method that takes it (specs that
-become identical, e.g. ``ksam:k=32`` and ``ksam:k=16`` under ``--k 8``, are merged). An explicit
-``--methods`` replaces the preset's list entirely.
+Method specs carry their own ``k`` (two K values per preset), ``rho`` (tuned per method on a
+held-out split) and possibly ``lr``. If the user gives ``--k``, ``--rho`` or ``--lr``, those
+keys are removed from the preset's specs so the user's shared value applies to every method
+that takes it (specs that become identical, e.g. ``ksam:k=32`` and ``ksam:k=16`` under
+``--k 8``, are merged). An explicit ``--methods`` replaces the preset's list entirely.
 
-Every choice and its reason is written down in docs/results.md.
+A new preset is one :func:`register_preset` call. Every choice and its reason is written down
+in docs/results.md.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "apply_preset", "preset_names"]
+from .config import MethodSpec
+
+__all__ = ["PRESETS", "Preset", "preset_layer", "preset_names", "register_preset"]
 
 # rho for SAM-family methods, chosen on MNIST-1D with --validation-split 0.2 (docs/results.md):
 # sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best validation accuracy per method.
@@ -75,8 +76,9 @@ def _core_methods(k: int, rho_sam: float, rho_ksam: float) -> list[str]:
 
 @dataclass(frozen=True)
 class Preset:
-    """One named configuration: values for the ``compare`` arguments (argparse dest names)
-    and task options (``--task-option key=value``)."""
+    """One named configuration: ``values`` are fields of :class:`ksam.config.CliConfig`
+    (``methods`` as spec strings, ``seeds`` as a count, list or range), ``task_options``
+    extra task options (as ``--task-option key=value``)."""
 
     name: str
     description: str
@@ -107,137 +109,106 @@ _FASHION = {
     "precision": "fp32",
 }
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset(
-            "mnist1d",
-            "MNIST-1D CNN, 4000 train / 1000 test, 30 epochs, 5 seeds, CPU",
-            dict(_MNIST1D),
-        ),
-        Preset(
-            "mnist1d-lr",
-            "MNIST-1D CNN as `mnist1d`, each method at its own lr, chosen on a held-out split "
-            "(validation sweep over 0.05, 0.1, 0.2, 0.4; 3 seeds; docs/results.md)",
-            {**_MNIST1D, "methods": [
-                "sgd:lr=0.2",
-                f"sam:rho={MNIST1D_RHO_SAM:g},lr=0.2",
-                f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
-                f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
-                f"osgd:k=32,k_warmup={_ksam_warmup()},lr=0.1",
-            ]},
-        ),
-        Preset(
-            "mnist1d-noise",
-            "MNIST-1D CNN with 20% symmetric label noise on the training set, 5 seeds, CPU",
-            {**_MNIST1D, "label_noise": 0.2},
-        ),
-        Preset(
-            "fashion-mnist-gpu",
-            "Fashion-MNIST, full 60k, small ResNet, crop+flip, 15 epochs, batch 256, 3 seeds; "
-            "meant to take about 8 minutes on one H100/H200 with the fast path (an estimate)",
-            {**_FASHION, "epochs": 15, "batch_size": 256, "lr": 0.1, "seeds": "3",
-             "device": "cuda", "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
-        ),
-        Preset(
-            "fashion-mnist-cpu",
-            "Fashion-MNIST reduced for a CPU: 5k-example subset, ResNet width 0.25, 4 epochs, "
-            "2 seeds, SGD / SAM / K-SAM K=B/4 and its two controls (what one shared CPU core "
-            "allows in about 12 minutes)",
-            {**_FASHION, "train_subset": 5000, "epochs": 4, "batch_size": 128, "lr": 0.05,
-             "seeds": "2", "device": "cpu",
-             "methods": _core_methods(32, FASHION_RHO, FASHION_RHO)},
-            {"width": 0.25},
-        ),
-        Preset(
-            "fashion-mnist-5k",
-            "Fashion-MNIST 5k-example subset (overfitting regime), small ResNet, 100 epochs, "
-            "5 seeds; GPU",
-            {**_FASHION, "train_subset": 5000, "epochs": 100, "batch_size": 128, "lr": 0.05,
-             "seeds": "5", "device": "cuda",
-             "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
-        ),
-        Preset(
-            "fashion-mnist-10k",
-            "Fashion-MNIST 10k-example subset (overfitting regime), small ResNet, 60 epochs, "
-            "5 seeds; GPU",
-            {**_FASHION, "train_subset": 10000, "epochs": 60, "batch_size": 128, "lr": 0.05,
-             "seeds": "5", "device": "cuda",
-             "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
-        ),
-        Preset(
-            "fashion-mnist-noise",
-            "Fashion-MNIST full 60k with 20% symmetric label noise, small ResNet, 40 epochs, "
-            "batch 256, 3 seeds; GPU",
-            {**_FASHION, "label_noise": 0.2, "epochs": 40, "batch_size": 256, "lr": 0.1,
-             "seeds": "3", "device": "cuda",
-             "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
-        ),
-    ]
-}
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add ``preset`` to :data:`PRESETS` (ValueError if the name is taken)."""
+    if preset.name in PRESETS:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+for _preset in [
+    Preset(
+        "mnist1d",
+        "MNIST-1D CNN, 4000 train / 1000 test, 30 epochs, 5 seeds, CPU",
+        dict(_MNIST1D),
+    ),
+    Preset(
+        "mnist1d-lr",
+        "MNIST-1D CNN as `mnist1d`, each method at its own lr, chosen on a held-out split "
+        "(validation sweep over 0.05, 0.1, 0.2, 0.4; 3 seeds; docs/results.md)",
+        {**_MNIST1D, "methods": [
+            "sgd:lr=0.2",
+            f"sam:rho={MNIST1D_RHO_SAM:g},lr=0.2",
+            f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
+            f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
+            f"osgd:k=32,k_warmup={_ksam_warmup()},lr=0.1",
+        ]},
+    ),
+    Preset(
+        "mnist1d-noise",
+        "MNIST-1D CNN with 20% symmetric label noise on the training set, 5 seeds, CPU",
+        {**_MNIST1D, "label_noise": 0.2},
+    ),
+    Preset(
+        "fashion-mnist-gpu",
+        "Fashion-MNIST, full 60k, small ResNet, crop+flip, 15 epochs, batch 256, 3 seeds; "
+        "meant to take about 8 minutes on one H100/H200 with the fast path (an estimate)",
+        {**_FASHION, "epochs": 15, "batch_size": 256, "lr": 0.1, "seeds": "3",
+         "device": "cuda", "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
+    ),
+    Preset(
+        "fashion-mnist-cpu",
+        "Fashion-MNIST reduced for a CPU: 5k-example subset, ResNet width 0.25, 4 epochs, "
+        "2 seeds, SGD / SAM / K-SAM K=B/4 and its two controls (what one shared CPU core "
+        "allows in about 12 minutes)",
+        {**_FASHION, "train_subset": 5000, "epochs": 4, "batch_size": 128, "lr": 0.05,
+         "seeds": "2", "device": "cpu",
+         "methods": _core_methods(32, FASHION_RHO, FASHION_RHO)},
+        {"width": 0.25},
+    ),
+    Preset(
+        "fashion-mnist-5k",
+        "Fashion-MNIST 5k-example subset (overfitting regime), small ResNet, 100 epochs, "
+        "5 seeds; GPU",
+        {**_FASHION, "train_subset": 5000, "epochs": 100, "batch_size": 128, "lr": 0.05,
+         "seeds": "5", "device": "cuda",
+         "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
+    ),
+    Preset(
+        "fashion-mnist-10k",
+        "Fashion-MNIST 10k-example subset (overfitting regime), small ResNet, 60 epochs, "
+        "5 seeds; GPU",
+        {**_FASHION, "train_subset": 10000, "epochs": 60, "batch_size": 128, "lr": 0.05,
+         "seeds": "5", "device": "cuda",
+         "methods": _methods(32, 16, FASHION_RHO, FASHION_RHO)},
+    ),
+    Preset(
+        "fashion-mnist-noise",
+        "Fashion-MNIST full 60k with 20% symmetric label noise, small ResNet, 40 epochs, "
+        "batch 256, 3 seeds; GPU",
+        {**_FASHION, "label_noise": 0.2, "epochs": 40, "batch_size": 256, "lr": 0.1,
+         "seeds": "3", "device": "cuda",
+         "methods": _methods(64, 32, FASHION_RHO, FASHION_RHO)},
+    ),
+]:
+    register_preset(_preset)
+del _preset
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def _parser_defaults() -> dict[str, Any]:
-    """The ``compare`` subcommand's defaults, read from the real parser."""
-    from .cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
-        if isinstance(action, argparse._SubParsersAction):
-            sub = action.choices["compare"]
-            return {a.dest: a.default for a in sub._actions if a.dest != "help"}
-    return {}
-
-
-def _strip_spec_keys(specs: list[str], keys: set[str]) -> list[str]:
-    """Remove ``keys`` from each spec's options, then drop specs that became duplicates."""
-    out: list[str] = []
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        items = [s for s in rest.split(",") if s and s.partition("=")[0].strip() not in keys]
-        new = f"{name}:{','.join(items)}" if items else name
-        if new not in out:
-            out.append(new)
-    return out
-
-
-def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill ``args`` (a parsed ``ksam compare`` namespace) from preset ``args.preset`` where
-    the user did not set a value. Returns ``args`` (modified in place).
+def preset_layer(name: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """Preset ``name`` as a partial configuration to merge under the ``user``'s one (the
+    fields the user gave). Where the user gives ``k``, ``rho`` or ``lr`` and no methods,
+    those keys leave the preset's specs; specs that become identical are merged.
 
     Raises ValueError, listing the presets, for an unknown name.
     """
-    name = getattr(args, "preset", None)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    defaults = _parser_defaults()
-
-    def unset(dest: str) -> bool:
-        value = getattr(args, dest, None)
-        return value is None or (dest in defaults and value == defaults[dest])
-
-    # Shared values the user gave replace the same keys in the preset's specs (checked before
-    # the preset fills args: a preset's own lr is not the user's).
-    user_keys = {key for key in ("k", "rho", "lr") if not unset(key)}
-
-    for dest, value in preset.values.items():
-        if dest == "methods":
-            continue
-        if unset(dest):
-            setattr(args, dest, list(value) if isinstance(value, list) else value)
-    if unset("methods"):
-        specs = list(preset.values["methods"])
-        args.methods = _strip_spec_keys(specs, user_keys) if user_keys else specs
-
-    given = {item.partition("=")[0].strip().replace("-", "_")
-             for item in (getattr(args, "task_option", None) or [])}
-    extra = [f"{key}={value}" for key, value in preset.task_options.items()
-             if key not in given]
-    if extra:
-        args.task_option = [*(getattr(args, "task_option", None) or []), *extra]
-    return args
+    layer = {key: list(v) if isinstance(v, list) else v for key, v in preset.values.items()}
+    layer["task_options"] = dict(preset.task_options)
+    if "methods" in layer:
+        specs = [MethodSpec.parse(spec) for spec in layer["methods"]]
+        given = {key for key in ("k", "rho", "lr") if user.get(key) is not None}
+        if given:
+            specs = [spec.without(given) for spec in specs]
+        layer["methods"] = list({spec.label: spec for spec in specs}.values())
+    return layer

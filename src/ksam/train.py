@@ -14,6 +14,7 @@ Fairness rules (what makes runs of different methods comparable):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -69,8 +70,11 @@ class TrainConfig:
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
+        # Paths as strings: the configuration is written as JSON and compared on resume.
+        task_options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                        for k, v in self.task_options.items()}
         out = dataclasses.replace(self, method_options=dict(self.method_options),
-                                  task_options=dict(self.task_options))
+                                  task_options=task_options)
         for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay"):
             if getattr(out, name) is None:
                 setattr(out, name, defaults[name])
@@ -147,12 +151,55 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+#: First bytes of a ksam checkpoint file; then the SHA-256 of the payload (32 bytes), then
+#: the payload (``torch.save`` of the state). The digest makes a garbled, truncated or foreign
+#: file an error on read instead of NaN weights.
+CHECKPOINT_MAGIC = b"KSAM-CHECKPOINT-1\n"
+#: What ``train(out_dir=...)`` writes in its folder (``--overwrite`` removes these only).
+TRAIN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt")
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoint.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically with the SHA-256 of its bytes (see :data:`CHECKPOINT_MAGIC`)."""
     import io
 
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`. ValueError for an empty,
+    truncated, garbled or foreign file, or one whose weights are not all finite."""
+    import io
+
+    path = Path(path)
+    raw = path.read_bytes()
+    head = len(CHECKPOINT_MAGIC)
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise ValueError(f"checkpoint {path} is not a ksam checkpoint"
+                         f"{' (empty file)' if not raw else ''}")
+    digest, payload = raw[head:head + 32], raw[head + 32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"checkpoint {path} is damaged (truncated or garbled: its checksum "
+                         "does not match)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checksummed file that still fails to unpickle
+        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from None
+    keys = ("config", "epoch", "model", "engine", "scheduler", "history")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise ValueError(f"checkpoint {path} lacks some of {', '.join(keys)}")
+    bad = [name for name, t in state["model"].items()
+           if isinstance(t, Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])})")
+    return state
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
@@ -251,36 +298,40 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False,
-          task: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          dist_info: Any = None) -> dict[str, Any]:
-    """Train one run. Returns ``{"config", "epochs": [per-epoch metrics], "final": {...}}``.
+@dataclass
+class _Run:
+    """One run's state between epochs: the resolved configuration, data, model, engine."""
 
-    With ``out_dir``, writes ``metrics.jsonl`` (one line per epoch) and, at the end of every
-    epoch, ``checkpoint.pt`` atomically; ``resume=True`` continues from that checkpoint and
-    ends with the same weights as an uninterrupted run on the same device.
-    """
-    from .tasks import get_task, per_sample_cross_entropy
+    cfg: TrainConfig
+    task: Any
+    device: torch.device
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    engine: SharpnessAwareOptimizer
+    scheduler: Any
+    data_gen: torch.Generator
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    rank: int
+    world: int
+    steps_per_epoch: int
 
+
+def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
+    """Resolve ``cfg`` against the task, then build the model (seeded: the same initial
+    weights for every method), the engine and the data generator. Writes nothing."""
     cfg.validate()
-    if task is None:
-        task = get_task(cfg.task, device=resolve_device(cfg.device), seed=cfg.seed,
-                        **cfg.task_options)
     cfg = cfg.resolved(task.defaults)
     cfg.validate()
     device = torch.device(cfg.device)
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
-    is_main = rank == 0
-
     train_x, train_y = task.train_x.to(device), task.train_y.to(device)
-    test_x, test_y = task.test_x.to(device), task.test_y.to(device)
-    n_train = len(train_x)
-    per_rank = n_train // world
-    steps_per_epoch = per_rank // cfg.batch_size
+    steps_per_epoch = (len(train_x) // world) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set "
-                         f"({per_rank} examples per process)")
-
+                         f"({len(train_x) // world} examples per process)")
     torch.manual_seed(cfg.seed)  # same initial weights for every method
     model = task.make_model().to(device)
     if device.type == "cuda" and train_x.dim() == 4:
@@ -301,98 +352,153 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         dynamo.reset()
     engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs)
     engine.check_batch(cfg.batch_size)
-    data_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    return _Run(cfg, task, device, model, net, engine, scheduler,
+                torch.Generator(device=device).manual_seed(cfg.seed + 1), train_x, train_y,
+                task.test_x.to(device), task.test_y.to(device), rank, world, steps_per_epoch)
 
+
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    if run.cfg.fsdp and run.world > 1:
+        from . import distributed
+
+        distributed.load_state_dict(run.engine, {
+            "model": ckpt["model"], "optimizer": ckpt["fsdp_optimizer"],
+            "engine": ckpt["engine"]})
+    else:
+        run.model.load_state_dict(ckpt["model"])
+        run.engine.load_state_dict(ckpt["engine"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.data_gen.set_state(ckpt["data_generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if run.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], run.device)
+
+
+def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float]]:
+    """One epoch of steps: (summed loss on the device, wall-clock, per-step times)."""
+    from .tasks import per_sample_cross_entropy
+
+    cfg, device = run.cfg, run.device
+    order = torch.randperm(len(run.train_x), device=device, generator=run.data_gen)
+    if run.world > 1:
+        per_rank = len(run.train_x) // run.world
+        order = order[run.rank:per_rank * run.world:run.world]
+    loss_sum = torch.zeros((), device=device)
+    _synchronize(device)
+    t0 = time.perf_counter()
+    timer.mark()
+    for i in range(run.steps_per_epoch):
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        xb, yb = run.train_x[idx], run.train_y[idx]
+        if run.task.augment is not None:
+            xb = run.task.augment(xb, run.data_gen)
+        result = run.engine.step((xb, yb), per_sample_cross_entropy)
+        loss_sum += result.raw_loss  # no host sync on the fast path
+        run.scheduler.step()
+        timer.mark()
+    _synchronize(device)
+    return loss_sum, time.perf_counter() - t0, timer.step_times()
+
+
+def _epoch_row(run: _Run, epoch: int, loss_sum: Tensor, epoch_time: float,
+               train_time: float, steps: list[float]) -> dict[str, Any]:
+    """Evaluate (outside the clock) and return the epoch's metrics."""
+    if run.world > 1:  # DDP wraps the model, FSDP2 shards it in place: both sync buffers
+        from . import distributed
+
+        distributed.sync_buffers(run.net)
+    test_loss, test_acc = evaluate(run.model, run.test_x, run.test_y, 1024,
+                                   PRECISIONS[run.cfg.precision])
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(loss_sum) / run.steps_per_epoch,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "epoch_time": epoch_time,
+        "train_time": train_time,
+        "step_time_median": statistics.median(steps) if steps else float("nan"),
+        "steps": (epoch + 1) * run.steps_per_epoch,
+        "skipped_steps": run.engine.skipped_steps,
+        "lr": float(run.scheduler.get_last_lr()[0]),
+    }
+
+
+def _gathered_state(run: _Run) -> dict[str, Any] | None:
+    """FSDP2 across ranks: the whole tensors of model, optimizer and engine state, gathered
+    through torch.distributed.checkpoint (a collective: every rank calls it). Else None."""
+    if not (run.cfg.fsdp and run.world > 1):
+        return None
+    from . import distributed
+
+    return distributed.state_dict(run.engine)
+
+
+def _checkpoint_state(run: _Run, history: list[dict[str, Any]],
+                      sharded: dict[str, Any] | None = None) -> dict[str, Any]:
+    cuda = run.device.type == "cuda"
+    return {
+        "config": run.cfg.to_dict(), "epoch": history[-1]["epoch"],
+        "model": run.model.state_dict() if sharded is None else sharded["model"],
+        "engine": run.engine.state_dict() if sharded is None else sharded["engine"],
+        "fsdp_optimizer": None if sharded is None else sharded["optimizer"],
+        "scheduler": run.scheduler.state_dict(), "data_generator": run.data_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(run.device) if cuda else None,
+        "history": history,
+    }
+
+
+def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False,
+          task: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          dist_info: Any = None,
+          before_write: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train one run. Returns ``{"config", "epochs": [per-epoch metrics], "final": {...}}``.
+
+    With ``out_dir``, writes ``metrics.jsonl`` (one line per epoch) and, at the end of every
+    epoch, a checksummed ``checkpoint.pt`` atomically; ``resume=True`` continues from that
+    checkpoint (verified first) and ends with the same weights as an uninterrupted run on
+    the same device. Everything (data, configuration, checkpoint) is checked before the first
+    write; ``before_write`` is called just before it (e.g. to clear old results).
+    """
+    from .tasks import get_task
+
+    cfg.validate()
+    if task is None:
+        task = get_task(cfg.task, device=resolve_device(cfg.device), seed=cfg.seed,
+                        **cfg.task_options)
+    run = _setup(cfg, task, dist_info)
+    is_main = run.rank == 0
     history: list[dict[str, Any]] = []
-    start_epoch = 0
-    ckpt_path = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
-    metrics_path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
+    ckpt_path = checkpoint_path(out_dir) if out_dir is not None else None
     if resume:
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        check_resumable(cfg, ckpt["config"], ckpt_path)
-        if cfg.fsdp and world > 1:
-            from . import distributed
-
-            distributed.load_state_dict(engine, {
-                "model": ckpt["model"], "optimizer": ckpt["fsdp_optimizer"],
-                "engine": ckpt["engine"]})
-        else:
-            model.load_state_dict(ckpt["model"])
-            engine.load_state_dict(ckpt["engine"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        data_gen.set_state(ckpt["data_generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        ckpt = load_checkpoint(ckpt_path)
+        check_resumable(run.cfg, ckpt["config"], ckpt_path)
+        _restore(run, ckpt)
         history = ckpt["history"]
-        start_epoch = ckpt["epoch"]
     elif out_dir is not None and is_main:
+        config_text = json.dumps(run.cfg.to_dict(), indent=2)
+        if before_write is not None:
+            before_write()
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out_dir) / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(Path(out_dir) / "config.json", config_text)
 
-    timer = StepTimer(device)
+    timer = StepTimer(run.device)
     train_time = history[-1]["train_time"] if history else 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(n_train, device=device, generator=data_gen)
-        if world > 1:
-            order = order[rank:per_rank * world:world]
-        loss_sum = torch.zeros((), device=device)
-        _synchronize(device)
-        t0 = time.perf_counter()
-        timer.mark()
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb, yb = train_x[idx], train_y[idx]
-            if task.augment is not None:
-                xb = task.augment(xb, data_gen)
-            result = engine.step((xb, yb), per_sample_cross_entropy)
-            loss_sum += result.raw_loss  # no host sync on the fast path
-            scheduler.step()
-            timer.mark()
-        _synchronize(device)
-        epoch_time = time.perf_counter() - t0
+    for epoch in range(len(history), run.cfg.epochs):
+        loss_sum, epoch_time, steps = _train_epoch(run, timer)
         train_time += epoch_time
-        steps = timer.step_times()
-        if world > 1:
-            from . import distributed
-
-            distributed.sync_buffers(net)
-        dtype = PRECISIONS[cfg.precision]
-        test_loss, test_acc = evaluate(model, test_x, test_y, 1024, dtype)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / steps_per_epoch,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "epoch_time": epoch_time,
-            "train_time": train_time,
-            "step_time_median": statistics.median(steps) if steps else float("nan"),
-            "steps": (epoch + 1) * steps_per_epoch,
-            "skipped_steps": engine.skipped_steps,
-            "lr": float(scheduler.get_last_lr()[0]),
-        }
-        history.append(row)
-        sharded = None
-        if cfg.fsdp and world > 1 and out_dir is not None:  # every rank gathers the shards
-            from . import distributed
-
-            sharded = distributed.state_dict(engine)
+        history.append(_epoch_row(run, epoch, loss_sum, epoch_time, train_time, steps))
+        # FSDP2: every rank takes part in gathering the shards; rank 0 writes them.
+        sharded = _gathered_state(run) if out_dir is not None else None
         if out_dir is not None and is_main:
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            atomic_torch_save({
-                "config": cfg.to_dict(), "epoch": epoch + 1,
-                "model": model.state_dict() if sharded is None else sharded["model"],
-                "engine": engine.state_dict() if sharded is None else sharded["engine"],
-                "fsdp_optimizer": None if sharded is None else sharded["optimizer"],
-                "scheduler": scheduler.state_dict(),
-                "data_generator": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history,
-            }, ckpt_path)
+            atomic_write_text(Path(out_dir) / "metrics.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in history))
+            save_checkpoint(_checkpoint_state(run, history, sharded), ckpt_path)
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch(history[-1])
     final = dict(history[-1]) if history else {}
-    final["fast_path"] = engine.fast_path_active
-    return {"config": cfg.to_dict(), "epochs": history, "final": final, "model": model}
+    final["fast_path"] = run.engine.fast_path_active
+    return {"config": run.cfg.to_dict(), "epochs": history, "final": final,
+            "model": run.model}

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import data as _data
 from . import models as _models
 from .augment import RandomCropFlip, random_crop_flip
+from .base import Augment, TaskData
 
 __all__ = [
     "TASKS",
@@ -41,9 +42,6 @@ __all__ = [
     "random_crop_flip",
     "register_task",
 ]
-
-Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
-
 
 @dataclass(eq=False, repr=False)
 class Task:
@@ -87,24 +85,6 @@ def per_sample_cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> 
     """Unreduced cross-entropy ``[n]``: the per-example losses K-SAM ranks to pick its top-K."""
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")
-
-
-@dataclass
-class TaskData:
-    """What a task builder returns: raw arrays (see :mod:`ksam.tasks.data`) plus metadata.
-
-    Images are uint8 (scaled to [0, 1] then normalized with ``mean``/``std`` per channel on
-    the device) or float already normalized (``mean``/``std`` None).
-    """
-
-    splits: _data.RawSplits
-    num_classes: int
-    make_model: Callable[[], nn.Module]
-    defaults: dict[str, Any]
-    description: str
-    augment: Augment | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
 
 
 Builder = Callable[..., TaskData]
@@ -188,6 +168,91 @@ def _to_device(
     return t
 
 
+def _check_arguments(spec: TaskSpec, train_subset: Any, label_noise: Any, seed: Any,
+                     validation_split: Any, options: dict[str, Any]) -> tuple[float, float]:
+    """ValueError for a bad general option or an option the task does not take; returns
+    (label_noise, validation_split) as floats."""
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, (int, np.integer))
+        or train_subset <= 0
+    ):
+        raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(sorted(spec.options)) or "none"
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for task {spec.name!r}; accepted options: "
+            f"{accepted}"
+        )
+    return (_check_fraction("label_noise", label_noise),
+            _check_fraction("validation_split", validation_split))
+
+
+def _check_labels(name: str, raw: _data.RawSplits, num_classes: int) -> None:
+    """Every label in [0, num_classes): a wrong label file fails here, before any run, not
+    as an index error inside the first training step."""
+    for split, y in (("training", raw.train_y), ("test", raw.test_y)):
+        if y is None or len(y) == 0:
+            continue
+        lo, hi = int(np.min(y)), int(np.max(y))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"task {name!r}: {split} labels range over [{lo}, {hi}], outside "
+                             f"the {num_classes} classes [0, {num_classes - 1}]")
+
+
+def _split(raw: _data.RawSplits, name: str, validation_split: float,
+           seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(training indices into ``raw.train_*``, test images, test labels, task name): the
+    real test set, or a held-out part of the training set as the test set."""
+    n = len(raw.train_y)
+    if validation_split == 0:
+        assert raw.test_x is not None and raw.test_y is not None
+        return np.arange(n), raw.test_x, raw.test_y, name
+    n_val = round(validation_split * n)
+    if n_val < 1 or n_val >= n:
+        raise ValueError(
+            f"validation_split={validation_split} leaves {n_val} of {n} training examples "
+            "for validation; need at least one on each side"
+        )
+    perm = _rng(seed, _STREAM_SPLIT).permutation(n)
+    train_idx, test_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return (train_idx, raw.train_x[test_idx], raw.train_y[test_idx],
+            f"{name}-val{validation_split:g}")
+
+
+def _subset(train_idx: np.ndarray, train_subset: int | None, seed: int,
+            task_name: str) -> np.ndarray:
+    if train_subset is None:
+        return train_idx
+    if train_subset > len(train_idx):
+        raise ValueError(
+            f"train_subset={train_subset} exceeds the {len(train_idx)} training examples "
+            f"of task {task_name!r}"
+        )
+    return train_idx[_rng(seed, _STREAM_SUBSET).permutation(len(train_idx))][:train_subset]
+
+
+def _add_label_noise(train_y: np.ndarray, label_noise: float, num_classes: int, seed: int,
+                     name: str) -> np.ndarray | None:
+    """Replace ``round(label_noise * n)`` labels of ``train_y`` in place by labels drawn
+    uniformly from the other classes; returns the mask of noisy examples (None if none)."""
+    if label_noise == 0:
+        return None
+    if num_classes < 2:
+        raise ValueError(f"label_noise needs at least 2 classes, task {name!r} has "
+                         f"{num_classes}")
+    rng = _rng(seed, _STREAM_NOISE)
+    n_noisy = round(label_noise * len(train_y))
+    idx = rng.choice(len(train_y), size=n_noisy, replace=False)
+    # Adding 1..c-1 modulo c gives a label uniform over the other classes.
+    train_y[idx] = (train_y[idx] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
+    mask = np.zeros(len(train_y), dtype=bool)
+    mask[idx] = True
+    return mask
+
+
 def get_task(
     name: str,
     *,
@@ -216,76 +281,27 @@ def get_task(
             set (to tune hyperparameters without seeing the test set). The real test set is
             then not loaded, and ``Task.name`` gets a ``-val<fraction>`` suffix.
         **options: task-specific options, see ``TASKS[name].options``.
+
+    Raises ValueError for a bad option, and for data whose labels are outside the task's
+    classes, before anything is moved to the device.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(available_tasks())}")
     spec = TASKS[name]
-    if train_subset is not None and (
-        isinstance(train_subset, bool) or not isinstance(train_subset, (int, np.integer))
-        or train_subset <= 0
-    ):
-        raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
-    label_noise = _check_fraction("label_noise", label_noise)
-    validation_split = _check_fraction("validation_split", validation_split)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        accepted = ", ".join(sorted(spec.options)) or "none"
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for task {name!r}; accepted options: "
-            f"{accepted}"
-        )
-    opts = {**spec.options, **options}
-    td = spec.build(data_dir=data_dir, need_test=validation_split == 0.0, **opts)
-    raw = td.splits
-    n = len(raw.train_y)
-
-    task_name = name
-    if validation_split > 0:
-        n_val = round(validation_split * n)
-        if n_val < 1 or n_val >= n:
-            raise ValueError(
-                f"validation_split={validation_split} leaves {n_val} of {n} training examples "
-                "for validation; need at least one on each side"
-            )
-        perm = _rng(seed, _STREAM_SPLIT).permutation(n)
-        train_idx, test_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
-        test_x, test_y = raw.train_x[test_idx], raw.train_y[test_idx]
-        task_name = f"{name}-val{validation_split:g}"
-    else:
-        assert raw.test_x is not None and raw.test_y is not None
-        train_idx = np.arange(n)
-        test_x, test_y = raw.test_x, raw.test_y
-
-    if train_subset is not None:
-        if train_subset > len(train_idx):
-            raise ValueError(
-                f"train_subset={train_subset} exceeds the {len(train_idx)} training examples "
-                f"of task {task_name!r}"
-            )
-        train_idx = train_idx[_rng(seed, _STREAM_SUBSET).permutation(len(train_idx))]
-        train_idx = train_idx[:train_subset]
-
-    train_y = raw.train_y[train_idx].astype(np.int64)  # fancy indexing: a copy, safe to edit
-    noisy_mask = None
-    if label_noise > 0:
-        c = td.num_classes
-        if c < 2:
-            raise ValueError(f"label_noise needs at least 2 classes, task {name!r} has {c}")
-        rng = _rng(seed, _STREAM_NOISE)
-        n_noisy = round(label_noise * len(train_y))
-        idx = rng.choice(len(train_y), size=n_noisy, replace=False)
-        # Adding 1..c-1 modulo c gives a label uniform over the other classes.
-        train_y[idx] = (train_y[idx] + rng.integers(1, c, size=n_noisy)) % c
-        mask = np.zeros(len(train_y), dtype=bool)
-        mask[idx] = True
-        noisy_mask = torch.from_numpy(mask).to(device)
+    label_noise, validation_split = _check_arguments(spec, train_subset, label_noise, seed,
+                                                     validation_split, options)
+    td = spec.build(data_dir=data_dir, need_test=validation_split == 0.0,
+                    **{**spec.options, **options})
+    _check_labels(name, td.splits, td.num_classes)
+    train_idx, test_x, test_y, task_name = _split(td.splits, name, validation_split, seed)
+    train_idx = _subset(train_idx, train_subset, seed, task_name)
+    train_y = td.splits.train_y[train_idx].astype(np.int64)  # a copy, safe to edit
+    mask = _add_label_noise(train_y, label_noise, td.num_classes, seed, name)
 
     dev = torch.device(device)
     return Task(
         name=task_name,
-        train_x=_to_device(raw.train_x[train_idx], dev, td.mean, td.std),
+        train_x=_to_device(td.splits.train_x[train_idx], dev, td.mean, td.std),
         train_y=torch.from_numpy(train_y).to(dev),
         test_x=_to_device(test_x, dev, td.mean, td.std),
         test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(dev),
@@ -294,7 +310,7 @@ def get_task(
         augment=td.augment,
         defaults=dict(td.defaults),
         description=td.description,
-        noisy_mask=noisy_mask,
+        noisy_mask=None if mask is None else torch.from_numpy(mask).to(dev),
     )
 
 
@@ -304,7 +320,9 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-_COMMON_DEFAULTS = {"momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05, "k": 32}
+# The training hyper-parameters a run takes from its task when the command line sets none
+# (ksam.train.TrainConfig.resolved reads exactly these five).
+_COMMON_DEFAULTS = {"momentum": 0.9, "weight_decay": 5e-4}
 
 
 class _ModelFactory:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .base import TaskData
 from .data import RawSplits
 
 __all__ = [
@@ -345,11 +346,9 @@ def make_text_task(
     ``data_dir`` is unused (generated, or the Hugging Face cache); ``need_test=False`` skips
     the test split. See the module docstring for the options.
     """
-    from . import TaskData  # here, not at the top: ksam.tasks imports this module
-
     del data_dir
     defaults = {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
-                "weight_decay": 5e-4, "rho": 0.05, "k": 16}
+                "weight_decay": 5e-4}
     if hf_dataset is not None:
         if hf_model is None:
             raise ValueError("hf_dataset needs hf_model too (its tokenizer makes the ids)")
