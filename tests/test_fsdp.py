@@ -219,7 +219,9 @@ def test_train_fsdp_resumes_exactly(tmp_path):
             assert torch.equal(a, b)
     assert ranks[0]["shards"] != [tuple(p.shape) for p in ranks[0]["full"]]  # sharded
     # the checkpoint holds whole tensors under the model's own names: one process loads it
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    from ksam.train import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["fsdp"]
     for key, value in ckpt["model"].items():
         assert not hasattr(value, "placements"), key
