@@ -52,8 +52,8 @@ def test_graph_replay_equals_eager(method, kw):
     for batch in batches(10):  # 3 warm-up steps, capture, replays (and re-captures)
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-    assert eb._fast.reason is None and eb._fast._entries
-    assert any(e.graph is not None for e in eb._fast._entries.values())
+    assert eb.executor.reason is None and eb.executor._entries
+    assert any(e.graph is not None for e in eb.executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
 
@@ -91,7 +91,7 @@ def test_bf16_graph_runs():
     a, b, ea, eb = _pair("ksam", k=8, k_warmup=0, autocast_dtype=torch.bfloat16)
     for batch in batches(6):
         res = eb.step(batch, ce)
-    assert not res.skipped and eb._fast.reason is None
+    assert not res.skipped and eb.executor.reason is None
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
@@ -111,7 +111,7 @@ def test_compiled_passes_on_cuda_equal_eager(fast_path):
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
     if fast_path:
-        assert eb._fast.reason is None
-        assert any(e.graph is not None for e in eb._fast._entries.values())
+        assert eb.executor.reason is None
+        assert any(e.graph is not None for e in eb.executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-4, msg=ka)

@@ -8,13 +8,26 @@ K-SAM and the methods it is measured against, all on one two-pass step engine::
 """
 
 from .engine import SharpnessAwareOptimizer, StepResult
-from .methods import ESAM, KSAM, METHODS, SAM, SGD, OrderedSGD, RandomSubsetSAM, create
+from .methods import (
+    ESAM,
+    KSAM,
+    METHODS,
+    MSAM,
+    SAM,
+    SGD,
+    LookSAM,
+    OrderedSGD,
+    RandomSubsetSAM,
+    create,
+)
 from .perturbation import (
     AdaptivePerturbation,
     GradientNormPerturbation,
+    MomentumPerturbation,
     PerturbationRule,
     StochasticWeightPerturbation,
 )
+from .schedule import Schedule
 from .selection import (
     LargestLossIncrease,
     RandomSubset,
@@ -23,13 +36,15 @@ from .selection import (
     TopLoss,
     WholeBatch,
 )
+from .transform import GradientTransform, LookSAMRule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SharpnessAwareOptimizer", "StepResult", "create", "METHODS",
-    "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD",
+    "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD", "MSAM", "LookSAM",
     "SelectionRule", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
     "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
-    "AdaptivePerturbation", "StochasticWeightPerturbation",
+    "AdaptivePerturbation", "StochasticWeightPerturbation", "MomentumPerturbation",
+    "Schedule", "GradientTransform", "LookSAMRule",
 ]

@@ -108,7 +108,36 @@ def methods_for(batch: int) -> list[tuple[str, str, dict[str, Any]]]:
         ("osgd K=B/8", "osgd", {"k": batch // 8}),
         ("random-sam B/4", "random-sam", {"k_ascent": 0.25}),
         ("esam", "esam", {}),
+        ("msam", "msam", {}),
+        ("looksam k=5", "looksam", {"interval": 5}),
+        ("rst p=0.5", "rst", {"p": 0.5}),
+        ("sam-late start=0.8", "sam-late", {"start": 0.8}),
     ]
+
+
+def sharp_fraction(name: str, options: dict[str, Any]) -> float | None:
+    """The fraction of a run's steps a scheduled method makes sharpness-aware (None: the
+    method has no schedule of plain and sharpness-aware steps)."""
+    if name == "looksam":
+        return 1.0 / options["interval"]
+    if name == "rst":
+        return float(options["p"])
+    if name == "sam-late":
+        return 1.0 - float(options["start"])
+    return None
+
+
+def step_seconds(times: list[float], sharp: list[bool], fraction: float | None) -> float:
+    """A method's time per step: the median step, or for a scheduled method the medians of
+    its plain and its sharpness-aware steps weighted by its fraction of sharp steps (the
+    median of the mixed steps would be one kind's time, not the run's average)."""
+    if fraction is None:
+        return statistics.median(times)
+    plain = [t for t, s in zip(times, sharp) if not s]
+    full = [t for t, s in zip(times, sharp) if s]
+    if not plain or not full:
+        raise ValueError("a scheduled method needs timed steps of both kinds")
+    return (1 - fraction) * statistics.median(plain) + fraction * statistics.median(full)
 
 
 def ce(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -181,9 +210,13 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
                 continue
             model = copy.deepcopy(base)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+            fraction = sharp_fraction(name, options)
+            if "start" in options:  # late-phase SAM: half the timed steps of each kind
+                options = {"start_step": warmup + steps // 2}
             engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
                             compile=backend or False, **options)
-            entries.append({"label": label, "engine": engine, "times": [],
+            entries.append({"label": label, "engine": engine, "times": [], "sharp": [],
+                            "fraction": fraction,
                             "mode": ("fast" if fast else "eager")
                             + (f"+compile({backend})" if backend else "")})
     cuda = device.type == "cuda"
@@ -200,6 +233,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
             e["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(steps):
         for e in entries:
+            sharp_before = e["engine"].schedule.sharp_steps
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
@@ -211,6 +245,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
                 t0 = time.perf_counter()
                 e["engine"].step((x, y), ce)
                 e["times"].append(time.perf_counter() - t0)
+            e["sharp"].append(e["engine"].schedule.sharp_steps > sharp_before)
     if profile:  # after the timed steps, so the profiler's overhead is not timed
         for e in entries:
             e["profile"] = profile_step(lambda e=e: e["engine"].step((x, y), ce), cuda)
@@ -218,8 +253,8 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
     plain_sgd = statistics.median(entries[0]["times"])
     rows = []
     for e in entries:
-        med = statistics.median(e["times"])
-        fast_on = e["engine"]._fast is not None and e["engine"]._fast.reason is None
+        med = step_seconds(e["times"], e["sharp"], e["fraction"])
+        fast_on = e["engine"].fast_path_active
         row = {
             "case": case.name, "precision": precision, "mode": e["mode"],
             "method": e["label"], "ms": 1000 * med, "ratio_to_sgd": med / sgd[e["mode"]],

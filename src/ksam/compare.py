@@ -34,8 +34,11 @@ def method_options(name: str) -> set[str]:
     factory = METHODS[name]
     target = factory.__init__ if inspect.isclass(factory) else factory
     params = inspect.signature(target).parameters
-    return {p for p, v in params.items()
-            if v.kind == v.KEYWORD_ONLY and p not in ENGINE_OPTIONS}
+    options = {p for p, v in params.items()
+               if v.kind == v.KEYWORD_ONLY and p not in ENGINE_OPTIONS}
+    if "start_step" in options:  # the CLI also says it as a fraction of the run (start=0.8)
+        options.add("start")
+    return options
 
 
 def _parse_value(text: str) -> Any:

@@ -3,6 +3,10 @@
 All take ``(model, optimizer, **options)`` and share :class:`SharpnessAwareOptimizer`'s
 engine options (``grad_scaler``, ``autocast_dtype``, ``fast_path``, ``seed``,
 ``sync_perturbation``).
+
+Every method with an ascent pass also takes the schedule keywords ``start_step`` (plain
+steps before it) and ``p`` (probability that a step is sharpness-aware), see
+:mod:`ksam.schedule`; ``sam-late`` and ``rst`` are SAM with one of them set.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from .engine import SharpnessAwareOptimizer
 from .perturbation import (
     AdaptivePerturbation,
     GradientNormPerturbation,
+    MomentumPerturbation,
     StochasticWeightPerturbation,
 )
+from .schedule import Schedule
 from .selection import LargestLossIncrease, RandomSubset, TopLoss, WholeBatch
+from .transform import LookSAMRule
 
 
 class SGD(SharpnessAwareOptimizer):
@@ -34,10 +41,11 @@ class SAM(SharpnessAwareOptimizer):
     al. 2021) with its ``eta``. Both gradients over the whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **engine: Any):
+                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
+                 start_step: int = 0, p: float = 1.0, **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         super().__init__(model, optimizer, ascent=WholeBatch(), perturbation=rule,
-                         descent=WholeBatch(), **engine)
+                         descent=WholeBatch(), schedule=Schedule(start_step, p), **engine)
 
 
 #: Default of K-SAM's ``k_warmup`` (steps per halving of the descent subset, B -> K); the
@@ -68,7 +76,7 @@ class KSAM(SharpnessAwareOptimizer):
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float = RESCALE,
+                 rescale: bool | float = RESCALE, start_step: int = 0, p: float = 1.0,
                  **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = TopLoss(k if k_ascent is None else k_ascent,
@@ -77,7 +85,7 @@ class KSAM(SharpnessAwareOptimizer):
                           "k" if k_descent is None else "k_descent", warmup=k_warmup,
                           rescale=rescale)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
-                         descent=descent, **engine)
+                         descent=descent, schedule=Schedule(start_step, p), **engine)
 
 
 class RandomSubsetSAM(SharpnessAwareOptimizer):
@@ -85,23 +93,27 @@ class RandomSubsetSAM(SharpnessAwareOptimizer):
     the descent gradient uses the whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 rho: float = 0.05, k_ascent: float | int = 0.25, **engine: Any):
+                 rho: float = 0.05, k_ascent: float | int = 0.25, start_step: int = 0,
+                 p: float = 1.0, **engine: Any):
         super().__init__(model, optimizer, ascent=RandomSubset(k_ascent, "k_ascent"),
                          perturbation=GradientNormPerturbation(rho), descent=WholeBatch(),
-                         **engine)
+                         schedule=Schedule(start_step, p), **engine)
 
 
 class ESAM(SharpnessAwareOptimizer):
     """Efficient SAM (Du et al. 2022): stochastic weight perturbation (each parameter
     tensor perturbed with probability ``beta``, eps scaled by 1/beta) and sharpness-
     sensitive data selection (the descent uses the ``gamma`` fraction of examples whose
-    loss rises most under eps)."""
+    loss rises most under eps). A step the schedule leaves plain is a whole-batch step: the
+    selection is defined only under a perturbation."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 rho: float = 0.05, beta: float = 0.6, gamma: float = 0.5, **engine: Any):
+                 rho: float = 0.05, beta: float = 0.6, gamma: float = 0.5,
+                 start_step: int = 0, p: float = 1.0, **engine: Any):
         super().__init__(model, optimizer, ascent=WholeBatch(),
                          perturbation=StochasticWeightPerturbation(rho, beta),
-                         descent=LargestLossIncrease(gamma), **engine)
+                         descent=LargestLossIncrease(gamma), schedule=Schedule(start_step, p),
+                         **engine)
 
 
 class OrderedSGD(SharpnessAwareOptimizer):
@@ -114,19 +126,66 @@ class OrderedSGD(SharpnessAwareOptimizer):
                          descent=TopLoss(k, warmup=k_warmup), **engine)
 
 
+class MSAM(SharpnessAwareOptimizer):
+    """Momentum-SAM (Becker et al. 2024): the whole batch's gradient at
+    w - rho v/||v||, v the base optimizer's momentum buffer (SGD) or first moment
+    (Adam/AdamW) before the step; w restored bit-for-bit, then the base optimizer steps with
+    that gradient. One forward and one backward per step, no ascent pass; without a buffer
+    yet (first step, no momentum) the step is plain. ``rho=0.3`` is the default of the
+    authors' SGD implementation (their CIFAR/ImageNet runs use 3)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.3, **engine: Any):
+        super().__init__(model, optimizer, ascent=None, perturbation=MomentumPerturbation(rho),
+                         descent=WholeBatch(), **engine)
+
+
+class LookSAM(SharpnessAwareOptimizer):
+    """LookSAM (Liu et al. 2022): SAM on steps t with t % ``interval`` == 0, storing the
+    unit component v of the SAM gradient orthogonal to the plain one; on the other steps
+    one pass and the step descends with g + ``alpha`` ||g|| v (:class:`LookSAMRule`).
+    ``interval=1`` is SAM."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 rho: float = 0.05, interval: int = 5, alpha: float = 0.7, **engine: Any):
+        rule = LookSAMRule(rho, alpha)
+        super().__init__(model, optimizer, ascent=WholeBatch(), perturbation=rule,
+                         descent=WholeBatch(), schedule=Schedule(interval=interval),
+                         transform=rule, **engine)
+
+
 def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.05,
                 k: float | int = 0.25, k_ascent: float | int | None = None,
                 k_descent: float | int | None = None, adaptive: bool = False,
-                eta: float = 0.01, **engine: Any) -> KSAM:
+                eta: float = 0.01, start_step: int = 0, p: float = 1.0,
+                **engine: Any) -> KSAM:
     """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
     return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
-                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, **engine)
+                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, start_step=start_step,
+                p=p, **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,
-          eta: float = 0.01, **engine: Any) -> SAM:
+          eta: float = 0.01, start_step: int = 0, p: float = 1.0, **engine: Any) -> SAM:
     """ASAM with its paper's CIFAR default rho=0.5."""
-    return SAM(model, optimizer, rho=rho, adaptive=True, eta=eta, **engine)
+    return SAM(model, optimizer, rho=rho, adaptive=True, eta=eta, start_step=start_step, p=p,
+               **engine)
+
+
+def _sam_late(model: nn.Module, optimizer: torch.optim.Optimizer, *, start_step: int,
+              rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
+              **engine: Any) -> SAM:
+    """Late-phase SAM (Zhou et al., ICLR 2025): plain steps until ``start_step``, SAM from
+    it on. The CLI's ``start=FRACTION`` gives it as a fraction of the run."""
+    return SAM(model, optimizer, rho=rho, adaptive=adaptive, eta=eta, start_step=start_step,
+               **engine)
+
+
+def _rst(model: nn.Module, optimizer: torch.optim.Optimizer, *, p: float = 0.5,
+         rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **engine: Any) -> SAM:
+    """Randomized sharpness-aware training (RST, Zhou et al. 2023): each step is SAM with
+    probability ``p`` and a plain step otherwise, drawn from the engine's seeded generator."""
+    return SAM(model, optimizer, rho=rho, adaptive=adaptive, eta=eta, p=p, **engine)
 
 
 METHODS = {
@@ -138,13 +197,17 @@ METHODS = {
     "random-sam": RandomSubsetSAM,
     "esam": ESAM,
     "osgd": OrderedSGD,
+    "msam": MSAM,
+    "looksam": LookSAM,
+    "sam-late": _sam_late,
+    "rst": _rst,
 }
 
 
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
            **kwargs: Any) -> SharpnessAwareOptimizer:
     """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
-    osgd``."""
+    osgd, msam, looksam, sam-late, rst``."""
     try:
         factory = METHODS[name.lower()]
     except (KeyError, AttributeError):

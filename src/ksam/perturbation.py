@@ -12,14 +12,22 @@ bit-for-bit after the descent pass (it never subtracts eps, which would not roun
     \qquad
     \text{ESAM (SWP):}\quad \epsilon_i = \frac{m_i}{\beta}\, \rho\,
     \frac{g_i}{\lVert m \odot g \rVert_2},\; m_i \sim \text{Bernoulli}(\beta)
+    \qquad
+    \text{MSAM:}\quad \epsilon = -\rho\, \frac{v}{\lVert v \rVert_2}
 
 ``m_i`` is drawn per parameter tensor; parameters outside the mask get no ascent gradient at
 all (the engine turns their ``requires_grad`` off for the ascent pass, which is where ESAM's
 saving comes from).
+
+Momentum-SAM's rule needs no ascent gradient: v is the base optimizer's momentum buffer
+(``momentum_buffer`` of SGD, ``exp_avg`` of Adam/AdamW) as it stands before the step, which
+points along +g, so w - rho v/|v| is an ascent-free estimate of SAM's w + rho g/|g| with the
+sign of the last steps' descent (Becker et al. 2024).
 """
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -29,8 +37,9 @@ _EPS = 1e-12
 
 
 def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) \
+            or not (math.isfinite(float(value)) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -43,7 +52,12 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
 
 
 class PerturbationRule:
-    """Base class. ``ascent_mask`` may choose the parameters that need an ascent gradient."""
+    """Base class. ``ascent_mask`` may choose the parameters that need an ascent gradient.
+    ``needs_ascent``: False for a rule that perturbs from the optimizer's state instead of
+    an ascent gradient (:class:`MomentumPerturbation`); the engine then runs no ascent pass
+    and calls :meth:`perturb_` with :meth:`directions`."""
+
+    needs_ascent: bool = True
 
     def ascent_mask(self, num_params: int, generator: torch.Generator | None) -> list[bool] | None:
         """Which parameters need an ascent gradient; ``None`` means all of them."""
@@ -51,6 +65,13 @@ class PerturbationRule:
 
     def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
         """Overwrite ``grads`` with eps, add eps to ``params``; return the ascent grad norm."""
+        raise NotImplementedError
+
+    def directions(self, params: list[Tensor], optimizer: torch.optim.Optimizer
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+        """For a rule without an ascent pass: (the parameters to perturb, the tensors
+        :meth:`perturb_` takes for them in place of ascent gradients and leaves as they
+        are). Host-side lookups only."""
         raise NotImplementedError
 
 
@@ -113,3 +134,59 @@ class StochasticWeightPerturbation(GradientNormPerturbation):
 
     def __repr__(self) -> str:
         return f"StochasticWeightPerturbation(rho={self.rho}, beta={self.beta})"
+
+
+#: Optimizer state entries that hold a first moment pointing along +g, in order of preference.
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+class MomentumPerturbation(PerturbationRule):
+    """Momentum-SAM's rule (Becker et al. 2024): eps = -rho v/||v|| with v the base
+    optimizer's momentum buffer (SGD) or first moment (Adam/AdamW) as it stands before the
+    step, the norm global over all parameters. No ascent pass. Parameters without a buffer
+    (the first step, an optimizer without momentum) are not moved; when none has one the step
+    is the base optimizer's plain step."""
+
+    needs_ascent = False
+
+    def __init__(self, rho: float = 0.3) -> None:
+        self.rho = _check_nonneg(rho, "rho")
+        self._scratch: dict[int, Tensor] = {}
+
+    def directions(self, params: list[Tensor], optimizer: torch.optim.Optimizer
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+        """(the parameters that have a momentum buffer, their buffers): host-side lookups in
+        the optimizer's state, no device work."""
+        moved, bufs = [], []
+        for p in params:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key in MOMENTUM_KEYS:
+                buf = state.get(key)
+                if isinstance(buf, Tensor):
+                    moved.append(p)
+                    bufs.append(buf)
+                    break
+        return moved, bufs
+
+    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """``grads`` are the momentum buffers of :meth:`directions`: left unchanged."""
+        norm = global_norm(grads)
+        # eps goes through a scratch buffer kept per parameter: the optimizer's buffer must
+        # stay as it is, and the engine's step allocates nothing per parameter.
+        eps = [self._scratch_like(p, b) for p, b in zip(params, grads)]
+        torch._foreach_copy_(eps, grads)
+        torch._foreach_mul_(eps, -self.rho / (norm + _EPS))
+        torch._foreach_add_(params, eps)
+        return norm
+
+    def _scratch_like(self, param: Tensor, buf: Tensor) -> Tensor:
+        out = self._scratch.get(id(param))
+        if out is None or out.shape != buf.shape or out.device != buf.device \
+                or out.dtype != buf.dtype:
+            out = self._scratch[id(param)] = torch.empty_like(buf)
+        return out
+
+    def __repr__(self) -> str:
+        return f"MomentumPerturbation(rho={self.rho})"

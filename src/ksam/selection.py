@@ -1,8 +1,11 @@
 """Selection rules: which examples of the mini-batch a gradient pass uses.
 
-A rule sees a :class:`SelectionContext` and returns a LongTensor of row indices, or ``None``
-for the whole batch. The returned size depends on the batch size only, never on tensor
-values, so a step has static shapes and can be captured as a CUDA graph.
+A rule sees a :class:`SelectionContext` and returns a :class:`Selection`: the rows (a
+LongTensor, or ``None`` for the whole batch) and the weight of the pass's mean loss. The
+number of rows depends on the batch size only, never on tensor values, so a step has static
+shapes and can be captured as a CUDA graph. Rules keep configuration (and resumable state)
+on ``self``, never anything between :meth:`SelectionRule.select` and
+:meth:`SelectionRule.reduce`: what ``reduce`` needs travels in the :class:`Selection`.
 
 Rules:
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,6 +54,15 @@ def resolve_subset_size(k: float | int, batch_size: int, name: str = "k") -> int
             raise ValueError(f"{name}={k} is larger than the batch ({batch_size} examples)")
         return k
     return max(1, min(batch_size, round(k * batch_size)))
+
+
+class Selection(NamedTuple):
+    """What a rule picked: ``index``, a LongTensor of rows on the batch's device (``None``:
+    the whole batch), and ``scale``, a 0-d float tensor multiplying the pass's mean loss
+    (``None``: 1)."""
+
+    index: Tensor | None
+    scale: Tensor | None = None
 
 
 @dataclass
@@ -94,7 +107,7 @@ class SelectionRule:
         """How many examples the rule selects from a batch of ``batch_size``."""
         raise NotImplementedError
 
-    def select(self, ctx: SelectionContext) -> Tensor | None:
+    def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError
 
     def size_at(self, batch_size: int, step: int) -> int:
@@ -103,10 +116,11 @@ class SelectionRule:
         few times early in training (the fast path re-captures its graph each time)."""
         return self.size(batch_size)
 
-    def reduce(self, losses: Tensor) -> Tensor:
+    def reduce(self, losses: Tensor, selection: Selection) -> Tensor:
         """The scalar whose gradient the pass takes, from the selected rows' losses: their
-        mean. Distributed rules override it to normalize over all ranks' selections."""
-        return losses.float().mean()
+        mean, times ``selection.scale`` when there is one."""
+        mean = losses.float().mean()
+        return mean if selection.scale is None else mean * selection.scale
 
     def check_batch(self, batch_size: int) -> None:
         """Raise ValueError if the rule cannot select from a batch of this size."""
@@ -125,8 +139,8 @@ class WholeBatch(SelectionRule):
     def size(self, batch_size: int) -> int:
         return batch_size
 
-    def select(self, ctx: SelectionContext) -> None:
-        return None
+    def select(self, ctx: SelectionContext) -> Selection:
+        return Selection(None)
 
     def __repr__(self) -> str:
         return "WholeBatch()"
@@ -158,7 +172,6 @@ class TopLoss(SelectionRule):
         self.warmup = int(warmup)
         self.rescale = _check_rescale(rescale)
         self._power = float(self.rescale)  # True: 1.0, False: 0.0 (off)
-        self._scale: Tensor | None = None
 
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
@@ -170,25 +183,19 @@ class TopLoss(SelectionRule):
         halvings = min(step // self.warmup, batch_size.bit_length())
         return max(k, -(-batch_size // (1 << halvings)))
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
+        """The top rows of ``ctx.scores``; with ``rescale``, ``scale`` is
+        :func:`subset_gradient_scale` (to the power ``rescale``)."""
         assert ctx.scores is not None
         # K-SAM's ascent and descent rules pick from the same losses: sort them once a step.
         cached = ctx.cache.get("top_loss_order")
         if cached is None or cached[0] is not ctx.scores:
             cached = ctx.cache["top_loss_order"] = (ctx.scores, descending_order(ctx.scores))
         idx = cached[1][: self.size_at(ctx.batch_size, ctx.step)]
-        if self._power:
-            scale = subset_gradient_scale(ctx.scores, idx)
-            self._scale = scale if self._power == 1.0 else scale.pow(self._power)
-        return idx
-
-    def reduce(self, losses: Tensor) -> Tensor:
-        """The selected rows' mean loss, times :func:`subset_gradient_scale` with
-        ``rescale`` (the scale of the step's last :meth:`select`)."""
-        mean = losses.float().mean()
-        if self._power and self._scale is not None:
-            return mean * self._scale
-        return mean
+        if not self._power:
+            return Selection(idx)
+        scale = subset_gradient_scale(ctx.scores, idx)
+        return Selection(idx, scale if self._power == 1.0 else scale.pow(self._power))
 
     def __repr__(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
@@ -241,11 +248,11 @@ class RandomSubset(SelectionRule):
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
         count = self.size(ctx.batch_size)
         gen = ctx.generator
         perm = torch.randperm(ctx.batch_size, generator=gen, device=gen.device if gen else "cpu")
-        return perm[:count].sort().values.to(ctx.device, non_blocking=True)
+        return Selection(perm[:count].sort().values.to(ctx.device, non_blocking=True))
 
     def __repr__(self) -> str:
         return f"RandomSubset({self.name}={self.k})"
@@ -267,10 +274,10 @@ class LargestLossIncrease(SelectionRule):
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.fraction, batch_size, "gamma")
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
         assert ctx.scores is not None and ctx.perturbed_losses is not None
         increase = ctx.perturbed_losses - ctx.scores
-        return top_indices(increase, self.size(ctx.batch_size))
+        return Selection(top_indices(increase, self.size(ctx.batch_size)))
 
     def __repr__(self) -> str:
         return f"LargestLossIncrease(gamma={self.fraction})"

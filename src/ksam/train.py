@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .engine import SharpnessAwareOptimizer
 from .methods import create
+from .schedule import schedule_options
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Config fields a resumed run may change: how it executes, not what it computes.
@@ -173,7 +174,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
         scaler = torch.amp.GradScaler(torch.device(cfg.device).type)
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
-                   **cfg.method_options)
+                   **schedule_options(method, cfg.method_options, steps_total))
     if hasattr(model, "no_sync"):  # DistributedDataParallel
         from . import distributed
 
@@ -365,5 +366,5 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         if on_epoch is not None:
             on_epoch(row)
     final = dict(history[-1]) if history else {}
-    final["fast_path"] = engine._fast is not None and engine._fast.reason is None
+    final["fast_path"] = engine.fast_path_active
     return {"config": cfg.to_dict(), "epochs": history, "final": final, "model": model}

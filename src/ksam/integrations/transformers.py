@@ -316,7 +316,13 @@ class KSAMTrainer(transformers.Trainer):
             return engine
         if self._engine_optimizer is None:
             raise RuntimeError("create_optimizer() has not run")
-        new = create(self.ksam_method, model, self._engine_optimizer, **self._engine_kwargs())
+        kwargs = self._engine_kwargs()
+        if hasattr(model, "no_sync"):  # DDP: every rank skips a non-finite step together
+            from ..distributed import finite_reducer
+
+            kwargs.setdefault("finite_reducer",
+                              finite_reducer(getattr(model, "process_group", None)))
+        new = create(self.ksam_method, model, self._engine_optimizer, **kwargs)
         carried = _engine_extras(engine) if engine is not None else self._pending_ksam_state
         if carried is not None:
             _load_engine_extras(new, carried)

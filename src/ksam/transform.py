@@ -1,0 +1,150 @@
+r"""Descent-gradient transforms: a rule that rewrites the descent gradient before the base
+optimizer steps with it, and may carry state from one step to the next.
+
+:class:`LookSAMRule` (Liu et al., CVPR 2022) is SAM on every ``interval``-th step (the engine's
+:class:`ksam.schedule.Schedule`) and, in between, the plain gradient corrected by the part of
+the last SAM gradient that the plain gradient lacks. On a SAM step, with g the ascent
+gradient at w and :math:`g_s` the SAM gradient at :math:`w + \rho g/\lVert g\rVert`:
+
+.. math::
+    g_v = g_s - \frac{g_s \cdot g}{\lVert g\rVert^2}\, g, \qquad
+    v = \frac{g_v}{\lVert g_v\rVert}, \qquad \text{descend with } g_s;
+
+on the other steps, one pass gives g at w and the step descends with
+:math:`g + \alpha\,\lVert g\rVert\, v`.
+
+The rule is both the perturbation (SAM's, recording the unit ascent direction) and the
+transform. Its vectors live in flat buffers, one per rule, so the dot product and the norms
+are single kernels; the per-parameter tensors are views into them.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .perturbation import _EPS, GradientNormPerturbation, global_norm
+
+
+class GradientTransform:
+    """Base class of the engine's descent-gradient hook.
+
+    The engine calls :meth:`bind` once with the optimizer's parameters, :meth:`transform_`
+    with the descent gradient of every step (``sharp``: the step ran its ascent pass), and
+    :meth:`commit` once the step is known to be applied (``keep``: a bool, or on the fast
+    path a 0-d bool device tensor), so a skipped step leaves the rule's state as it was.
+    """
+
+    def bind(self, params: list[Tensor]) -> None:
+        """Called once by the engine with the parameters it steps, before any step."""
+
+    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool) -> None:
+        """Rewrite ``grads`` (the descent gradients of ``params``) in place."""
+        raise NotImplementedError
+
+    def commit(self, keep: bool | Tensor, sharp: bool) -> None:
+        """Make the state computed by the last :meth:`transform_` the rule's state."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LookSAMRule(GradientNormPerturbation, GradientTransform):
+    """LookSAM's perturbation and descent transform (see the module docstring)."""
+
+    def __init__(self, rho: float = 0.05, alpha: float = 0.7) -> None:
+        super().__init__(rho)
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self._index: dict[int, int] = {}
+        self._unit: Tensor | None = None  # g/|g| of this step's ascent gradient
+        self._v: Tensor | None = None  # the stored unit orthogonal component
+        self._next: Tensor | None = None  # scratch: the new v, or alpha |g| v
+
+    def bind(self, params: list[Tensor]) -> None:
+        kinds = {(p.device, p.dtype) for p in params}
+        if len(kinds) != 1:
+            raise ValueError("LookSAM keeps its vectors in one flat buffer: all parameters "
+                             f"must share one device and dtype, got {sorted(map(str, kinds))}")
+        total = sum(p.numel() for p in params)
+        like = params[0]
+        self._unit = like.new_zeros(total)
+        self._v = like.new_zeros(total)
+        self._next = like.new_zeros(total)
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._offsets = [0]
+        for p in params:
+            self._offsets.append(self._offsets[-1] + p.numel())
+        self._shapes = [p.shape for p in params]
+        # Views over all parameters, made once: the usual step has a gradient for each.
+        self._all_views = {id(f): self._views(f, params) for f in (self._unit, self._next)}
+
+    def _views(self, flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+        cached = getattr(self, "_all_views", {}).get(id(flat))
+        if cached is not None and len(params) == len(self._index):
+            return cached
+        out = []
+        for p in params:
+            i = self._index[id(p)]
+            out.append(flat[self._offsets[i]:self._offsets[i + 1]].view(self._shapes[i]))
+        return out
+
+    # -------------------------------------------------------------- SAM steps: perturbation
+    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """SAM's eps (bit-identical to :class:`GradientNormPerturbation`), after recording
+        g/|g| for the orthogonal component."""
+        assert self._unit is not None, "bind() first"
+        norm = global_norm(grads)
+        self._unit.zero_()
+        unit = self._views(self._unit, params)
+        torch._foreach_copy_(unit, grads)
+        self._unit.div_(norm + _EPS)
+        torch._foreach_mul_(grads, self.rho / (norm + _EPS))
+        torch._foreach_add_(params, grads)
+        return norm
+
+    # --------------------------------------------------------------------------- descent
+    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool) -> None:
+        assert self._next is not None and self._v is not None and self._unit is not None
+        scratch = self._next
+        if sharp:
+            # v = g_v/|g_v|, g_v = g_s - (g_s . u) u with u = g/|g|; g_s itself is descended.
+            scratch.zero_()
+            torch._foreach_copy_(self._views(scratch, params), grads)
+            dot = torch.dot(scratch, self._unit)
+            scratch.addcmul_(self._unit, dot, value=-1.0)
+            scratch.div_(torch.linalg.vector_norm(scratch) + _EPS)
+            return
+        norm = global_norm(grads)
+        torch.mul(self._v, self.alpha * norm, out=scratch)
+        torch._foreach_add_(grads, self._views(scratch, params))
+
+    def commit(self, keep: bool | Tensor, sharp: bool) -> None:
+        if not sharp:
+            return
+        assert self._v is not None and self._next is not None
+        if isinstance(keep, Tensor):
+            self._v.copy_(torch.where(keep, self._next, self._v))
+        elif keep:
+            self._v.copy_(self._next)
+
+    def state_dict(self) -> dict:
+        return {"v": None if self._v is None else self._v.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        v = state.get("v")
+        if v is None or self._v is None:
+            return
+        if v.shape != self._v.shape:
+            raise ValueError(f"LookSAM state: v has {v.numel()} entries, the model "
+                             f"{self._v.numel()}")
+        self._v.copy_(v)
+
+    def __repr__(self) -> str:
+        return f"LookSAM(rho={self.rho}, alpha={self.alpha})"
