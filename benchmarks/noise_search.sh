@@ -5,7 +5,7 @@
 # set is never used. One ksam process at a time.
 #
 #   benchmarks/noise_search.sh          # SGD and SAM: lr and rho grid, 2 seeds
-#   benchmarks/noise_search.sh field    # the other methods: lr grid, 2 seeds
+#   benchmarks/noise_search.sh field    # the rest of the field: lr (and some rho), 2 seeds
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/noise-search}
@@ -22,11 +22,21 @@ run() {  # run NAME ARGS...
 }
 
 if [[ ${1:-sgd-sam} == field ]]; then
-  for lr in 0.1 0.2 0.4; do
-    run "field-lr-$lr" --lr "$lr" --methods \
-      ksam:k=32,rho=0.2 ksam:k=16,rho=0.2 ksam-plain:k=32,rho=0.2 ksam-plain:k=16,rho=0.2 \
-      random-sam:rho=0.2 esam:rho=0.2 osgd:k=32,k_warmup=100 osgd:k=16,k_warmup=100
-  done
+  # Every other method at SAM's rho (0.25; MSAM at its authors' 0.3) and SAM's lr (0.1) ...
+  run field-lr-0.1 --lr 0.1 --methods \
+    ksam:k=32,rho=0.25 ksam:k=16,rho=0.25 ksam-plain:k=32,rho=0.25 ksam-plain:k=16,rho=0.25 \
+    random-sam:rho=0.25 esam:rho=0.25 looksam:rho=0.25 sam-late:rho=0.25 rst:rho=0.25 \
+    osgd:k=32,k_warmup=100 osgd:k=16,k_warmup=100 msam:rho=0.3
+  # ... then at larger lrs (0.4 for the methods without an ascent pass, which behave like
+  # SGD), and at a smaller rho where rho 0.25 left the network dead (ESAM, LookSAM) or
+  # barely trained (K-SAM).
+  run field-round2 --methods \
+    ksam:k=32,rho=0.25,lr=0.2 ksam:k=16,rho=0.25,lr=0.2 ksam-plain:k=32,rho=0.25,lr=0.2 \
+    ksam-plain:k=16,rho=0.25,lr=0.2 random-sam:rho=0.25,lr=0.2 sam-late:rho=0.25,lr=0.2 \
+    rst:rho=0.25,lr=0.2 osgd:k=32,k_warmup=100,lr=0.2 osgd:k=16,k_warmup=100,lr=0.2 \
+    msam:rho=0.3,lr=0.2 osgd:k=32,k_warmup=100,lr=0.4 osgd:k=16,k_warmup=100,lr=0.4 \
+    msam:rho=0.3,lr=0.4 esam:rho=0.15,lr=0.1 looksam:rho=0.1,lr=0.1 \
+    ksam:k=32,rho=0.05,lr=0.1 ksam:k=16,rho=0.05,lr=0.1
   exit 0
 fi
 
