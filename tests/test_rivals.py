@@ -414,3 +414,19 @@ def test_cli_spec_start_fraction_becomes_start_step():
         engine("sam:start=0.5,start_step=3")
     with pytest.raises(ValueError, match="takes no option 'start'"):
         parse_method_spec("msam:start=0.5")
+
+
+def test_looksam_with_a_frozen_parameter():
+    """Parameters without a gradient get no share of v: interval=1 is still SAM, and the
+    plain steps leave the frozen parameter alone."""
+
+    def frozen():
+        model = mlp()
+        model[0].bias.requires_grad_(False)
+        return model
+
+    assert_same(final("looksam", make=frozen, interval=1), final("sam", make=frozen))
+    model = frozen()
+    bias = model[0].bias.detach().clone()
+    eng, results = run("looksam", model, batches(4), interval=2)
+    assert torch.equal(model[0].bias, bias) and not any(r.skipped for r in results)

@@ -7,7 +7,7 @@ K-SAM and the methods it is measured against, all on one two-pass step engine::
     result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
 """
 
-from .engine import SharpnessAwareOptimizer, StepResult
+from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult
 from .methods import (
     ESAM,
     KSAM,
@@ -31,6 +31,7 @@ from .schedule import Schedule
 from .selection import (
     LargestLossIncrease,
     RandomSubset,
+    Selection,
     SelectionContext,
     SelectionRule,
     TopLoss,
@@ -41,9 +42,9 @@ from .transform import GradientTransform, LookSAMRule
 __version__ = "0.1.0"
 
 __all__ = [
-    "SharpnessAwareOptimizer", "StepResult", "create", "METHODS",
+    "SharpnessAwareOptimizer", "StepResult", "ComputedStep", "create", "METHODS",
     "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD", "MSAM", "LookSAM",
-    "SelectionRule", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
+    "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
     "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
     "AdaptivePerturbation", "StochasticWeightPerturbation", "MomentumPerturbation",
     "Schedule", "GradientTransform", "LookSAMRule",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods import create
+from .schedule import Schedule
 
 
 @dataclass
@@ -136,7 +137,8 @@ def step_seconds(times: list[float], sharp: list[bool], fraction: float | None) 
     plain = [t for t, s in zip(times, sharp) if not s]
     full = [t for t, s in zip(times, sharp) if s]
     if not plain or not full:
-        raise ValueError("a scheduled method needs timed steps of both kinds")
+        raise ValueError("--steps must be at least 2: a scheduled method is timed on both "
+                         "kinds of step")
     return (1 - fraction) * statistics.median(plain) + fraction * statistics.median(full)
 
 
@@ -211,10 +213,15 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
             model = copy.deepcopy(base)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
             fraction = sharp_fraction(name, options)
-            if "start" in options:  # late-phase SAM: half the timed steps of each kind
-                options = {"start_step": warmup + steps // 2}
+            if "start" in options:
+                options = {"start_step": 0}
             engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
                             compile=backend or False, **options)
+            if fraction is not None:
+                # Scheduled methods alternate sharp and plain steps here, so that any
+                # number of timed steps times both kinds; the row weights the two medians
+                # by the method's own fraction of sharp steps.
+                engine.schedule = Schedule(interval=2)
             entries.append({"label": label, "engine": engine, "times": [], "sharp": [],
                             "fraction": fraction,
                             "mode": ("fast" if fast else "eager")
@@ -262,6 +269,10 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
         }
         if compile:
             row["ratio_to_plain_sgd"] = med / plain_sgd
+        if e["fraction"] is not None:  # each kind's median, for the record
+            for kind, flag in (("plain", False), ("sharp", True)):
+                row[f"ms_{kind}"] = 1000 * statistics.median(
+                    t for t, s in zip(e["times"], e["sharp"]) if s == flag)
         rows.append(row)
     return rows
 

@@ -90,7 +90,7 @@ __all__ = [
     "DEFAULT_TIMEOUT", "DistInfo", "setup", "init_from_env", "cleanup", "barrier",
     "is_distributed", "is_main_process", "get_rank", "get_world_size", "wrap", "unwrap",
     "sync_buffers", "shard_indices", "shard", "GlobalTopLoss", "use_global_selection",
-    "create", "all_ranks_true", "finite_reducer", "TIMEOUT_ENV",
+    "create", "all_ranks_true", "finite_reducer", "TIMEOUT_ENV", "resolve_timeout",
 ]
 
 #: Default time a collective may wait for the other ranks before failing.
@@ -130,7 +130,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _as_timedelta(timeout: float | timedelta | None,
+def resolve_timeout(timeout: float | timedelta | None,
                   env: Mapping[str, str] | None = None) -> timedelta:
     """``timeout`` as a timedelta; ``None``: the environment's :data:`TIMEOUT_ENV` (seconds)
     if set, else :data:`DEFAULT_TIMEOUT`."""
@@ -185,7 +185,7 @@ def setup(
     Idempotent: if the default group already exists, only the device is resolved.
     """
     env = os.environ if env is None else env
-    timeout_td = _as_timedelta(timeout, env)
+    timeout_td = resolve_timeout(timeout, env)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         backend = str(dist.get_backend())

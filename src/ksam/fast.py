@@ -20,14 +20,20 @@ What makes a step capturable, and how this module gets it:
 What the fast path does to your optimizer, at its first step (and again after
 ``load_state_dict``): every param group gets ``fused=True``, ``foreach=False``,
 ``capturable=True`` where the optimizer has that option (Adam, AdamW), and its ``lr``
-becomes a 0-d tensor on the device. The optimizer must therefore support ``fused=True``
+becomes a 0-d tensor on the device (float64 on the CPU, so that schedulers round as with a
+float). The optimizer must therefore support ``fused=True``
 (torch's SGD, Adam, AdamW). These settings stay in the optimizer and so in its
 ``state_dict``; on the CPU too, where the fused kernel rounds differently from the default
-one (about 1e-7 per step), so the fast and the eager path are equal only to that precision.
+one (about 1e-7 per step): the two paths are bit-identical for an optimizer built with
+``fused=True`` (SGD; tested on random step sequences), and equal to that precision else.
 An engine state records ``fast_path`` and :meth:`~ksam.engine.SharpnessAwareOptimizer.
 load_state_dict` refuses a state saved with the other setting. The skip flag reaches the
 optimizer that holds the parameters through the integrations' proxy optimizers
 (:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
+
+Until one step has been applied (again after ``load_state_dict``) the steps run eagerly:
+the optimizer creates its state at its first step, and a fused kernel told to skip that
+step would leave SGD's new momentum buffers uninitialized.
 
 Graphs are keyed by the batch's shapes, the subset sizes and the ``loss_fn`` object (by
 equality: the same function, or a bound method of the same object): a ``loss_fn`` built
@@ -35,20 +41,24 @@ anew for every step never replays another's graph, it is captured again, and aft
 ``MAX_GRAPHS`` graphs the steps run eagerly; build it once. A :class:`StepResult`'s index
 tensors are copies, which later steps do not overwrite.
 
-The fast path falls back to the eager step, by itself and with the
-same results, for a batch of another shape than the captured one (a short last batch), for
-rules that draw random numbers on the host (random-subset SAM, ESAM), with a GradScaler, a
-DistributedDataParallel model, or an optimizer without a fused kernel. ``SyncFreeExecutor.reason``
-says why it fell back. On the CPU there is no graph: the sync-free step runs eagerly,
-which is how the tests check that it equals the eager step.
+:class:`SyncFreeExecutor` runs a step with the engine's public stages only
+(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``finite``, ``apply``; see
+:mod:`ksam.executor`) and owns what is its own: the optimizer's preparation, the
+``found_inf`` flag and the skipped-step count on the device. A short last batch or a K
+schedule gets a graph of its own. It steps eagerly instead, by itself and with the same
+results, for rules that draw random numbers on the host (random-subset SAM, ESAM), with a
+GradScaler, a DistributedDataParallel model or an optimizer without a fused kernel, and
+after a failed capture; ``SyncFreeExecutor.reason`` says why. On the CPU there is no
+graph: the sync-free step runs eagerly, which is how the tests check that it equals the
+eager step.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -104,7 +114,6 @@ class _Captured:
     static_batch: Batch = None
     static_out: ComputedStep | None = None
     static_skip: Tensor | None = None
-    loss_fn: Any = field(default=None, repr=False)
 
 
 class SyncFreeExecutor:
@@ -130,6 +139,7 @@ class SyncFreeExecutor:
         self._prepared_for: torch.device | None = None
         self._skipped_device: Tensor | None = None
         self._found_inf: Tensor | None = None
+        self._state_ready = False
         self._skipped_base = int(skipped_steps)
         self._eager.reset()
 
@@ -167,17 +177,21 @@ class SyncFreeExecutor:
 
     def _prepare(self, device: torch.device) -> None:
         """Fused kernel (device-side skip via found_inf) and a device-tensor learning rate;
-        the skip flag and the skipped-step counter on the device."""
+        the skip flag and the skipped-step counter on the device. On the CPU the learning
+        rate is a float64 tensor: LR schedulers that compute from the group's current lr
+        (cosine annealing) then round exactly as with a Python float."""
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
         for group in self.engine.optimizer.param_groups:
             group["fused"] = True
             if "capturable" in group:  # Adam/AdamW: step counters on the device
                 group["capturable"] = True
             if "foreach" in group:
                 group["foreach"] = False
-            if not isinstance(group["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-            elif group["lr"].device != device:
-                group["lr"] = group["lr"].to(device)
+            lr = group["lr"]
+            if not isinstance(lr, Tensor):
+                group["lr"] = torch.tensor(float(lr), dtype=lr_dtype, device=device)
+            elif lr.device != device or lr.dtype != lr_dtype:
+                group["lr"] = lr.to(device=device, dtype=lr_dtype)
         if self._skipped_device is not None:  # the device moved: keep the count
             self._skipped_base += int(self._skipped_device)
         self._skipped_device = torch.zeros((), dtype=torch.long, device=device)
@@ -212,26 +226,40 @@ class SyncFreeExecutor:
         device = batch_device(batch)
         if self._prepared_for != device:
             self._prepare(device)
+        if not self._state_ready:
+            # The optimizer creates its state at its first step, and a fused kernel told to
+            # skip that step leaves the new buffers uninitialized (SGD's momentum): until a
+            # step has been applied (again after load_state_dict), steps run eagerly, where
+            # a skipped step does not call the optimizer at all.
+            result = self._eager.step(batch, loss_fn, n, sharp)
+            self._state_ready = not result.skipped
+            return result
         if device.type != "cuda":
             computed, skip = self._sync_free(batch, loss_fn, n, sharp)
             return StepResult.of(computed, computed.loss, skip)
         return self._graph_step(batch, loss_fn, n, sharp)
 
-    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
+    def _key(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> tuple:
+        """Which graph a step replays: one per batch signature, per subset sizes (a short
+        last batch or a K schedule gets its own), per kind of step (the schedule's sharp or
+        plain steps; Momentum-SAM before and after its buffer exists) and per ``loss_fn`` -
+        by equality, not by its code: a closure's captured values are baked into its graph,
+        and two closures of the same code may capture different ones. The key holds
+        ``loss_fn`` itself, so its id cannot be reused by another function while the graph
+        exists."""
         e = self.engine
-        # One graph per batch signature, per subset sizes (a short last batch or a K schedule
-        # gets its own), per kind of step (the schedule's sharp or plain steps; Momentum-SAM
-        # before and after its buffer exists) and per loss_fn: a closure's captured values
-        # are baked into its graph.
         sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
                       if rule is not None)
-        key = (_signature(batch), sizes, e.step_kind(sharp), loss_fn)
+        return (_signature(batch), sizes, e.step_kind(sharp), loss_fn)
+
+    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
+        e = self.engine
+        key = self._key(batch, loss_fn, n, sharp)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:  # shapes keep changing: same results
                 return self._eager.step(batch, loss_fn, n, sharp)
-            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1,
-                                                   loss_fn=loss_fn)
+            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
         if entry.graph is None and entry.warmup_left > 0:
             entry.warmup_left -= 1
             return self._warmup(batch, loss_fn, n, sharp)

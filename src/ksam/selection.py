@@ -164,13 +164,18 @@ class TopLoss(SelectionRule):
     needs_scores = True
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False) -> None:
+                 rescale: bool | float = False, loss_kind: str = "ce") -> None:
         self.k = check_subset_size(k, name)
         self.name = name
         if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
         self.warmup = int(warmup)
         self.rescale = _check_rescale(rescale)
+        self.loss_kind = check_loss_kind(loss_kind)
+        if self.rescale and self.loss_kind not in RESCALE_KINDS:
+            raise ValueError(f"rescale needs losses of a kind it can estimate gradients from "
+                             f"({', '.join(RESCALE_KINDS)}), got loss_kind={loss_kind!r}; "
+                             "pass rescale=False")
         self._power = float(self.rescale)  # True: 1.0, False: 0.0 (off)
 
     def size(self, batch_size: int) -> int:
@@ -194,12 +199,13 @@ class TopLoss(SelectionRule):
         idx = cached[1][: self.size_at(ctx.batch_size, ctx.step)]
         if not self._power:
             return Selection(idx)
-        scale = subset_gradient_scale(ctx.scores, idx)
+        scale = subset_gradient_scale(ctx.scores, idx, self.loss_kind)
         return Selection(idx, scale if self._power == 1.0 else scale.pow(self._power))
 
     def __repr__(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
         extra += f", rescale={self.rescale}" if self.rescale else ""
+        extra += f", loss_kind={self.loss_kind!r}" if self.loss_kind != "ce" else ""
         return f"TopLoss({self.name}={self.k}{extra})"
 
 
@@ -213,22 +219,47 @@ def _check_rescale(rescale: bool | float) -> bool | float:
     raise ValueError(f"rescale must be True, False or a power in [0, 1], got {rescale!r}")
 
 
-def subset_gradient_scale(scores: Tensor, index: Tensor) -> Tensor:
+#: Kinds of per-sample loss :class:`TopLoss` knows (``loss_kind``): ``"ce"`` cross-entropy
+#: of one prediction (softmax or sigmoid), ``"mse"`` a squared error, ``"other"`` anything
+#: else (a mean over tokens or labels, a label-smoothed or shifted loss, ...).
+LOSS_KINDS = ("ce", "mse", "other")
+#: The kinds :func:`subset_gradient_scale` has an estimate for.
+RESCALE_KINDS = ("ce", "mse")
+
+
+def check_loss_kind(kind: str) -> str:
+    """Validate a ``loss_kind``: one of :data:`LOSS_KINDS`. Returns it unchanged."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    return kind
+
+
+def subset_gradient_scale(scores: Tensor, index: Tensor, kind: str = "ce") -> Tensor:
     r"""Estimated ratio of the full batch's gradient norm to the subset's, from losses alone.
 
-    For cross-entropy the gradient w.r.t. an example's logits is :math:`p - e_y`, of size
-    about :math:`1 - p_y = 1 - e^{-l}`. If the examples' gradients pointed the same way, the
-    full-batch mean gradient would be the subset's mean times
+    Each example's gradient w.r.t. the model's output has an estimated size :math:`m(l)`
+    given its loss: for cross-entropy (``kind="ce"``) it is :math:`p - e_y`, of size about
+    :math:`1 - p_y = 1 - e^{-l}`; for a squared error :math:`l = r^2` (``kind="mse"``) it
+    is :math:`2r`, proportional to :math:`\sqrt{l}`. If the examples' gradients pointed the
+    same way, the full-batch mean gradient would be the subset's mean times
 
-    .. math:: s = \frac{\operatorname{mean}_{i \in B} (1 - e^{-l_i})}
-                      {\operatorname{mean}_{i \in S} (1 - e^{-l_i})} \in (0, 1].
+    .. math:: s = rac{\operatorname{mean}_{i \in B}\, m(l_i)}
+                      {\operatorname{mean}_{i \in S}\, m(l_i)} \in (0, 1].
 
     Scaling the top-K step by s keeps its size that of a full-batch step: s = 1 while all
     examples are hard (early training), s ~ error rate once most are fitted, when plain
     top-K steps are B/K times larger than SGD's and can kill the network (docs/collapse.md).
-    Computed on the device, no host sync, detached.
+
+    Losses of both kinds are >= 0: a negative loss means the losses are of another kind,
+    and the scale is then NaN, so the engine skips the step as non-finite (and counts it)
+    rather than apply a made-up scale. Computed on the device, no host sync, detached.
     """
-    mass = -torch.expm1(-scores.detach().float().clamp_min(0))
+    if kind not in RESCALE_KINDS:
+        raise ValueError(f"no gradient-size estimate for loss_kind={kind!r} "
+                         f"(known: {', '.join(RESCALE_KINDS)})")
+    losses = scores.detach().float()
+    mass = -torch.expm1(-losses) if kind == "ce" else losses.sqrt()
+    mass = torch.where(losses >= 0, mass, torch.nan)  # sqrt gives NaN already; expm1 not
     whole = mass.mean()
     sub = mass.index_select(0, index).mean()
     return (whole / sub.clamp_min(1e-12)).clamp(max=1.0)

@@ -62,7 +62,10 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         self.alpha = float(alpha)
-        self._index: dict[int, int] = {}
+        self._index: dict[int, int] = {}  # id(parameter) -> its position in bind()'s list
+        self._offsets: list[int] = [0]
+        self._shapes: list[torch.Size] = []
+        self._all_views: dict[int, list[Tensor]] = {}
         self._unit: Tensor | None = None  # g/|g| of this step's ascent gradient
         self._v: Tensor | None = None  # the stored unit orthogonal component
         self._next: Tensor | None = None  # scratch: the new v, or alpha |g| v
@@ -86,7 +89,8 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         self._all_views = {id(f): self._views(f, params) for f in (self._unit, self._next)}
 
     def _views(self, flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-        cached = getattr(self, "_all_views", {}).get(id(flat))
+        """Views of ``flat`` shaped as ``params`` (all of bind()'s or a subset of them)."""
+        cached = self._all_views.get(id(flat))
         if cached is not None and len(params) == len(self._index):
             return cached
         out = []
@@ -101,7 +105,8 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         g/|g| for the orthogonal component."""
         assert self._unit is not None, "bind() first"
         norm = global_norm(grads)
-        self._unit.zero_()
+        if len(params) != len(self._index):  # parameters without a gradient: zero there
+            self._unit.zero_()
         unit = self._views(self._unit, params)
         torch._foreach_copy_(unit, grads)
         self._unit.div_(norm + _EPS)
@@ -115,7 +120,8 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         scratch = self._next
         if sharp:
             # v = g_v/|g_v|, g_v = g_s - (g_s . u) u with u = g/|g|; g_s itself is descended.
-            scratch.zero_()
+            if len(params) != len(self._index):
+                scratch.zero_()
             torch._foreach_copy_(self._views(scratch, params), grads)
             dot = torch.dot(scratch, self._unit)
             scratch.addcmul_(self._unit, dot, value=-1.0)
