@@ -38,7 +38,7 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     if name.endswith("-cpu") or name.startswith("mnist1d"):
         assert args.device == "cpu"
     if "noise" in name:
-        assert args.label_noise == pytest.approx(0.2)
+        assert args.label_noise == pytest.approx(0.3 if name == "mnist1d-noise30" else 0.2)
 
     # The task accepts every task option the preset sets (unknown ones would be rejected).
     opts = args.task_kwargs()
