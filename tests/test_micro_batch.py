@@ -291,8 +291,10 @@ def test_cli_micro_batch_size_and_max_grad_norm(tmp_path, capsys):
     assert main([*tiny, "--out", str(tmp_path / "a"), "--max-grad-norm", "0.5"]) == 0
     assert main([*tiny, "--out", str(tmp_path / "b"), "--max-grad-norm", "0.5",
                  "--micro-batch-size", "5"]) == 0
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    from ksam.train import load_checkpoint
+
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert (a["config"]["micro_batch_size"], b["config"]["micro_batch_size"]) == (None, 5)
     assert a["config"]["max_grad_norm"] == b["config"]["max_grad_norm"] == 0.5
     for key in a["model"]:  # no BatchNorm in the mnist1d CNN: chunks change nothing
