@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, batch_device, batch_size, index_batch
+from .batch import Batch, batch_device, batch_labels, batch_size, index_batch
 from .batchnorm import BatchNormGuard
 from .perturbation import PerturbationRule
 from .selection import SelectionContext, SelectionRule, WholeBatch
@@ -187,6 +187,10 @@ class SharpnessAwareOptimizer:
             (ascent is not None and ascent.needs_scores)
             or (descent.needs_scores and not ascent_is_full)
         )
+        # Rules that read class labels (class-balanced selection) get the batch's second
+        # element; the batch is checked before the step starts.
+        self._needs_labels = bool((ascent is not None and ascent.needs_labels)
+                                  or descent.needs_labels)
         if descent.needs_perturbed_losses and ascent is None:
             raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
 
@@ -209,6 +213,8 @@ class SharpnessAwareOptimizer:
         losses of shape [n]."""
         n = batch_size(batch)
         self.check_batch(n)
+        if self._needs_labels:
+            batch_labels(batch, n)
         if self._fast is not None:
             result = self._fast.step(batch, loss_fn, n)
             if result is not None:
@@ -329,7 +335,8 @@ class SharpnessAwareOptimizer:
             return losses
 
         ctx = SelectionContext(batch_size=n, device=device, generator=self.generator,
-                               step=self.steps)
+                               step=self.steps,
+                               labels=batch_labels(batch, n) if self._needs_labels else None)
         checks: list[Tensor] = []
         ascent_norm = None
         perturbed: list[Tensor] = []

@@ -18,7 +18,7 @@ from .perturbation import (
     GradientNormPerturbation,
     StochasticWeightPerturbation,
 )
-from .selection import LargestLossIncrease, RandomSubset, TopLoss, WholeBatch
+from .selection import LargestLossIncrease, RandomSubset, WholeBatch, build_rule
 
 
 class SGD(SharpnessAwareOptimizer):
@@ -62,20 +62,25 @@ class KSAM(SharpnessAwareOptimizer):
     down to K2 (:class:`TopLoss`'s ``warmup``); ``rescale`` scales the descent step to a
     full-batch step's estimated size. ``k_warmup=0, rescale=False`` is the paper's plain
     K-SAM (also ``create("ksam-plain")``).
+
+    ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
+    (default) is the paper's top-K; ``"band"``, ``"median"``, ``"adaptive"`` take K examples
+    below the top of the loss order, which holds up under label noise
+    (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float = RESCALE,
+                 rescale: bool | float = RESCALE, select: str = "top",
                  **engine: Any):
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
-        ascent = TopLoss(k if k_ascent is None else k_ascent,
-                         "k" if k_ascent is None else "k_ascent")
-        descent = TopLoss(k if k_descent is None else k_descent,
-                          "k" if k_descent is None else "k_descent", warmup=k_warmup,
-                          rescale=rescale)
+        ascent = build_rule(select, k if k_ascent is None else k_ascent,
+                            "k" if k_ascent is None else "k_ascent")
+        descent = build_rule(select, k if k_descent is None else k_descent,
+                             "k" if k_descent is None else "k_descent", warmup=k_warmup,
+                             rescale=rescale)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, **engine)
 
@@ -106,12 +111,14 @@ class ESAM(SharpnessAwareOptimizer):
 
 class OrderedSGD(SharpnessAwareOptimizer):
     """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples.
-    ``k_warmup`` as in :class:`KSAM` (default 0: the paper's plain rule)."""
+    ``k_warmup`` and ``select`` as in :class:`KSAM` (default 0 and ``"top"``: the paper's
+    plain rule)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 k: float | int = 0.25, k_warmup: int = 0, **engine: Any):
+                 k: float | int = 0.25, k_warmup: int = 0, select: str = "top",
+                 **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
-                         descent=TopLoss(k, warmup=k_warmup), **engine)
+                         descent=build_rule(select, k, warmup=k_warmup), **engine)
 
 
 def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.05,

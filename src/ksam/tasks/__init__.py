@@ -150,7 +150,10 @@ def available_tasks() -> list[str]:
 
 # Independent random streams per selection step, so that e.g. the validation set does not
 # change when train_subset or label_noise change.
-_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_NOISE = 1, 2, 3
+_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_NOISE, _STREAM_VALIDATION_NOISE = 1, 2, 3, 4
+#: Kinds of label noise: "symmetric" replaces a label by one of the other classes drawn
+#: uniformly; "pair" replaces class c by its fixed neighbour c+1 (mod C).
+LABEL_NOISE_TYPES = ("symmetric", "pair")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -197,6 +200,8 @@ def get_task(
     label_noise: float = 0.0,
     seed: int = 0,
     validation_split: float = 0.0,
+    label_noise_type: str = "symmetric",
+    noisy_validation: bool = False,
     **options: Any,
 ) -> Task:
     """Load task ``name`` onto ``device``.
@@ -215,6 +220,11 @@ def get_task(
         validation_split: hold out this fraction of the training set and use it as the test
             set (to tune hyperparameters without seeing the test set). The real test set is
             then not loaded, and ``Task.name`` gets a ``-val<fraction>`` suffix.
+        label_noise_type: ``"symmetric"`` (default: the new label is uniform over the other
+            classes) or ``"pair"`` (class c becomes c+1 mod C, asymmetric noise).
+        noisy_validation: with ``validation_split`` and ``label_noise``, the held-out labels
+            carry the same noise (same rate and type, drawn independently), as a held-out
+            part of a noisy training set does; default False keeps them clean.
         **options: task-specific options, see ``TASKS[name].options``.
     """
     if name not in TASKS:
@@ -226,6 +236,11 @@ def get_task(
     ):
         raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
     label_noise = _check_fraction("label_noise", label_noise)
+    if label_noise_type not in LABEL_NOISE_TYPES:
+        raise ValueError(f"label_noise_type must be one of {', '.join(LABEL_NOISE_TYPES)}, "
+                         f"got {label_noise_type!r}")
+    if not isinstance(noisy_validation, bool):
+        raise ValueError(f"noisy_validation must be True or False, got {noisy_validation!r}")
     validation_split = _check_fraction("validation_split", validation_split)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -268,19 +283,19 @@ def get_task(
         train_idx = train_idx[:train_subset]
 
     train_y = raw.train_y[train_idx].astype(np.int64)  # fancy indexing: a copy, safe to edit
+    test_y = np.asarray(test_y, dtype=np.int64)
     noisy_mask = None
     if label_noise > 0:
         c = td.num_classes
         if c < 2:
             raise ValueError(f"label_noise needs at least 2 classes, task {name!r} has {c}")
-        rng = _rng(seed, _STREAM_NOISE)
-        n_noisy = round(label_noise * len(train_y))
-        idx = rng.choice(len(train_y), size=n_noisy, replace=False)
-        # Adding 1..c-1 modulo c gives a label uniform over the other classes.
-        train_y[idx] = (train_y[idx] + rng.integers(1, c, size=n_noisy)) % c
-        mask = np.zeros(len(train_y), dtype=bool)
-        mask[idx] = True
+        mask = _add_label_noise(train_y, label_noise, label_noise_type, c,
+                                _rng(seed, _STREAM_NOISE))
         noisy_mask = torch.from_numpy(mask).to(device)
+        if noisy_validation and validation_split > 0:
+            test_y = test_y.copy()
+            _add_label_noise(test_y, label_noise, label_noise_type, c,
+                             _rng(seed, _STREAM_VALIDATION_NOISE))
 
     dev = torch.device(device)
     return Task(
@@ -288,7 +303,7 @@ def get_task(
         train_x=_to_device(raw.train_x[train_idx], dev, td.mean, td.std),
         train_y=torch.from_numpy(train_y).to(dev),
         test_x=_to_device(test_x, dev, td.mean, td.std),
-        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(dev),
+        test_y=torch.from_numpy(test_y).to(dev),
         num_classes=td.num_classes,
         make_model=td.make_model,
         augment=td.augment,
@@ -296,6 +311,21 @@ def get_task(
         description=td.description,
         noisy_mask=noisy_mask,
     )
+
+
+def _add_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Replace the labels of exactly ``round(rate * n)`` examples drawn with ``rng``, in
+    place; returns the bool mask of the changed ones."""
+    n_noisy = round(rate * len(labels))
+    idx = rng.choice(len(labels), size=n_noisy, replace=False)
+    if kind == "pair":
+        labels[idx] = (labels[idx] + 1) % num_classes
+    else:  # adding 1..c-1 modulo c gives a label uniform over the other classes
+        labels[idx] = (labels[idx] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[idx] = True
+    return mask
 
 
 # --------------------------------------------------------------------------- built-in tasks
