@@ -23,7 +23,6 @@ from ksam.selection import (
     SelectionContext,
     TopLoss,
     class_round_robin,
-    high_loss_count,
 )
 from ksam.tasks import get_task
 
@@ -75,7 +74,8 @@ def test_registry_names_and_defaults():
 @pytest.mark.parametrize("cls,kw", [(LossBand, {"skip": 1.0}), (LossBand, {"skip": -0.1}),
                                     (LossBand, {"skip": True}), (LossBand, {"skip": "0.2"}),
                                     (AdaptiveBand, {"max_skip": float("nan")}),
-                                    (AdaptiveBand, {"max_skip": 1.5})])
+                                    (AdaptiveBand, {"max_skip": 1.5}),
+                                    (AdaptiveBand, {"threshold": float("inf")})])
 def test_bad_rule_options(cls, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         cls(4, **kw)
@@ -101,29 +101,19 @@ def test_median_band_is_centred():
     assert MedianBand(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
 
 
-def test_high_loss_count_is_the_best_two_group_split():
-    assert int(high_loss_count(torch.tensor([5.0, 5.0, 0.1, 0.1, 0.1]))) == 2
-    assert int(high_loss_count(torch.tensor([9.0, 1.0, 1.0, 1.0]))) == 1
-    assert int(high_loss_count(torch.full((6,), 2.3))) == 0  # nothing to split
-    assert int(high_loss_count(torch.tensor([1.0]))) == 0
-    g = torch.Generator().manual_seed(0)
-    for n in (2, 3, 7, 40):
-        v = torch.rand(n, generator=g, dtype=torch.float64).sort(descending=True).values
-        best = max(range(n), key=lambda j: (
-            0.0 if j == 0 else j * (n - j) * (v[:j].mean() - v[j:].mean()).item() ** 2, -j))
-        assert int(high_loss_count(v)) == best
-
-
-def test_adaptive_band_skips_the_high_group():
-    # Two clearly separated groups: 3 high losses (a "noisy" group), 7 low.
+def test_adaptive_band_skips_the_examples_not_fitted():
+    # 3 losses above ln 2 (the model gives their label < 1/2), 7 below.
     scores = [0.2, 4.0, 0.1, 0.3, 5.0, 0.25, 0.05, 4.5, 0.15, 0.3]
-    # order: 4 7 1 3 9 5 0 8 2 6; the high group is rows 4, 7, 1.
+    # order: 4 7 1 3 9 5 0 8 2 6; rows 4, 7, 1 are not fitted.
     assert AdaptiveBand(3).select(ctx(scores)).tolist() == [3, 9, 5]
     # The skip is capped at max_skip * B and at B - K.
     assert AdaptiveBand(3, max_skip=0.2).select(ctx(scores)).tolist() == [1, 3, 9]
     assert AdaptiveBand(8).select(ctx(scores)).tolist() == [1, 3, 9, 5, 0, 8, 2, 6]
-    assert AdaptiveBand(3).select(ctx([1.0] * 5)).tolist() == [0, 1, 2]  # equal: no skip
+    assert AdaptiveBand(3, threshold=0.27).select(ctx(scores)).tolist() == [5, 0, 8]  # skip 5
+    assert AdaptiveBand(3).select(ctx([0.5] * 5)).tolist() == [0, 1, 2]  # all fitted
+    assert AdaptiveBand(3).select(ctx([2.3] * 10)).tolist() == [5, 6, 7]  # none: cap 5
     assert AdaptiveBand(3).select(ctx(scores)).dtype == torch.int64
+    assert AdaptiveBand(3).threshold == pytest.approx(0.6931471805599453)
 
 
 def test_class_balanced_takes_classes_in_turn():

@@ -19,14 +19,15 @@ examples, so these rules take K examples *below* the top of the loss order.
 
 - :class:`LossBand` (``"band"``) - skip the ``skip`` fraction of largest losses, take the next K.
 - :class:`MedianBand` (``"median"``) - the K examples around the median loss (Xia et al.).
-- :class:`AdaptiveBand` (``"adaptive"``) - skip as many of the largest losses as a two-group
-  split of the batch's losses puts in the high group, then take the next K.
+- :class:`AdaptiveBand` (``"adaptive"``) - skip as many of the largest losses as the batch
+  has examples the model does not fit (loss above ln 2), then take the next K.
 - :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -357,56 +358,46 @@ class MedianBand(TopLoss):
         return order[start:start + count]
 
 
-def high_loss_count(values: Tensor) -> Tensor:
-    r"""How many of the largest ``values`` form the high group of the best two-group split.
-
-    With ``values`` sorted in descending order :math:`v_1 \ge \dots \ge v_n`, the count is
-    the :math:`j` maximizing the between-group variance (Otsu's criterion, a 1-D two-means)
-
-    .. math:: j\,(n-j)\,\bigl(\bar v_{1..j} - \bar v_{j+1..n}\bigr)^2,\qquad 0 \le j < n,
-
-    the smallest such :math:`j` on a tie (:math:`j = 0` when all values are equal). A 0-d
-    int64 tensor on the values' device: no host sync, fixed shapes.
-    """
-    v = values.detach().float()
-    n = v.numel()
-    # The criterion is shift-invariant; measured from the largest value, equal values are
-    # exact zeros, so their split scores exactly 0 (no rounding in the cumulative sums).
-    v = v[:1] - v
-    sums = v.cumsum(0)
-    j = torch.arange(1, n, device=v.device, dtype=v.dtype)
-    high = sums[:-1] / j
-    low = (sums[-1] - sums[:-1]) / (n - j)
-    between = j * (n - j) * (high - low).square()
-    # j = 0 first: argmax returns the first maximum, so equal values split nowhere.
-    return torch.cat([between.new_zeros(1), between]).argmax()
+#: Default ``threshold`` of :class:`AdaptiveBand`: a cross-entropy above ln 2 means the
+#: model puts less than half its probability on the label (the example is not fitted).
+MISFIT_LOSS = math.log(2.0)
 
 
 class AdaptiveBand(TopLoss):
-    """A :class:`LossBand` whose skip is estimated from the batch's losses at each step.
+    """A :class:`LossBand` whose skip is the number of examples of the batch whose loss at w
+    exceeds ``threshold`` (default ln 2: for cross-entropy, the examples the model gives
+    less than half its probability on the label), capped at ``max_skip * B`` and at
+    ``B - K``; then rows ``s .. s+K-1`` of the loss order.
 
-    The skip is :func:`high_loss_count` of the batch's losses (the size of the high group of
-    the best split into two groups), capped at ``max_skip * B`` and at ``B - K``: under label
-    noise the mislabelled examples form that high group once the clean ones are fitted, with
-    no noise rate to set. Then rows ``s .. s+K-1`` of the loss order. The skip stays a
-    device tensor (gathered rows, no host sync); the subset size is static.
+    Under label noise the model fits the clean examples first, and the examples it does not
+    fit are then mostly the mislabelled ones: the skip follows the noise rate without being
+    told it. Early in training (few examples fitted) the skip is at its cap and the subset
+    sits in the middle of the loss order; on clean data it skips the few examples still
+    misclassified. The skip stays a device tensor (gathered rows, no host sync); the subset
+    size is static. ``warmup`` and ``rescale`` as in :class:`TopLoss`.
     """
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, max_skip: float = ADAPTIVE_MAX_SKIP) -> None:
+                 rescale: bool | float = False, max_skip: float = ADAPTIVE_MAX_SKIP,
+                 threshold: float = MISFIT_LOSS) -> None:
         super().__init__(k, name, warmup=warmup, rescale=rescale)
         self.max_skip = _check_share(max_skip, "max_skip")
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) \
+                or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         n = ctx.batch_size
         assert ctx.scores is not None
         cap = min(round(self.max_skip * n), n - count)
-        start = high_loss_count(ctx.scores.index_select(0, order)).clamp(max=cap)
+        start = (ctx.scores > self.threshold).sum().clamp(max=cap)
         rows = torch.arange(count, device=order.device) + start
         return order.index_select(0, rows)
 
     def _repr_options(self) -> str:
-        return f"{super()._repr_options()}, max_skip={self.max_skip:g}"
+        return (f"{super()._repr_options()}, max_skip={self.max_skip:g}, "
+                f"threshold={self.threshold:.4g}")
 
 
 def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
@@ -453,7 +444,7 @@ class ClassBalancedTopLoss(TopLoss):
 #: Selection rules by name, for ``KSAM(..., select=NAME)`` and ``OrderedSGD(..., select=NAME)``.
 #: Each factory takes ``(k, name="k", warmup=0, rescale=False)``; its own options have
 #: defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
-RULES: dict[str, type[TopLoss]] = {
+RULES: dict[str, Callable[..., TopLoss]] = {
     "top": TopLoss,
     "band": LossBand,
     "median": MedianBand,

@@ -1,0 +1,62 @@
+"""``ksam compare`` with extra selection rules registered, for screening rule variants that
+are not in :data:`ksam.selection.RULES` (docs/label_noise.md, "Rules that did not work").
+
+Registers, for this process only:
+
+- ``band10``, ``band30``, ``band40``: :class:`ksam.selection.LossBand` with ``skip`` 0.1,
+  0.3, 0.4 (``band`` is skip 0.2);
+- ``otsu``: a band whose skip is the high group of the best two-group split of the batch's
+  losses (Otsu's criterion, a 1-D two-means), capped at half the batch;
+- ``adaptive75``: :class:`ksam.selection.AdaptiveBand` capped at 0.75 of the batch.
+
+Every other argument goes to ``ksam compare``::
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_screen.py --label-noise 0.2 \\
+        --epochs 30 --seeds 2 --lr 0.1 --methods ksam:k=32,rho=0.02,select=otsu --out runs/x
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from torch import Tensor
+
+from ksam import selection
+from ksam.cli import main
+
+
+def high_loss_count(values: Tensor) -> Tensor:
+    r"""For ``values`` sorted in descending order, the :math:`j` maximizing
+    :math:`j (n-j) (\bar v_{1..j} - \bar v_{j+1..n})^2` (0 when all are equal)."""
+    v = values.detach().float()
+    n = v.numel()
+    v = v[:1] - v  # shift-invariant; equal values give exact zeros
+    sums = v.cumsum(0)
+    j = torch.arange(1, n, device=v.device, dtype=v.dtype)
+    between = j * (n - j) * (sums[:-1] / j - (sums[-1] - sums[:-1]) / (n - j)).square()
+    return torch.cat([between.new_zeros(1), between]).argmax()
+
+
+class OtsuBand(selection.TopLoss):
+    """Skip the high group of the two-group split of the batch's losses, take the next K."""
+
+    def pick(self, ctx: selection.SelectionContext, order: Tensor, count: int) -> Tensor:
+        n = ctx.batch_size
+        cap = min(n // 2, n - count)
+        start = high_loss_count(ctx.scores.index_select(0, order)).clamp(max=cap)
+        return order.index_select(0, torch.arange(count, device=order.device) + start)
+
+
+EXTRA = {
+    "band10": functools.partial(selection.LossBand, skip=0.1),
+    "band30": functools.partial(selection.LossBand, skip=0.3),
+    "band40": functools.partial(selection.LossBand, skip=0.4),
+    "otsu": OtsuBand,
+    "adaptive75": functools.partial(selection.AdaptiveBand, max_skip=0.75),
+}
+
+if __name__ == "__main__":
+    selection.RULES.update(EXTRA)
+    sys.exit(main(["compare", *sys.argv[1:]]))
