@@ -3,11 +3,13 @@ are not in :data:`ksam.selection.RULES` (docs/label_noise.md, "Rules that did no
 
 Registers, for this process only:
 
-- ``band10``, ``band30``, ``band40``: :class:`ksam.selection.LossBand` with ``skip`` 0.1,
-  0.3, 0.4 (``band`` is skip 0.2);
+- ``band10``, ``band20``, ``band30``, ``band40``: :class:`ksam.selection.LossBand` with
+  ``skip`` 0.1, 0.2, 0.3, 0.4 (``band`` is its default, 0.3);
 - ``otsu``: a band whose skip is the high group of the best two-group split of the batch's
   losses (Otsu's criterion, a 1-D two-means), capped at half the batch;
-- ``adaptive75``: :class:`ksam.selection.AdaptiveBand` capped at 0.75 of the batch.
+- ``adaptive75``: :class:`ksam.selection.AdaptiveBand` capped at 0.75 of the batch;
+- ``adaptive1.5``, ``adaptive-ln10``: :class:`ksam.selection.AdaptiveBand` with
+  ``threshold`` 1.5 and ln 10 instead of ln 2.
 
 Every other argument goes to ``ksam compare``::
 
@@ -18,6 +20,7 @@ Every other argument goes to ``ksam compare``::
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import torch
@@ -51,10 +54,13 @@ class OtsuBand(selection.TopLoss):
 
 EXTRA = {
     "band10": functools.partial(selection.LossBand, skip=0.1),
+    "band20": functools.partial(selection.LossBand, skip=0.2),
     "band30": functools.partial(selection.LossBand, skip=0.3),
     "band40": functools.partial(selection.LossBand, skip=0.4),
     "otsu": OtsuBand,
     "adaptive75": functools.partial(selection.AdaptiveBand, max_skip=0.75),
+    "adaptive1.5": functools.partial(selection.AdaptiveBand, threshold=1.5),
+    "adaptive-ln10": functools.partial(selection.AdaptiveBand, threshold=math.log(10)),
 }
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_registry_names_and_defaults():
     for name, factory in RULES.items():  # k is the only argument a rule needs
         rule = factory(8)
         assert isinstance(rule, TopLoss) and rule.size(32) == 8, name
-    assert LossBand(4).skip == ksam.selection.BAND_SKIP == 0.2
+    assert LossBand(4).skip == ksam.selection.BAND_SKIP == 0.3
     assert AdaptiveBand(4).max_skip == ksam.selection.ADAPTIVE_MAX_SKIP == 0.5
     assert repr(LossBand(4, skip=0.3)) == "LossBand(k=4, skip=0.3)"
     assert repr(MedianBand(0.25, warmup=5)) == "MedianBand(k=0.25, warmup=5)"
@@ -243,8 +243,8 @@ def test_ksam_steps_on_the_rows_the_rule_selects():
     eng = ksam.KSAM(model, sgd(model), k=8, k_ascent=4, k_warmup=0, select="band")
     res = eng.step((x, y), ce)
     assert sizes == [32, 4, 8]  # one scoring forward, no extra pass
-    assert res.ascent_indices.tolist() == order[6:10].tolist()  # skip round(0.2 * 32) = 6
-    assert res.descent_indices.tolist() == order[6:14].tolist()
+    assert res.ascent_indices.tolist() == order[10:14].tolist()  # skip round(0.3 * 32) = 10
+    assert res.descent_indices.tolist() == order[10:18].tolist()
 
 
 def test_class_balanced_reads_the_batch_labels():

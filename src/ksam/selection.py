@@ -312,7 +312,7 @@ class LargestLossIncrease(SelectionRule):
 # ------------------------------------------------------------- rules for noisy labels
 
 #: Default ``skip`` of :class:`LossBand`: the share of largest losses it leaves out.
-BAND_SKIP = 0.2
+BAND_SKIP = 0.3
 #: Default ``max_skip`` of :class:`AdaptiveBand`: it never skips more than this share
 #: (label noise above half the data cannot be told from the labels' own signal).
 ADAPTIVE_MAX_SKIP = 0.5
