@@ -16,7 +16,6 @@ import ksam
 from ksam.compare import parse_method_spec
 from ksam.selection import (
     RULES,
-    AdaptiveBand,
     ClassBalancedTopLoss,
     LossBand,
     MedianBand,
@@ -26,7 +25,7 @@ from ksam.selection import (
 )
 from ksam.tasks import get_task
 
-NEW_RULES = ["band", "median", "adaptive", "balanced"]
+NEW_RULES = ["band", "median", "balanced"]
 
 
 def ce(model, batch):
@@ -66,16 +65,13 @@ def test_registry_names_and_defaults():
         rule = factory(8)
         assert isinstance(rule, TopLoss) and rule.size(32) == 8, name
     assert LossBand(4).skip == ksam.selection.BAND_SKIP == 0.3
-    assert AdaptiveBand(4).max_skip == ksam.selection.ADAPTIVE_MAX_SKIP == 0.5
     assert repr(LossBand(4, skip=0.3)) == "LossBand(k=4, skip=0.3)"
     assert repr(MedianBand(0.25, warmup=5)) == "MedianBand(k=0.25, warmup=5)"
 
 
 @pytest.mark.parametrize("cls,kw", [(LossBand, {"skip": 1.0}), (LossBand, {"skip": -0.1}),
                                     (LossBand, {"skip": True}), (LossBand, {"skip": "0.2"}),
-                                    (AdaptiveBand, {"max_skip": float("nan")}),
-                                    (AdaptiveBand, {"max_skip": 1.5}),
-                                    (AdaptiveBand, {"threshold": float("inf")})])
+                                    (LossBand, {"skip": float("nan")})])
 def test_bad_rule_options(cls, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         cls(4, **kw)
@@ -99,21 +95,6 @@ def test_median_band_is_centred():
     assert MedianBand(2).select(ctx(SCORES)).tolist() == [9, 2]  # rows 4, 5 of 10
     assert MedianBand(3).select(ctx(SCORES)).tolist() == [5, 9, 2]  # (10 - 3) // 2 = 3
     assert MedianBand(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
-
-
-def test_adaptive_band_skips_the_examples_not_fitted():
-    # 3 losses above ln 2 (the model gives their label < 1/2), 7 below.
-    scores = [0.2, 4.0, 0.1, 0.3, 5.0, 0.25, 0.05, 4.5, 0.15, 0.3]
-    # order: 4 7 1 3 9 5 0 8 2 6; rows 4, 7, 1 are not fitted.
-    assert AdaptiveBand(3).select(ctx(scores)).tolist() == [3, 9, 5]
-    # The skip is capped at max_skip * B and at B - K.
-    assert AdaptiveBand(3, max_skip=0.2).select(ctx(scores)).tolist() == [1, 3, 9]
-    assert AdaptiveBand(8).select(ctx(scores)).tolist() == [1, 3, 9, 5, 0, 8, 2, 6]
-    assert AdaptiveBand(3, threshold=0.27).select(ctx(scores)).tolist() == [5, 0, 8]  # skip 5
-    assert AdaptiveBand(3).select(ctx([0.5] * 5)).tolist() == [0, 1, 2]  # all fitted
-    assert AdaptiveBand(3).select(ctx([2.3] * 10)).tolist() == [5, 6, 7]  # none: cap 5
-    assert AdaptiveBand(3).select(ctx(scores)).dtype == torch.int64
-    assert AdaptiveBand(3).threshold == pytest.approx(0.6931471805599453)
 
 
 def test_class_balanced_takes_classes_in_turn():
@@ -303,7 +284,7 @@ def test_same_seed_same_run_and_fast_path_equals_eager(name):
 
 def test_cli_spec_takes_select():
     assert parse_method_spec("ksam:k=16,select=band") == ("ksam", {"k": 16, "select": "band"})
-    assert parse_method_spec("osgd:select=adaptive") == ("osgd", {"select": "adaptive"})
+    assert parse_method_spec("osgd:select=median") == ("osgd", {"select": "median"})
     with pytest.raises(ValueError, match="takes no option 'select'"):
         parse_method_spec("ksam-plain:select=band")
 

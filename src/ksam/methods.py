@@ -64,8 +64,8 @@ class KSAM(SharpnessAwareOptimizer):
     K-SAM (also ``create("ksam-plain")``).
 
     ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
-    (default) is the paper's top-K; ``"band"``, ``"median"``, ``"adaptive"`` take K examples
-    below the top of the loss order, which holds up under label noise
+    (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
+    top of the loss order, which holds up under label noise
     (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
     """
 

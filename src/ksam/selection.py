@@ -19,8 +19,6 @@ examples, so these rules take K examples *below* the top of the loss order.
 
 - :class:`LossBand` (``"band"``) - skip the ``skip`` fraction of largest losses, take the next K.
 - :class:`MedianBand` (``"median"``) - the K examples around the median loss (Xia et al.).
-- :class:`AdaptiveBand` (``"adaptive"``) - skip as many of the largest losses as the batch
-  has examples the model does not fit (loss above ln 2), then take the next K.
 - :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
 """
 
@@ -313,9 +311,6 @@ class LargestLossIncrease(SelectionRule):
 
 #: Default ``skip`` of :class:`LossBand`: the share of largest losses it leaves out.
 BAND_SKIP = 0.3
-#: Default ``max_skip`` of :class:`AdaptiveBand`: it never skips more than this share
-#: (label noise above half the data cannot be told from the labels' own signal).
-ADAPTIVE_MAX_SKIP = 0.5
 
 
 def _check_share(value: float, name: str) -> float:
@@ -356,48 +351,6 @@ class MedianBand(TopLoss):
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         start = (ctx.batch_size - count) // 2
         return order[start:start + count]
-
-
-#: Default ``threshold`` of :class:`AdaptiveBand`: a cross-entropy above ln 2 means the
-#: model puts less than half its probability on the label (the example is not fitted).
-MISFIT_LOSS = math.log(2.0)
-
-
-class AdaptiveBand(TopLoss):
-    """A :class:`LossBand` whose skip is the number of examples of the batch whose loss at w
-    exceeds ``threshold`` (default ln 2: for cross-entropy, the examples the model gives
-    less than half its probability on the label), capped at ``max_skip * B`` and at
-    ``B - K``; then rows ``s .. s+K-1`` of the loss order.
-
-    Under label noise the model fits the clean examples first, and the examples it does not
-    fit are then mostly the mislabelled ones: the skip follows the noise rate without being
-    told it. Early in training (few examples fitted) the skip is at its cap and the subset
-    sits in the middle of the loss order; on clean data it skips the few examples still
-    misclassified. The skip stays a device tensor (gathered rows, no host sync); the subset
-    size is static. ``warmup`` and ``rescale`` as in :class:`TopLoss`.
-    """
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, max_skip: float = ADAPTIVE_MAX_SKIP,
-                 threshold: float = MISFIT_LOSS) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale)
-        self.max_skip = _check_share(max_skip, "max_skip")
-        if isinstance(threshold, bool) or not isinstance(threshold, Real) \
-                or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        self.threshold = float(threshold)
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        n = ctx.batch_size
-        assert ctx.scores is not None
-        cap = min(round(self.max_skip * n), n - count)
-        start = (ctx.scores > self.threshold).sum().clamp(max=cap)
-        rows = torch.arange(count, device=order.device) + start
-        return order.index_select(0, rows)
-
-    def _repr_options(self) -> str:
-        return (f"{super()._repr_options()}, max_skip={self.max_skip:g}, "
-                f"threshold={self.threshold:.4g}")
 
 
 def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
@@ -448,7 +401,6 @@ RULES: dict[str, Callable[..., TopLoss]] = {
     "top": TopLoss,
     "band": LossBand,
     "median": MedianBand,
-    "adaptive": AdaptiveBand,
     "balanced": ClassBalancedTopLoss,
 }
 
