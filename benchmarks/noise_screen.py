@@ -8,8 +8,9 @@ Registers, for this process only:
 - ``otsu``: a band whose skip is the high group of the best two-group split of the batch's
   losses (Otsu's criterion, a 1-D two-means), capped at half the batch;
 - ``adaptive``: :class:`AdaptiveBand`, a band whose skip is the number of examples with a
-  loss above ln 2 (not fitted), capped at half the batch; ``adaptive75`` capped at 0.75;
-  ``adaptive1.5``, ``adaptive-ln10`` with the threshold 1.5 and ln 10 instead of ln 2.
+  loss above ln 2 (not fitted), capped at half the batch; ``adaptive75`` and
+  ``adaptive30`` capped at 0.75 and 0.3; ``adaptive1.5``, ``adaptive-ln10`` with the
+  threshold 1.5 and ln 10 instead of ln 2.
 
 Every other argument goes to ``ksam compare``::
 
@@ -98,6 +99,7 @@ EXTRA = {
     "otsu": OtsuBand,
     "adaptive": AdaptiveBand,
     "adaptive75": functools.partial(AdaptiveBand, max_skip=0.75),
+    "adaptive30": functools.partial(AdaptiveBand, max_skip=0.3),
     "adaptive1.5": functools.partial(AdaptiveBand, threshold=1.5),
     "adaptive-ln10": functools.partial(AdaptiveBand, threshold=math.log(10)),
 }

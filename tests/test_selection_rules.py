@@ -20,12 +20,13 @@ from ksam.selection import (
     LossBand,
     MedianBand,
     SelectionContext,
+    StratifiedLoss,
     TopLoss,
     class_round_robin,
 )
 from ksam.tasks import get_task
 
-NEW_RULES = ["band", "median", "balanced"]
+NEW_RULES = ["band", "median", "stratified", "balanced"]
 
 
 def ce(model, batch):
@@ -95,6 +96,14 @@ def test_median_band_is_centred():
     assert MedianBand(2).select(ctx(SCORES)).tolist() == [9, 2]  # rows 4, 5 of 10
     assert MedianBand(3).select(ctx(SCORES)).tolist() == [5, 9, 2]  # (10 - 3) // 2 = 3
     assert MedianBand(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
+
+
+def test_stratified_takes_evenly_spaced_ranks():
+    # loss order 1 3 7 5 9 2 4 6 0 8
+    assert StratifiedLoss(5).select(ctx(SCORES)).tolist() == [1, 7, 9, 4, 0]  # ranks 0 2 4 6 8
+    assert StratifiedLoss(3).select(ctx(SCORES)).tolist() == [1, 5, 4]  # ranks 0 3 6
+    assert StratifiedLoss(1).select(ctx(SCORES)).tolist() == [1]  # the top example
+    assert StratifiedLoss(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
 
 
 def test_class_balanced_takes_classes_in_turn():

@@ -65,7 +65,8 @@ class KSAM(SharpnessAwareOptimizer):
 
     ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
     (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
-    top of the loss order, which holds up under label noise
+    top of the loss order and ``"stratified"`` K examples spread over it, which hold up under
+    label noise
     (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
     """
 

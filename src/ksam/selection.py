@@ -19,6 +19,8 @@ examples, so these rules take K examples *below* the top of the loss order.
 
 - :class:`LossBand` (``"band"``) - skip the ``skip`` fraction of largest losses, take the next K.
 - :class:`MedianBand` (``"median"``) - the K examples around the median loss (Xia et al.).
+- :class:`StratifiedLoss` (``"stratified"``) - K examples at evenly spaced ranks of the loss
+  order.
 - :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
 """
 
@@ -353,6 +355,18 @@ class MedianBand(TopLoss):
         return order[start:start + count]
 
 
+class StratifiedLoss(TopLoss):
+    """K rows at evenly spaced ranks of the loss order, ranks ``floor(i * B / K)`` for
+    ``i < K`` (with B = 4K: ranks 0, 4, 8, ...): every part of the loss distribution in
+    proportion, the hardest example included. The subset's share of mislabelled examples
+    is the batch's, as for a full-batch step, wherever they sit in the order. ``warmup``
+    and ``rescale`` as in :class:`TopLoss`."""
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        ranks = torch.arange(count, device=order.device) * ctx.batch_size // count
+        return order.index_select(0, ranks)
+
+
 def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
     """Every row, reordered class by class in turn: each class's largest loss first, then
     each class's second largest, and so on; within a round, classes by their loss.
@@ -401,6 +415,7 @@ RULES: dict[str, Callable[..., TopLoss]] = {
     "top": TopLoss,
     "band": LossBand,
     "median": MedianBand,
+    "stratified": StratifiedLoss,
     "balanced": ClassBalancedTopLoss,
 }
 
