@@ -69,9 +69,9 @@ class AdaptiveBand(selection.TopLoss):
     """
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, max_skip: float = 0.5,
-                 threshold: float = MISFIT_LOSS) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale)
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 max_skip: float = 0.5, threshold: float = MISFIT_LOSS) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
         self.max_skip = float(max_skip)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
                 or not math.isfinite(threshold):

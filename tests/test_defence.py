@@ -57,10 +57,10 @@ def test_schedule_rounds_up_for_odd_batches():
 def test_selected_indices_at_given_steps():
     scores = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8])
     rule = TopLoss(2, warmup=3)
-    assert rule.select(ctx(scores, 0)).tolist() == [1, 3, 7, 5, 2, 4, 6, 0]
-    assert rule.select(ctx(scores, 3)).tolist() == [1, 3, 7, 5]  # ties: lower index first
-    assert rule.select(ctx(scores, 6)).tolist() == [1, 3]
-    assert rule.select(ctx(scores, 100)).tolist() == [1, 3]
+    assert rule.select(ctx(scores, 0)).index.tolist() == [1, 3, 7, 5, 2, 4, 6, 0]
+    assert rule.select(ctx(scores, 3)).index.tolist() == [1, 3, 7, 5]  # ties: lower index first
+    assert rule.select(ctx(scores, 6)).index.tolist() == [1, 3]
+    assert rule.select(ctx(scores, 100)).index.tolist() == [1, 3]
 
 
 def test_plain_rule_is_unchanged():
@@ -68,7 +68,7 @@ def test_plain_rule_is_unchanged():
     plain = TopLoss(0.25)
     for t in (0, 1, 7, 1000):
         assert plain.size_at(50, t) == plain.size(50) == 12
-        assert torch.equal(plain.select(ctx(scores, t)),
+        assert torch.equal(plain.select(ctx(scores, t)).index,
                            torch.sort(scores, descending=True, stable=True).indices[:12])
     assert repr(plain) == "TopLoss(k=0.25)" and "warmup=5" in repr(TopLoss(3, warmup=5))
 
@@ -163,7 +163,7 @@ def test_deterministic_and_fast_path_equal_on_cpu():
     for s in range(6):
         for e in engines:
             e.step(data(seed=s), ce)
-    assert engines[2]._fast.reason is None
+    assert engines[2].executor.reason is None
     for p, q, r in zip(*(m.parameters() for m in models)):
         assert torch.equal(p, q)
         torch.testing.assert_close(p, r, atol=1e-6, rtol=0)
@@ -183,23 +183,25 @@ def test_subset_gradient_scale_exact():
 def test_rescale_multiplies_the_reduced_loss():
     scores = torch.tensor([0.1, 2.0, 0.2, 3.0])
     rule = TopLoss(2, rescale=True)
-    idx = rule.select(ctx(scores, 0))
+    sel = rule.select(ctx(scores, 0))
+    idx = sel.index
     assert idx.tolist() == [3, 1]
     losses = torch.tensor([1.0, 3.0])
     expect = 2.0 * float(subset_gradient_scale(scores, idx))
-    assert float(rule.reduce(losses)) == pytest.approx(expect)
-    assert float(TopLoss(2).reduce(losses)) == 2.0
+    assert float(rule.reduce(losses, sel)) == pytest.approx(expect)
+    plain = TopLoss(2)
+    assert float(plain.reduce(losses, plain.select(ctx(scores, 0)))) == 2.0
 
 
 @pytest.mark.parametrize("power", [0.25, 0.5])
 def test_rescale_power_is_the_scale_to_that_power(power):
     scores = torch.tensor([0.1, 2.0, 0.2, 3.0])
     rule = TopLoss(2, rescale=power)
-    idx = rule.select(ctx(scores, 0))
+    sel = rule.select(ctx(scores, 0))
     losses = torch.tensor([1.0, 3.0])
-    full = float(subset_gradient_scale(scores, idx))
+    full = float(subset_gradient_scale(scores, sel.index))
     assert 0 < full < 1
-    assert float(rule.reduce(losses)) == pytest.approx(2.0 * full ** power)
+    assert float(rule.reduce(losses, sel)) == pytest.approx(2.0 * full ** power)
     assert repr(rule) == f"TopLoss(k=2, rescale={power})"
 
 

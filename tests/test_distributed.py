@@ -143,6 +143,15 @@ TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def _recording_stand_ins(select: Callable, picks: list[bool]) -> Callable:
+    def recorded(ctx: ksam.SelectionContext) -> ksam.selection.Selection:
+        sel = select(ctx)
+        picks.append(sel.scale is not None and float(sel.scale) == 0.0)
+        return sel
+
+    return recorded
+
+
 def _train_ranks(info: kd.DistInfo, steps: int, batch: int) -> dict:
     x_all, y_all = dataset(WORLD * steps * batch)
     x, y = kd.shard((x_all, y_all), seed=0, epoch=0)
@@ -156,12 +165,14 @@ def _train_ranks(info: kd.DistInfo, steps: int, batch: int) -> dict:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         eng = kd.create(method, ddp, opt, seed=0, **cfg)
         init = params(model)
-        stand_ins = 0
+        picks: list[bool] = []  # per selection: a weight-0 stand-in row
+        for rule in (eng.ascent, eng.descent):
+            if isinstance(rule, kd.GlobalTopLoss):
+                rule.select = _recording_stand_ins(rule.select, picks)
         for s in range(steps):
             rows = slice(s * batch, (s + 1) * batch)
             eng.step((x[rows], y[rows]), ce)
-            stand_ins += sum(int(getattr(rule, "_stand_in", False))
-                             for rule in (eng.ascent, eng.descent))
+        stand_ins = sum(picks)
         buffers_differ = any(not torch.equal(a, b) for a, b in zip(
             model.buffers(), net(0, bn=True).buffers()))
         kd.sync_buffers(ddp)
@@ -401,17 +412,19 @@ def _helper_ranks(info: kd.DistInfo) -> dict:
         scores = torch.tensor([[1.0, 3, 3, 0], [3, 2, 0, 3]])[info.rank]
         ctx = ksam.SelectionContext(batch_size=4, device=device, scores=scores)
         a, d = kd.GlobalTopLoss(3), kd.GlobalTopLoss(3)
-        ties = a.select(ctx).tolist()
-        assert d.select(ctx).tolist() == ties
+        sel_a = a.select(ctx)
+        ties = sel_a.index.tolist()
+        assert d.select(ctx).index.tolist() == ties
         one_gather = len(gathers) == 1  # the second rule reused the step's gathered losses
         losses = torch.arange(1.0, len(ties) + 1, requires_grad=True)
-        reduced = a.reduce(losses).item()
+        reduced = a.reduce(losses, sel_a).item()
         # k=1: the global top row is on rank 0; rank 1 runs a weight-0 stand-in
         scores = torch.tensor([[5.0, 0, 0, 0], [1, 4, 1, 1]])[info.rank]
         rule = kd.GlobalTopLoss(1)
-        idx = rule.select(ksam.SelectionContext(batch_size=4, device=device, scores=scores))
+        sel = rule.select(ksam.SelectionContext(batch_size=4, device=device, scores=scores))
+        idx = sel.index
         loss = torch.tensor([2.0], requires_grad=True)
-        red = rule.reduce(loss)
+        red = rule.reduce(loss, sel)
         red.backward()
         size = kd.GlobalTopLoss(0.5).size(4)
     finally:
@@ -580,9 +593,10 @@ def test_single_process_fallbacks(monkeypatch):
     scores = torch.tensor([0.5, 2.0, 2.0, 1.0, 3.0])
     ctx = ksam.SelectionContext(batch_size=5, device=torch.device("cpu"), scores=scores)
     rule = kd.GlobalTopLoss(0.6)
-    assert torch.equal(rule.select(ctx), ksam.TopLoss(0.6).select(ctx))
+    sel = rule.select(ctx)
+    assert torch.equal(sel.index, ksam.TopLoss(0.6).select(ctx).index)
     losses = torch.tensor([1.0, 2.0, 4.0])
-    assert rule.reduce(losses) == losses.mean()
+    assert rule.reduce(losses, sel) == losses.mean()
     # single-process kd.create with selection="global" equals ksam.create bit for bit
     x, y = dataset(16)
     runs = []

@@ -52,8 +52,8 @@ def test_graph_replay_equals_eager(method, kw):
     for batch in batches(10):  # 3 warm-up steps, capture, replays (and re-captures)
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-    assert eb._fast.reason is None and eb._fast._entries
-    assert any(e.graph is not None for e in eb._fast._entries.values())
+    assert eb.executor.reason is None and eb.executor._entries
+    assert any(e.graph is not None for e in eb.executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
 
@@ -91,7 +91,7 @@ def test_bf16_graph_runs():
     a, b, ea, eb = _pair("ksam", k=8, k_warmup=0, autocast_dtype=torch.bfloat16)
     for batch in batches(6):
         res = eb.step(batch, ce)
-    assert not res.skipped and eb._fast.reason is None
+    assert not res.skipped and eb.executor.reason is None
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
@@ -111,7 +111,63 @@ def test_compiled_passes_on_cuda_equal_eager(fast_path):
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
     if fast_path:
-        assert eb._fast.reason is None
-        assert any(e.graph is not None for e in eb._fast._entries.values())
+        assert eb.executor.reason is None
+        assert any(e.graph is not None for e in eb.executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-4, msg=ka)
+
+
+def test_replayed_result_indices_are_not_overwritten():
+    a, b, ea, eb = _pair("ksam", k=8, k_warmup=0)
+    results = [eb.step(batch, ce) for batch in batches(8)]
+    assert any(e.graph is not None for e in eb.executor._entries.values())
+    refs = [ea.step(batch, ce) for batch in batches(8)]
+    for r, ref in zip(results, refs):  # earlier results kept their own indices
+        assert r.descent_indices.tolist() == ref.descent_indices.tolist()
+
+
+def test_closures_with_the_same_code_get_their_own_graphs():
+    def weighted(w):
+        return lambda m, batch: w * ce(m, batch)
+
+    a, b, ea, eb = _pair("sgd")
+    losses = {1.0: weighted(1.0), 3.0: weighted(3.0)}
+    for i, batch in enumerate(batches(12)):
+        w = 1.0 if i % 2 == 0 else 3.0
+        ra, rb = ea.step(batch, losses[w]), eb.step(batch, losses[w])
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
+    assert eb.executor.reason is None
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
+
+
+def test_namedtuple_and_mapping_batches_are_captured():
+    import collections
+
+    Pair = collections.namedtuple("Pair", "x y")
+
+    class Enc(collections.UserDict):
+        pass
+
+    def ce_pair(m, batch):
+        return ce(m, (batch.x, batch.y))
+
+    def ce_enc(m, batch):
+        return ce(m, (batch["x"], batch["y"]))
+
+    for wrap, loss_fn in ((lambda x, y: Pair(x, y), ce_pair),
+                          (lambda x, y: Enc({"x": x, "y": y}), ce_enc)):
+        a, b, ea, eb = _pair("ksam", k=8)
+        first = None
+        for batch in batches(6):
+            wrapped = wrap(*batch)
+            first = first or wrapped
+            ra, rb = ea.step(wrapped, loss_fn), eb.step(wrapped, loss_fn)
+            assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
+        assert eb.executor.reason is None
+        assert any(e.graph is not None for e in eb.executor._entries.values())
+        static = next(iter(eb.executor._entries.values())).static_batch
+        assert type(static) is type(first)
+        leaves = static if isinstance(static, tuple) else list(static.values())
+        firsts = first if isinstance(first, tuple) else list(first.values())
+        assert all(s.data_ptr() != f.data_ptr() for s, f in zip(leaves, firsts))

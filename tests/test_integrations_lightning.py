@@ -146,3 +146,29 @@ def test_checkpoint_carries_engine_state(tmp_path):
     assert resumed.ksam.generator.get_state().equal(full.ksam.generator.get_state())
     for p, q in zip(resumed.net.parameters(), full.net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class NaNModule(Module):
+    """Finite gradients, a non-finite loss from the second step on."""
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(tuple(t.clone() for t in batch))
+        nan = float("nan") if batch_idx >= 1 else 0.0
+        self.ksam_step(batch, lambda m, b: ce(m, b) + nan)
+        if batch_idx == 0:
+            opt = self.ksam.optimizer.base
+            self.after_first = ([p.detach().clone() for p in self.net.parameters()],
+                                [opt.state[p]["momentum_buffer"].clone()
+                                 for p in self.net.parameters()])
+
+
+def test_fast_path_skip_reaches_the_real_optimizer(tmp_path):
+    """The fast path's device-side skip flag goes through the LightningOptimizer proxy to
+    the real optimizer: a non-finite step leaves weights and momentum as they were."""
+    module = NaNModule("sam", fast_path=True)
+    trainer(tmp_path).fit(module, loader())
+    assert module.ksam.fast_path_active and module.ksam.skipped_steps == 2
+    opt = module.ksam.optimizer.base
+    weights, momentum = module.after_first
+    for p, w, m in zip(module.net.parameters(), weights, momentum):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)

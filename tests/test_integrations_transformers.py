@@ -272,3 +272,68 @@ def test_default_loss_reads_label_names(tmp_path):
                                                                 label_names=["target"]))
     assert trainer.per_sample_loss_fn.label_name == "target"
     assert os.fspath(tmp_path)  # keep tmp_path used
+
+
+def test_fast_path_skip_reaches_the_real_optimizer(tmp_path):
+    """The fast path's device-side skip flag goes through the Trainer's proxy optimizers to
+    the real one: a non-finite step leaves weights and momentum as they were."""
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    base_loss = HFPerSampleLoss()
+    steps = {"n": 0}
+
+    def loss_fn(m, inputs):  # finite gradients, non-finite loss from the second step on
+        losses = base_loss(m, inputs)
+        return losses + float("nan") if steps["n"] >= 1 else losses
+
+    class Counting(KSAMTrainer):
+        def training_step(self, *a, **kw):
+            out = super().training_step(*a, **kw)
+            steps["n"] += 1
+            return out
+
+    trainer = Counting(
+        model=model, args=training_args(tmp_path, max_steps=3, lr_scheduler_type="constant",
+                                        max_grad_norm=0.0),
+        train_dataset=ToyText(), optimizers=(opt, None), ksam_method="sam",
+        ksam_kwargs={"fast_path": True}, per_sample_loss_fn=loss_fn)
+    snapshots = []
+    trainer.add_callback(_Snapshot(model, opt, snapshots))
+    trainer.train()
+    assert trainer.ksam.fast_path_active and trainer.ksam.skipped_steps == 2
+    after_first = snapshots[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after_first[0][k]), k
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], after_first[1][id(p)])
+
+
+class _Snapshot(__import__("transformers").TrainerCallback):
+    """Copies the weights and momentum after each step."""
+
+    def __init__(self, model, opt, out) -> None:
+        self.model, self.opt, self.out = model, opt, out
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.out.append(({k: v.clone() for k, v in self.model.state_dict().items()},
+                         {id(p): self.opt.state[p]["momentum_buffer"].clone()
+                          for p in self.model.parameters()}))
+
+
+def test_loss_kind_follows_the_labels():
+    loss = HFPerSampleLoss()
+    assert loss.loss_kind({"labels": torch.tensor([0, 1])}) == "ce"
+    assert loss.loss_kind({"labels": torch.tensor([0.5, 1.5])}) == "mse"
+    assert loss.loss_kind({"labels": torch.zeros(2, 5, dtype=torch.long)}) == "other"
+    assert loss.loss_kind({"labels": torch.zeros(2, 3)}) == "other"  # multi-label mean
+    assert HFPerSampleLoss(shift_labels=True).loss_kind({"labels": torch.tensor([1])}) == "other"
+    assert HFPerSampleLoss(problem_type="regression").loss_kind({}) == "mse"
+
+
+def test_token_level_ksam_runs_without_rescale(tmp_path):
+    model = tiny_bert(num_labels=3, cls=BertForTokenClassification)
+    trainer = KSAMTrainer(model=model, args=training_args(tmp_path, max_steps=1),
+                          train_dataset=ToyText(token_labels=True), ksam_method="ksam",
+                          ksam_kwargs={"k": 0.5})
+    trainer.train()
+    assert trainer.ksam.descent.loss_kind == "other" and trainer.ksam.descent.rescale is False

@@ -84,26 +84,28 @@ SCORES = [0.1, 0.9, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8, 0.05, 0.6]
 
 
 def test_band_skips_the_top_then_takes_the_next_k():
-    assert LossBand(3, skip=0.2).select(ctx(SCORES)).tolist() == [7, 5, 9]
-    assert LossBand(3, skip=0.0).select(ctx(SCORES)).tolist() == [1, 3, 7]  # = top-K
-    assert LossBand(2, skip=0.35).select(ctx(SCORES)).tolist() == [9, 2]  # round(3.5) = 4
+    assert LossBand(3, skip=0.2).select(ctx(SCORES)).index.tolist() == [7, 5, 9]
+    assert LossBand(3, skip=0.0).select(ctx(SCORES)).index.tolist() == [1, 3, 7]  # = top-K
+    assert LossBand(2, skip=0.35).select(ctx(SCORES)).index.tolist() == [9, 2]  # round(3.5) = 4
     # The skip is capped at B - K: the band never runs past the batch.
-    assert LossBand(4, skip=0.9).select(ctx(SCORES)).tolist() == [4, 6, 0, 8]
-    assert LossBand(0.5, skip=0.4).select(ctx(SCORES)).tolist() == [9, 2, 4, 6, 0]
+    assert LossBand(4, skip=0.9).select(ctx(SCORES)).index.tolist() == [4, 6, 0, 8]
+    assert LossBand(0.5, skip=0.4).select(ctx(SCORES)).index.tolist() == [9, 2, 4, 6, 0]
 
 
 def test_median_band_is_centred():
-    assert MedianBand(2).select(ctx(SCORES)).tolist() == [9, 2]  # rows 4, 5 of 10
-    assert MedianBand(3).select(ctx(SCORES)).tolist() == [5, 9, 2]  # (10 - 3) // 2 = 3
-    assert MedianBand(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
+    assert MedianBand(2).select(ctx(SCORES)).index.tolist() == [9, 2]  # rows 4, 5 of 10
+    assert MedianBand(3).select(ctx(SCORES)).index.tolist() == [5, 9, 2]  # (10 - 3) // 2 = 3
+    assert MedianBand(10).select(ctx(SCORES)).index.tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
 
 
 def test_stratified_takes_evenly_spaced_ranks():
     # loss order 1 3 7 5 9 2 4 6 0 8
-    assert StratifiedLoss(5).select(ctx(SCORES)).tolist() == [1, 7, 9, 4, 0]  # ranks 0 2 4 6 8
-    assert StratifiedLoss(3).select(ctx(SCORES)).tolist() == [1, 5, 4]  # ranks 0 3 6
-    assert StratifiedLoss(1).select(ctx(SCORES)).tolist() == [1]  # the top example
-    assert StratifiedLoss(10).select(ctx(SCORES)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
+    # ranks 0 2 4 6 8
+    assert StratifiedLoss(5).select(ctx(SCORES)).index.tolist() == [1, 7, 9, 4, 0]
+    assert StratifiedLoss(3).select(ctx(SCORES)).index.tolist() == [1, 5, 4]  # ranks 0 3 6
+    assert StratifiedLoss(1).select(ctx(SCORES)).index.tolist() == [1]  # the top example
+    assert StratifiedLoss(10).select(ctx(SCORES)).index.tolist() == \
+        [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
 
 
 def test_class_balanced_takes_classes_in_turn():
@@ -111,11 +113,12 @@ def test_class_balanced_takes_classes_in_turn():
     # loss order 1 3 7 5 9 2 4 6 0 8 -> labels 1 1 1 1 2 1 2 0 0 2
     # round 1: class 1 (row 1), class 2 (row 9), class 0 (row 6); round 2: 3, 4, 0; ...
     rule = ClassBalancedTopLoss(5)
-    assert rule.select(ctx(SCORES, labels=labels)).tolist() == [1, 9, 6, 3, 4]
-    assert ClassBalancedTopLoss(10).select(ctx(SCORES, labels=labels)).tolist() == \
+    assert rule.select(ctx(SCORES, labels=labels)).index.tolist() == [1, 9, 6, 3, 4]
+    assert ClassBalancedTopLoss(10).select(ctx(SCORES, labels=labels)).index.tolist() == \
         [1, 9, 6, 3, 4, 0, 7, 8, 5, 2]
     # One class only: the plain top-K.
-    assert ClassBalancedTopLoss(3).select(ctx(SCORES, labels=[7] * 10)).tolist() == [1, 3, 7]
+    one_class = ClassBalancedTopLoss(3).select(ctx(SCORES, labels=[7] * 10))
+    assert one_class.index.tolist() == [1, 3, 7]
 
 
 def test_class_round_robin_matches_a_reference():
@@ -165,24 +168,25 @@ def test_warmup_sizes_match_top_loss(name):
 def test_warmup_starts_at_the_whole_batch(name):
     labels = [0, 1, 1, 1, 2, 1, 0, 1, 2, 2]
     rule = RULES[name](2, warmup=3)
-    sizes = [len(rule.select(ctx(SCORES, t, labels))) for t in (0, 2, 3, 6, 9, 100)]
+    sizes = [len(rule.select(ctx(SCORES, t, labels)).index) for t in (0, 2, 3, 6, 9, 100)]
     assert sizes == [10, 10, 5, 3, 2, 2]
-    assert sorted(rule.select(ctx(SCORES, 0, labels)).tolist()) == list(range(10))
+    assert sorted(rule.select(ctx(SCORES, 0, labels)).index.tolist()) == list(range(10))
 
 
 def test_band_rows_during_warmup():
     rule = LossBand(2, skip=0.2, warmup=3)
-    assert rule.select(ctx(SCORES, 0)).tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
-    assert rule.select(ctx(SCORES, 3)).tolist() == [7, 5, 9, 2, 4]  # skip 2 of 10
-    assert rule.select(ctx(SCORES, 9)).tolist() == [7, 5]
+    assert rule.select(ctx(SCORES, 0)).index.tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
+    assert rule.select(ctx(SCORES, 3)).index.tolist() == [7, 5, 9, 2, 4]  # skip 2 of 10
+    assert rule.select(ctx(SCORES, 9)).index.tolist() == [7, 5]
 
 
 def test_rescale_uses_the_selected_rows():
     scores = torch.tensor(SCORES)
     rule = LossBand(3, skip=0.2, rescale=True)
-    idx = rule.select(ctx(SCORES))
-    expect = ksam.selection.subset_gradient_scale(scores, idx)
-    assert torch.equal(rule.reduce(torch.tensor([1.0, 2.0, 3.0])), 2.0 * expect)
+    selection = rule.select(ctx(SCORES))
+    expect = ksam.selection.subset_gradient_scale(scores, selection.index)
+    assert torch.equal(selection.scale, expect)
+    assert torch.equal(rule.reduce(torch.tensor([1.0, 2.0, 3.0]), selection), 2.0 * expect)
 
 
 # ------------------------------------------------------------------- equivalences
@@ -286,7 +290,7 @@ def test_same_seed_same_run_and_fast_path_equals_eager(name):
     run("ksam", a, steps=4, k=8, k_warmup=1, select=name)
     run("ksam", b, steps=4, k=8, k_warmup=1, select=name)
     eng, _ = run("ksam", c, steps=4, k=8, k_warmup=1, select=name, fast_path=True)
-    assert eng._fast.reason is None
+    assert eng.executor.reason is None
     assert all(torch.equal(p, q) for p, q in zip(params(a), params(b)))
     allclose(params(a), params(c))
 
@@ -339,6 +343,6 @@ def test_rows_are_distinct_and_inside_the_batch():
     for name, n, k in itertools.product(RULES, (7, 32), (1, 3, 0.5)):
         scores = torch.randint(0, 4, (n,), generator=g).float()
         labels = torch.randint(0, 3, (n,), generator=g)
-        idx = RULES[name](k).select(ctx(scores, labels=labels)).tolist()
+        idx = RULES[name](k).select(ctx(scores, labels=labels)).index.tolist()
         assert len(idx) == len(set(idx)) == RULES[name](k).size(n)
         assert all(0 <= i < n for i in idx)

@@ -7,7 +7,7 @@ K-SAM and the methods it is measured against, all on one two-pass step engine::
     result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
 """
 
-from .engine import SharpnessAwareOptimizer, StepResult
+from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult
 from .methods import ESAM, KSAM, METHODS, SAM, SGD, OrderedSGD, RandomSubsetSAM, create
 from .perturbation import (
     AdaptivePerturbation,
@@ -18,6 +18,7 @@ from .perturbation import (
 from .selection import (
     LargestLossIncrease,
     RandomSubset,
+    Selection,
     SelectionContext,
     SelectionRule,
     TopLoss,
@@ -27,9 +28,9 @@ from .selection import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "SharpnessAwareOptimizer", "StepResult", "create", "METHODS",
+    "SharpnessAwareOptimizer", "StepResult", "ComputedStep", "create", "METHODS",
     "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD",
-    "SelectionRule", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
+    "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
     "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
     "AdaptivePerturbation", "StochasticWeightPerturbation",
 ]

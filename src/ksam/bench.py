@@ -219,7 +219,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
     rows = []
     for e in entries:
         med = statistics.median(e["times"])
-        fast_on = e["engine"]._fast is not None and e["engine"]._fast.reason is None
+        fast_on = e["engine"].fast_path_active
         row = {
             "case": case.name, "precision": precision, "mode": e["mode"],
             "method": e["label"], "ms": 1000 * med, "ratio_to_sgd": med / sgd[e["mode"]],

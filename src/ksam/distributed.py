@@ -43,7 +43,8 @@ included; use it only with synchronized perturbation, if at all.
 
 **Skipped steps.** A step whose loss or gradient is not finite is skipped; under DDP the
 engine all-reduces that verdict (one float) so that all ranks skip together and their
-weights never drift apart.
+weights never drift apart: :func:`create` hands the engine :func:`finite_reducer` (an
+engine over a DDP model refuses to be built without one).
 
 Launch with ``torchrun`` (see ``docs/distributed.md``)::
 
@@ -64,7 +65,7 @@ import inspect
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -78,6 +79,7 @@ from .batch import Batch, batch_device, batch_size, index_batch
 from .engine import SharpnessAwareOptimizer
 from .methods import create as _create_method
 from .selection import (
+    Selection,
     SelectionContext,
     SelectionRule,
     TopLoss,
@@ -88,11 +90,13 @@ __all__ = [
     "DEFAULT_TIMEOUT", "DistInfo", "setup", "init_from_env", "cleanup", "barrier",
     "is_distributed", "is_main_process", "get_rank", "get_world_size", "wrap", "unwrap",
     "sync_buffers", "shard_indices", "shard", "GlobalTopLoss", "use_global_selection",
-    "create", "all_ranks_true",
+    "create", "all_ranks_true", "finite_reducer", "TIMEOUT_ENV", "resolve_timeout",
 ]
 
 #: Default time a collective may wait for the other ranks before failing.
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+#: Environment variable with the default of :func:`setup`'s ``timeout``, in seconds.
+TIMEOUT_ENV = "KSAM_DIST_TIMEOUT"
 
 
 # ------------------------------------------------------------------------ process group
@@ -126,12 +130,29 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _as_timedelta(timeout: float | timedelta | None) -> timedelta:
+def resolve_timeout(timeout: float | timedelta | None,
+                  env: Mapping[str, str] | None = None) -> timedelta:
+    """``timeout`` as a timedelta; ``None``: the environment's :data:`TIMEOUT_ENV` (seconds)
+    if set, else :data:`DEFAULT_TIMEOUT`."""
     if timeout is None:
-        return DEFAULT_TIMEOUT
+        value = (env if env is not None else os.environ).get(TIMEOUT_ENV, "")
+        if value.strip() == "":
+            return DEFAULT_TIMEOUT
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"environment variable {TIMEOUT_ENV}={value!r} is not a number "
+                             "of seconds") from None
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"environment variable {TIMEOUT_ENV}={value!r} must be a positive "
+                             "number of seconds")
+        return timedelta(seconds=seconds)
     if isinstance(timeout, timedelta):
+        if not timeout.total_seconds() > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
         return timeout
-    if isinstance(timeout, bool) or not float(timeout) > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not (math.isfinite(float(timeout)) and float(timeout) > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return timedelta(seconds=float(timeout))
 
@@ -153,7 +174,8 @@ def setup(
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default nccl when training on CUDA, else gloo.
         timeout: how long a collective waits for the other ranks before raising (seconds
-            or a timedelta; default :data:`DEFAULT_TIMEOUT`, 10 minutes). A rank that
+            or a timedelta; default: the environment variable ``KSAM_DIST_TIMEOUT``
+            (seconds) if set, else :data:`DEFAULT_TIMEOUT`, 10 minutes). A rank that
             crashes or stalls then makes the others fail instead of hanging. (NCCL honours
             it through its watchdog, on by default: ``TORCH_NCCL_ASYNC_ERROR_HANDLING``.)
         device: the training device; default ``cuda:LOCAL_RANK`` if CUDA is available
@@ -163,7 +185,7 @@ def setup(
     Idempotent: if the default group already exists, only the device is resolved.
     """
     env = os.environ if env is None else env
-    timeout_td = _as_timedelta(timeout)
+    timeout_td = resolve_timeout(timeout, env)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         backend = str(dist.get_backend())
@@ -322,14 +344,25 @@ def sync_buffers(model: nn.Module, op: str = "mean", src: int = 0, group: Any = 
 def all_ranks_true(flag: Tensor, group: Any = None) -> Tensor:
     """Logical AND of a 0-d bool ``flag`` over all ranks (one all-reduce of one float).
 
-    The engine calls it on its finite-step verdict under DDP: a loss is checked on the
-    rank that computed it, so without this one rank could skip a step the others take.
+    The engine applies it (through :func:`finite_reducer`) to its finite-step verdict under
+    DDP: a loss is checked on the rank that computed it, so without this one rank could
+    skip a step the others take.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     value = flag.detach().to(torch.float32).reshape(1)
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return value[0] > 0.5
+
+
+def finite_reducer(group: Any = None) -> Callable[[Tensor], Tensor]:
+    """The engine's ``finite_reducer`` for DDP: :func:`all_ranks_true` over ``group``, so
+    that all ranks skip a step together (:func:`create` passes it)."""
+
+    def reduce(flag: Tensor) -> Tensor:
+        return all_ranks_true(flag, group)
+
+    return reduce
 
 
 # -------------------------------------------------------------------------------- data
@@ -411,7 +444,7 @@ class GlobalTopLoss(SelectionRule):
     The global choice is made by a :class:`TopLoss` (``inner``, built from ``k``, ``name``
     and ``options`` such as ``warmup`` and ``rescale``) run on the gathered losses, so its
     schedule and its step rescaling apply to the global batch exactly as they would in one
-    process on that batch. :meth:`reduce` returns
+    process on that batch. The selection's ``scale`` makes :meth:`reduce` return
     :math:`\frac{W}{K}\sum_{i\in S_r} l_i` (times ``inner``'s scale, if any), so that DDP's
     gradient average is the mean gradient over the K selected examples of all ranks:
     :math:`\frac{1}{W}\sum_r \frac{W}{K}\sum_{i\in S_r}\nabla l_i
@@ -431,8 +464,6 @@ class GlobalTopLoss(SelectionRule):
                  **options: Any) -> None:
         self.inner = TopLoss(k, name, **options)
         self.group = group
-        self._weight: float | None = None  # W / K of the last selection; 0 for a stand-in
-        self._stand_in = False              # the last selection is a weight-0 stand-in row
 
     @classmethod
     def from_local(cls, rule: TopLoss, group: Any = None) -> GlobalTopLoss:
@@ -474,32 +505,27 @@ class GlobalTopLoss(SelectionRule):
         ctx.cache[key] = (ctx.scores, out)
         return out
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
+        """This rank's rows of the global top K, with ``scale`` = ``inner``'s scale times
+        ``|S_r| W / K`` (0 for a stand-in row), so that :meth:`reduce` weighs them for
+        DDP's gradient average."""
         assert ctx.scores is not None
         n = ctx.batch_size
         world, rank = self._world()
-        self._stand_in = False
         if world == 1:
-            self._weight = None
             return self.inner.select(ctx)
         gathered = self._gathered(ctx, world)
         top = self.inner.select(SelectionContext(
             batch_size=n * world, device=ctx.device, scores=gathered,
             generator=ctx.generator, step=ctx.step, cache=ctx.cache))  # one sort a step
         lo = rank * n
-        mine = top[(top >= lo) & (top < lo + n)] - lo
-        if mine.numel() == 0:
-            self._stand_in = True
-            self._weight = 0.0
-            return top_indices(ctx.scores, 1)
-        self._weight = mine.numel() * world / top.numel()
-        return mine
-
-    def reduce(self, losses: Tensor) -> Tensor:
-        """``inner.reduce`` (the selected rows' mean, times its scale) times
-        ``|S_r| W / K``: the sum over this rank's rows, weighted for DDP's average."""
-        reduced = self.inner.reduce(losses)
-        return reduced if self._weight is None else reduced * self._weight
+        mine = top.index[(top.index >= lo) & (top.index < lo + n)] - lo
+        if mine.numel() == 0:  # a stand-in row of weight 0 (see the class docstring)
+            return Selection(top_indices(ctx.scores, 1),
+                             torch.zeros((), dtype=torch.float32, device=ctx.device))
+        weight = torch.tensor(mine.numel() * world / top.index.numel(),
+                              dtype=torch.float32, device=ctx.device)
+        return Selection(mine, weight if top.scale is None else weight * top.scale)
 
     def __repr__(self) -> str:
         return f"Global{self.inner!r}"
@@ -553,6 +579,9 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
             "broadcast into the per-rank ascent pass; wrap it with "
             "ksam.distributed.wrap(...) (forward_sync_buffers=False) and call "
             "sync_buffers() before evaluation instead", stacklevel=2)
+    if isinstance(model, DistributedDataParallel) or hasattr(model, "no_sync"):
+        kwargs.setdefault("finite_reducer", finite_reducer(getattr(model, "process_group",
+                                                                   None)))
     engine = _create_method(name, model, optimizer, **kwargs)
     if selection == "global":
         use_global_selection(engine, group)

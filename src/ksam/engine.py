@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,55 +44,17 @@ from torch import Tensor, nn
 
 from .batch import Batch, batch_device, batch_labels, batch_size, index_batch
 from .batchnorm import BatchNormGuard
+from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
+from .fast import SyncFreeExecutor
 from .perturbation import PerturbationRule
 from .selection import SelectionContext, SelectionRule, WholeBatch
 
-LossFn = Callable[[nn.Module, Batch], Tensor]
+__all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "LossFn",
+           "compile_backend"]
 
-
-class StepResult:
-    """What one step did. ``loss`` and ``skipped`` are Python values; on the fast path they
-    are read from the device only when first accessed, so a step itself never syncs."""
-
-    __slots__ = ("_loss", "_skipped", "ascent_indices", "descent_indices", "losses",
-                 "ascent_grad_norm")
-
-    def __init__(self, loss: float | Tensor, skipped: bool | Tensor,
-                 ascent_indices: Tensor, descent_indices: Tensor,
-                 losses: Tensor | None = None, ascent_grad_norm: Tensor | None = None) -> None:
-        self._loss = loss
-        self._skipped = skipped
-        #: rows of the batch used for the ascent / descent gradient (empty: no ascent pass)
-        self.ascent_indices = ascent_indices
-        self.descent_indices = descent_indices
-        #: detached per-sample losses at w over the whole batch (None when not computed)
-        self.losses = losses
-        #: L2 norm of the ascent gradient (None without an ascent pass)
-        self.ascent_grad_norm = ascent_grad_norm
-
-    @property
-    def loss(self) -> float:
-        """Mean per-sample loss of the whole batch at w (at w+eps for random-subset SAM,
-        whose only full-batch pass is the perturbed one)."""
-        if isinstance(self._loss, Tensor):
-            self._loss = float(self._loss)
-        return self._loss
-
-    @property
-    def raw_loss(self) -> float | Tensor:
-        """The loss as computed: a float, or on the fast path a 0-d device tensor that can be
-        accumulated without a host sync."""
-        return self._loss
-
-    @property
-    def skipped(self) -> bool:
-        if isinstance(self._skipped, Tensor):
-            self._skipped = bool(self._skipped)
-        return self._skipped
-
-    def __repr__(self) -> str:
-        return (f"StepResult(loss={self.loss:.6g}, skipped={self.skipped}, "
-                f"ascent={self.ascent_indices.numel()}, descent={self.descent_indices.numel()})")
+#: ``finite_reducer``: combines this process's 0-d bool "the step is finite" with the other
+#: processes' verdicts (DDP: all ranks skip together); see :mod:`ksam.distributed`.
+FiniteReducer = Callable[[Tensor], Tensor]
 
 
 class SharpnessAwareOptimizer:
@@ -123,6 +86,15 @@ class SharpnessAwareOptimizer:
         sync_perturbation: with DistributedDataParallel, average the ascent gradient
             across ranks (default False: each rank perturbs with its own ascent gradient,
             and the ascent pass sends nothing).
+        finite_reducer: ``fn(finite) -> finite``, applied to the step's 0-d bool verdict
+            "losses and gradients are finite" before the skip decision. Required for a
+            DistributedDataParallel model, so that all ranks skip a step together;
+            :func:`ksam.distributed.create` passes it.
+
+    One step is two public stages, which the executors (:class:`ksam.executor.EagerExecutor`,
+    :class:`ksam.fast.SyncFreeExecutor`) run: :meth:`compute` (the passes, in the phases
+    :meth:`_score`, :meth:`_ascend`, :meth:`_descend`, :meth:`_restore`) and
+    :meth:`finite` + :meth:`apply` (the optimizer step or the skip).
     """
 
     def __init__(
@@ -139,6 +111,7 @@ class SharpnessAwareOptimizer:
         seed: int | None = None,
         sync_perturbation: bool = False,
         compile: bool | str = False,
+        finite_reducer: FiniteReducer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -164,11 +137,19 @@ class SharpnessAwareOptimizer:
         self.autocast_dtype = autocast_dtype
         self.sync_perturbation = bool(sync_perturbation)
 
+        if hasattr(model, "no_sync") and finite_reducer is None:
+            raise ValueError("a DistributedDataParallel model needs its ranks to skip steps "
+                             "together: build the engine with ksam.distributed.create(...) "
+                             "or pass finite_reducer=ksam.distributed.all_ranks_true")
+        self.finite_reducer = finite_reducer
         model_params = [p for p in model.parameters()]
         known = {id(p) for p in model_params}
         self._params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         if not self._params:
             raise ValueError("the optimizer holds no parameters")
+        if not any(p.requires_grad for p in self._params):
+            raise ValueError(f"all {len(self._params)} parameter(s) of the optimizer are frozen "
+                             "(requires_grad=False): there is nothing to train")
         foreign = [p for p in self._params if id(p) not in known]
         if foreign:
             raise ValueError(
@@ -198,14 +179,9 @@ class SharpnessAwareOptimizer:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.generator = torch.Generator().manual_seed(int(seed))
         self.steps = 0
-        self._skipped_eager = 0
-        self._skipped_device: Tensor | None = None
-
-        self._fast = None
-        if fast_path:
-            from .fast import FastStep
-
-            self._fast = FastStep(self)
+        #: runs the steps: :class:`SyncFreeExecutor` with ``fast_path``, else eager
+        self.executor: EagerExecutor | SyncFreeExecutor = (
+            SyncFreeExecutor(self) if fast_path else EagerExecutor(self))
 
     # ----------------------------------------------------------------------------- API
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
@@ -215,11 +191,7 @@ class SharpnessAwareOptimizer:
         self.check_batch(n)
         if self._needs_labels:
             batch_labels(batch, n)
-        if self._fast is not None:
-            result = self._fast.step(batch, loss_fn, n)
-            if result is not None:
-                return result
-        return self._eager_step(batch, loss_fn, n)
+        return self.executor.step(batch, loss_fn, n)
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
@@ -230,19 +202,39 @@ class SharpnessAwareOptimizer:
         self.descent.check_batch(n)
 
     @property
+    def fast_path(self) -> bool:
+        """Whether the engine was built with ``fast_path=True``."""
+        return self.executor.fast_path
+
+    @property
+    def fast_path_active(self) -> bool:
+        """Whether steps run on the fast path (False once it fell back to eager steps)."""
+        return self.executor.fast_path and self.executor.reason is None
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped because a loss or gradient was not finite."""
-        extra = int(self._skipped_device) if self._skipped_device is not None else 0
-        return self._skipped_eager + extra
+        return self.executor.skipped_steps
 
     def zero_grad(self) -> None:
         for p in self._model_params:
             p.grad = None
 
+    def identity(self) -> dict[str, Any]:
+        """What a state of this engine records about the method: its class and the kinds of
+        its rules (a state of another method is refused by :meth:`load_state_dict`)."""
+        return {
+            "method": type(self).__name__,
+            "rules": {"ascent": _kind(self.ascent), "perturbation": _kind(self.perturbation),
+                      "descent": _kind(self.descent)},
+        }
+
     def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: the base optimizer's state included, unless
         ``include_optimizer=False`` (a trainer that saves the optimizer on its own)."""
         state = {
+            **self.identity(),
+            "fast_path": self.fast_path,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
@@ -257,27 +249,205 @@ class SharpnessAwareOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; one saved without the optimizer leaves the base
-        optimizer's state as it is."""
-        missing = {"steps", "skipped_steps", "generator"} - set(state)
-        if missing:
-            raise KeyError(f"not a ksam state_dict: missing {sorted(missing)}")
+        optimizer's state as it is.
+
+        Refused (ValueError, nothing changed): a state of another method or with other
+        kinds of rules, and one saved with the other ``fast_path`` setting (the fast path
+        steps with the optimizer's fused kernel, the eager path with the kernel you chose,
+        so a run would not continue exactly)."""
+        self._check_state(state)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
-        self._skipped_eager = int(state["skipped_steps"])
-        self._skipped_device = None
         self.generator.set_state(state["generator"])
         if self.ascent is not None:
             self.ascent.load_state_dict(state.get("ascent", {}))
         self.descent.load_state_dict(state.get("descent", {}))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        if self._fast is not None:
-            self._fast.reset()
+        self.executor.reset(int(state["skipped_steps"]))
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"not a ksam state_dict: a {type(state).__name__}")
+        missing = {"steps", "skipped_steps", "generator"} - set(state)
+        if missing:
+            raise KeyError(f"not a ksam state_dict: missing {sorted(missing)}")
+        mine = self.identity()
+        for key in ("method", "rules"):  # states saved before they were recorded lack them
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"this state_dict is of another method: {key} "
+                                 f"{state[key]!r}, this engine has {mine[key]!r}")
+        if "fast_path" in state and bool(state["fast_path"]) != self.fast_path:
+            raise ValueError(f"this state_dict was saved with fast_path={state['fast_path']}, "
+                             f"this engine has fast_path={self.fast_path}: the two step the "
+                             "optimizer with different kernels; keep the setting to resume")
+        generator = state["generator"]
+        if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
+            raise ValueError("not a ksam state_dict: 'generator' is not a generator state")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ascent={self.ascent!r}, "
                 f"perturbation={self.perturbation!r}, descent={self.descent!r})")
+
+    # ----------------------------------------------------------------- stage 1: compute
+    def compute(self, batch: Batch, loss_fn: LossFn, n: int | None = None) -> ComputedStep:
+        """The passes of one step, up to (not including) the optimizer step: the phases
+        :meth:`_score`, :meth:`_ascend` (ascent pass and perturbation), :meth:`_descend`
+        and :meth:`_restore` (w put back bit for bit). The descent gradient is left in the
+        parameters' ``.grad``.
+
+        Branches only on the rules (static), never on tensor values: the same code runs
+        eagerly and inside a CUDA graph capture. On an exception the gradients are cleared,
+        the BatchNorm statistics and the weights put back, and it propagates.
+        """
+        n = batch_size(batch) if n is None else n
+        self.zero_grad()
+        self._bn.save()
+        step = _Step(self, batch, loss_fn, n)
+        try:
+            self._score(step)
+            if self.ascent is not None:
+                self._ascend(step)
+            try:
+                self._descend(step)
+            finally:
+                self._restore(step)
+        except BaseException:
+            self._bn.restore()
+            self.zero_grad()
+            raise
+        return step.result()
+
+    def _score(self, step: _Step) -> None:
+        """Phase 1: per-sample losses at w without gradient, when a rule reads them and no
+        full-batch pass at w comes first."""
+        if self._needs_scoring:
+            step.ctx.scores = step.forward(None, grad=False).detach().float()
+
+    def _ascend(self, step: _Step) -> None:
+        """Phase 2: the ascent gradient on the ascent rule's rows, then the perturbation
+        w <- w + eps (w saved first, for :meth:`_restore`)."""
+        assert self.ascent is not None and self.perturbation is not None
+        selection = self.ascent.select(step.ctx)
+        step.ascent_index = selection.index
+        mask = self.perturbation.ascent_mask(len(self._params), self.generator)
+        frozen = [p for p, m in zip(self._params, mask) if not m] if mask else []
+        # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off saves
+        # their backward, but a compiled model recompiles for every new pattern, so with
+        # compile their gradients are computed and dropped instead.
+        switched = frozen if self.compile is None else []
+        for p in switched:
+            p.requires_grad_(False)
+        try:
+            with self._ascent_context():
+                if len(frozen) == len(self._params):  # nothing to perturb this step
+                    losses = step.forward(selection.index, grad=False)
+                else:
+                    losses = step.forward(selection.index, grad=True)
+                    self._backward(self.ascent.reduce(losses, selection))
+                    for p in frozen:
+                        p.grad = None
+        finally:
+            for p in switched:
+                p.requires_grad_(True)
+        if selection.index is None and step.ctx.scores is None:
+            step.ctx.scores = losses.detach().float()
+        self._perturb(step)
+        self.zero_grad()
+
+    def _perturb(self, step: _Step) -> None:
+        """w <- w + eps from the ascent gradients in ``.grad`` (saving w first)."""
+        assert self.perturbation is not None
+        perturbed = [p for p in self._params if p.grad is not None and p.requires_grad]
+        if not perturbed:  # ESAM's mask can leave every parameter unperturbed
+            return
+        torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
+        step.perturbed = perturbed
+        with torch.no_grad():
+            norm = self.perturbation.perturb_(perturbed, [p.grad for p in perturbed])
+        step.checks.append(norm)
+        # Under fp16 the gradients were scaled: report the norm of the true gradient.
+        step.ascent_grad_norm = norm if self.grad_scaler is None \
+            else norm / self.grad_scaler._get_scale_async()
+
+    def _descend(self, step: _Step) -> None:
+        """Phase 3: the descent gradient on the descent rule's rows (at w + eps when
+        perturbed), left in ``.grad``."""
+        ctx = step.ctx
+        if self.descent.needs_perturbed_losses:
+            # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
+            losses = step.forward(None, grad=True)
+            ctx.perturbed_losses = losses.detach().float()
+            selection = self.descent.select(ctx)
+            assert selection.index is not None
+            self._backward(self.descent.reduce(losses.index_select(0, selection.index),
+                                               selection))
+        else:
+            selection = self.descent.select(ctx)
+            losses = step.forward(selection.index, grad=True)
+            self._backward(self.descent.reduce(losses, selection))
+        step.descent_index = selection.index
+        if selection.index is None and ctx.scores is None and not step.perturbed:
+            ctx.scores = losses.detach().float()  # SGD: its one pass is at w
+        step.loss = ctx.scores.mean() if ctx.scores is not None \
+            else losses.detach().float().mean()
+        step.checks.append(step.loss)
+
+    def _restore(self, step: _Step) -> None:
+        """Phase 4: w copied back bit for bit (never eps subtracted: it would not
+        round-trip)."""
+        if step.perturbed:
+            with torch.no_grad():
+                torch._foreach_copy_(step.perturbed, self._saved_buffers(step.perturbed))
+
+    # ------------------------------------------------------------------- stage 2: apply
+    def finite(self, computed: ComputedStep) -> Tensor:
+        """0-d bool on the device: the step's losses and descent gradients are finite (and,
+        with ``finite_reducer``, every rank's). Unscales the gradients first with a
+        GradScaler."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
+        values = [_fp32(c).reshape(()) for c in computed.checks]
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            values.extend(_fp32(n) for n in torch._foreach_norm(grads))
+        finite = torch.isfinite(torch.stack(values)).all()
+        if self.finite_reducer is not None:
+            finite = self.finite_reducer(finite)
+        return finite
+
+    def apply(self, computed: ComputedStep, skip: bool | Tensor) -> None:
+        """The update after :meth:`compute`.
+
+        ``skip`` a Python bool: the optimizer steps (through the GradScaler, if any), or on
+        a skip the BatchNorm statistics are put back and nothing else changes. ``skip`` a
+        0-d bool tensor (no host sync): the optimizer steps and must itself leave weights
+        and state alone where ``skip`` is true - the executor arranged that (a fused kernel
+        reading ``found_inf``) - and the BatchNorm statistics are put back where it is
+        true. Then the gradients are cleared and the step count advances. If the optimizer
+        raises, the BatchNorm statistics are put back and the exception propagates.
+        """
+        scaler = self.grad_scaler
+        try:
+            if isinstance(skip, Tensor):
+                self.optimizer.step()
+                self._bn.restore(where=skip)
+            elif skip:
+                self._bn.restore()
+            elif scaler is not None:
+                scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        except BaseException:
+            self._bn.restore()
+            self.zero_grad()
+            raise
+        if scaler is not None:
+            scaler.update()
+        self.zero_grad()
+        self.steps += 1
 
     # ------------------------------------------------------------------------ internals
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -309,107 +479,6 @@ class SharpnessAwareOptimizer:
             out.append(buf)
         return out
 
-    def _two_pass(self, batch: Batch, loss_fn: LossFn, n: int) -> dict[str, Any]:
-        """Steps 1-5 of the module docstring, up to (not including) the optimizer step.
-
-        Branches only on the rules (static), never on tensor values: the same code runs
-        eagerly and inside a CUDA graph capture.
-        """
-        model = self._forward_model
-        device = batch_device(batch)
-        # The step's first full-batch pass updates BatchNorm statistics. It is at w for every
-        # method but random-subset SAM, whose only full-batch pass is the perturbed descent.
-        bn_pending = True
-
-        def forward(index: Tensor | None, *, grad: bool) -> Tensor:
-            nonlocal bn_pending
-            update_bn = index is None and bn_pending
-            expected = n if index is None else index.numel()
-            sub = index_batch(batch, index)
-            with self._bn.frozen(not update_bn), self._autocast(device), \
-                    torch.set_grad_enabled(grad):
-                losses = loss_fn(model, sub)
-            _check_losses(losses, expected)
-            if update_bn:
-                bn_pending = False
-            return losses
-
-        ctx = SelectionContext(batch_size=n, device=device, generator=self.generator,
-                               step=self.steps,
-                               labels=batch_labels(batch, n) if self._needs_labels else None)
-        checks: list[Tensor] = []
-        ascent_norm = None
-        perturbed: list[Tensor] = []
-
-        if self._needs_scoring:
-            ctx.scores = forward(None, grad=False).detach().float()
-
-        ascent_idx: Tensor | None = self._rows(0, device)  # no ascent pass
-        if self.ascent is not None:
-            assert self.perturbation is not None
-            ascent_idx = self.ascent.select(ctx)
-            mask = self.perturbation.ascent_mask(len(self._params), self.generator)
-            frozen = [p for p, m in zip(self._params, mask) if not m] if mask else []
-            # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off
-            # saves their backward, but a compiled model recompiles for every new pattern,
-            # so with compile their gradients are computed and dropped instead.
-            switched = frozen if self.compile is None else []
-            for p in switched:
-                p.requires_grad_(False)
-            try:
-                with self._ascent_context():
-                    if len(frozen) == len(self._params):  # nothing to perturb this step
-                        losses = forward(ascent_idx, grad=False)
-                    else:
-                        losses = forward(ascent_idx, grad=True)
-                        self._backward(self.ascent.reduce(losses))
-                        for p in frozen:
-                            p.grad = None
-            finally:
-                for p in switched:
-                    p.requires_grad_(True)
-            if ascent_idx is None and ctx.scores is None:
-                ctx.scores = losses.detach().float()
-            perturbed = [p for p in self._params if p.grad is not None]
-            if perturbed:  # ESAM's mask can leave every parameter unperturbed
-                torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
-                with torch.no_grad():
-                    ascent_norm = self.perturbation.perturb_(
-                        perturbed, [p.grad for p in perturbed])
-                checks.append(ascent_norm)
-            self.zero_grad()
-
-        try:
-            at_w = not perturbed
-            if self.descent.needs_perturbed_losses:
-                # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
-                losses = forward(None, grad=True)
-                ctx.perturbed_losses = losses.detach().float()
-                descent_idx = self.descent.select(ctx)
-                self._backward(self.descent.reduce(losses.index_select(0, descent_idx)))
-            else:
-                descent_idx = self.descent.select(ctx)
-                losses = forward(descent_idx, grad=True)
-                self._backward(self.descent.reduce(losses))
-            if descent_idx is None and ctx.scores is None and at_w:
-                ctx.scores = losses.detach().float()  # SGD: its one pass is at w
-            full_loss = ctx.scores.mean() if ctx.scores is not None \
-                else losses.detach().float().mean()
-        finally:
-            if perturbed:
-                with torch.no_grad():
-                    torch._foreach_copy_(perturbed, self._saved_buffers(perturbed))
-
-        checks.append(full_loss)
-        return {
-            "loss": full_loss,
-            "scores": ctx.scores,
-            "ascent_idx": self._rows(n, device) if ascent_idx is None else ascent_idx,
-            "descent_idx": self._rows(n, device) if descent_idx is None else descent_idx,
-            "ascent_norm": ascent_norm,
-            "checks": checks,
-        }
-
     def _rows(self, n: int, device: torch.device) -> Tensor:
         """``arange(n)`` on the device, made once per size: the indices of a whole-batch pass
         (no allocation or launch per step; shared between results, do not modify)."""
@@ -418,47 +487,68 @@ class SharpnessAwareOptimizer:
             rows = self._row_cache[(n, device)] = torch.arange(n, device=device)
         return rows
 
-    def _descent_grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
 
-    def _all_finite(self, checks: list[Tensor], grads: list[Tensor]) -> Tensor:
-        # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
-        values = [_fp32(c).reshape(()) for c in checks]
-        if grads:
-            values.extend(_fp32(n) for n in torch._foreach_norm(grads))
-        return torch.isfinite(torch.stack(values)).all()
+@dataclass
+class _Step:
+    """The working state of one :meth:`SharpnessAwareOptimizer.compute`, passed from phase
+    to phase."""
 
-    def _eager_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
-        self.zero_grad()
-        self._bn.save()
-        try:
-            out = self._two_pass(batch, loss_fn, n)
-        except BaseException:
-            self._bn.restore()
-            self.zero_grad()
-            raise
-        scaler = self.grad_scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        finite = self._all_finite(out["checks"], self._descent_grads())
-        if hasattr(self.model, "no_sync"):  # DDP: losses are checked per rank; skip together
-            from .distributed import all_ranks_true
+    engine: SharpnessAwareOptimizer
+    batch: Batch
+    loss_fn: LossFn
+    n: int
+    ctx: SelectionContext = field(init=False)
+    device: torch.device = field(init=False)
+    #: the step's first full-batch pass updates BatchNorm statistics (at w for every method
+    #: but random-subset SAM, whose only full-batch pass is the perturbed descent)
+    bn_pending: bool = True
+    ascent_index: Tensor | None = None
+    descent_index: Tensor | None = None
+    has_ascent: bool = False
+    perturbed: list[Tensor] = field(default_factory=list)
+    ascent_grad_norm: Tensor | None = None
+    checks: list[Tensor] = field(default_factory=list)
+    loss: Tensor | None = None
 
-            finite = all_ranks_true(finite, getattr(self.model, "process_group", None))
-        loss, ok = torch.stack([out["loss"].float(), finite.float()]).tolist()  # one sync
-        if ok:
-            if scaler is not None:
-                scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-        else:
-            self._bn.restore()
-            self._skipped_eager += 1
-        if scaler is not None:
-            scaler.update()
-        self.zero_grad()
-        self.steps += 1
-        return _result(out, loss, not ok)
+    def __post_init__(self) -> None:
+        e = self.engine
+        self.device = batch_device(self.batch)
+        self.has_ascent = e.ascent is not None
+        labels = batch_labels(self.batch, self.n) if e._needs_labels else None
+        self.ctx = SelectionContext(batch_size=self.n, device=self.device,
+                                    generator=e.generator, step=e.steps, labels=labels)
+
+    def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
+        """Per-sample losses of the rows ``index`` (None: all), checked for shape."""
+        e = self.engine
+        update_bn = index is None and self.bn_pending
+        expected = self.n if index is None else index.numel()
+        sub = index_batch(self.batch, index)
+        with e._bn.frozen(not update_bn), e._autocast(self.device), \
+                torch.set_grad_enabled(grad):
+            losses = self.loss_fn(e._forward_model, sub)
+        _check_losses(losses, expected)
+        if update_bn:
+            self.bn_pending = False
+        return losses
+
+    def result(self) -> ComputedStep:
+        e = self.engine
+        assert self.loss is not None
+        ascent = self.ascent_index if self.has_ascent else e._rows(0, self.device)
+        return ComputedStep(
+            loss=self.loss,
+            ascent_indices=e._rows(self.n, self.device) if ascent is None else ascent,
+            descent_indices=e._rows(self.n, self.device) if self.descent_index is None
+            else self.descent_index,
+            losses=self.ctx.scores,
+            ascent_grad_norm=self.ascent_grad_norm,
+            checks=self.checks,
+        )
+
+
+def _kind(rule: object) -> str | None:
+    return None if rule is None else type(rule).__name__
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -481,11 +571,6 @@ def compile_backend(compile: bool | str | None) -> str | None:
 
 def _fp32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
-
-
-def _result(out: dict[str, Any], loss: float | Tensor, skipped: bool | Tensor) -> StepResult:
-    return StepResult(loss, skipped, out["ascent_idx"], out["descent_idx"], out["scores"],
-                      out["ascent_norm"])
 
 
 def _check_losses(losses: Any, expected: int) -> None:

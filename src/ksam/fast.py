@@ -17,31 +17,64 @@ What makes a step capturable, and how this module gets it:
   0-d device tensor, which torch's LR schedulers update in place (``fill_``);
 - static inputs: each batch is copied into buffers the graph reads.
 
-The optimizer must therefore support ``fused=True`` (torch's SGD, Adam, AdamW); the
-engine turns it on. The fast path falls back to the eager step, by itself and with the
-same results, for a batch of another shape than the captured one (a short last batch), for
-rules that draw random numbers on the host (random-subset SAM, ESAM), with a GradScaler, a
-DistributedDataParallel model, or an optimizer without a fused kernel. ``FastStep.reason``
-says why it fell back. On the CPU there is no graph: the sync-free step runs eagerly,
-which is how the tests check that it equals the eager step.
+What the fast path does to your optimizer, at its first step (and again after
+``load_state_dict``): every param group gets ``fused=True``, ``foreach=False``,
+``capturable=True`` where the optimizer has that option (Adam, AdamW), and its ``lr``
+becomes a 0-d tensor on the device (float64 on the CPU, so that schedulers round as with a
+float). The optimizer must therefore support ``fused=True``
+(torch's SGD, Adam, AdamW). These settings stay in the optimizer and so in its
+``state_dict``; on the CPU too, where the fused kernel rounds differently from the default
+one (about 1e-7 per step): the two paths are bit-identical for an optimizer built with
+``fused=True`` (SGD; tested on random step sequences), and equal to that precision else.
+An engine state records ``fast_path`` and :meth:`~ksam.engine.SharpnessAwareOptimizer.
+load_state_dict` refuses a state saved with the other setting. The skip flag reaches the
+optimizer that holds the parameters through the integrations' proxy optimizers
+(:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
+
+Until one step has been applied (again after ``load_state_dict``) the steps run eagerly:
+the optimizer creates its state at its first step, and a fused kernel told to skip that
+step would leave SGD's new momentum buffers uninitialized.
+
+Graphs are keyed by the batch's shapes, the subset sizes and the ``loss_fn`` object (by
+equality: the same function, or a bound method of the same object): a ``loss_fn`` built
+anew for every step never replays another's graph, it is captured again, and after
+``MAX_GRAPHS`` graphs the steps run eagerly; build it once. A :class:`StepResult`'s index
+tensors are copies, which later steps do not overwrite.
+
+:class:`SyncFreeExecutor` runs a step with the engine's public stages only
+(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``finite``, ``apply``; see
+:mod:`ksam.executor`) and owns what is its own: the optimizer's preparation, the
+``found_inf`` flag and the skipped-step count on the device. A short last batch or a K
+schedule gets a graph of its own. It steps eagerly instead, by itself and with the same
+results, for rules that draw random numbers on the host (random-subset SAM, ESAM), with a
+GradScaler, a DistributedDataParallel model or an optimizer without a fused kernel, and
+after a failed capture; ``SyncFreeExecutor.reason`` says why. On the CPU there is no
+graph: the sync-free step runs eagerly, which is how the tests check that it equals the
+eager step.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .batch import Batch, _tensor_leaves
-from .engine import LossFn, SharpnessAwareOptimizer, StepResult, _result
+from .batch import Batch, _tensor_leaves, batch_device
+from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
 from .perturbation import StochasticWeightPerturbation
 from .selection import RandomSubset
 
+if TYPE_CHECKING:  # the engine imports this module; a type-only import makes no cycle
+    from .engine import SharpnessAwareOptimizer
+
+__all__ = ["SyncFreeExecutor", "FastStep", "WARMUP_STEPS", "MAX_GRAPHS"]
+
 WARMUP_STEPS = 3  # eager sync-free steps on a side stream before capture (torch's recipe)
-MAX_GRAPHS = 8  # distinct (shape, subset size) graphs kept before stepping eagerly
+MAX_GRAPHS = 8  # distinct (shape, subset size, loss_fn) graphs kept before stepping eagerly
 
 
 def _signature(batch: Batch) -> tuple:
@@ -54,10 +87,21 @@ def _copy_tree_(dst: Batch, src: Batch) -> None:
 
 
 def _clone_tree(batch: Batch) -> Batch:
+    """A copy of ``batch`` sharing no tensor with it, of the same structure: Mapping
+    subclasses (a Hugging Face ``BatchEncoding``) and namedtuples keep their type where
+    their constructor allows (a plain dict otherwise), non-tensor leaves are kept."""
     if isinstance(batch, Tensor):
         return batch.clone()
-    if isinstance(batch, dict):
-        return {k: _clone_tree(v) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        items = {k: _clone_tree(v) for k, v in batch.items()}
+        if type(batch) is dict:
+            return items
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_clone_tree(v) for v in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_clone_tree(v) for v in batch)
     return batch
@@ -68,21 +112,41 @@ class _Captured:
     warmup_left: int
     graph: torch.cuda.CUDAGraph | None = None
     static_batch: Batch = None
-    static_out: dict[str, Any] | None = None
+    static_out: ComputedStep | None = None
+    static_skip: Tensor | None = None
 
 
-class FastStep:
+class SyncFreeExecutor:
+    """Runs a step with no host sync (see the module docstring); steps eagerly, with the
+    same results, where it cannot."""
+
+    #: what :meth:`~ksam.engine.SharpnessAwareOptimizer.state_dict` records as ``fast_path``
+    fast_path = True
+
     def __init__(self, engine: SharpnessAwareOptimizer) -> None:
         self.engine = engine
         self.reason: str | None = self._unsupported()
-        self._prepared = False
         self._warned = False
+        self._eager = EagerExecutor(engine)
+        self._skipped_base = 0
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the captured graphs (after load_state_dict, or to re-capture)."""
+    def reset(self, skipped_steps: int = 0) -> None:
+        """Start over from a loaded state: graphs forgotten, the optimizer prepared again
+        at the next step (a loaded optimizer state brings back its own settings)."""
         self._entries: dict[tuple, _Captured] = {}
         self._stream: torch.cuda.Stream | None = None
+        self._prepared_for: torch.device | None = None
+        self._skipped_device: Tensor | None = None
+        self._found_inf: Tensor | None = None
+        self._state_ready = False
+        self._skipped_base = int(skipped_steps)
+        self._eager.reset()
+
+    @property
+    def skipped_steps(self) -> int:
+        extra = int(self._skipped_device) if self._skipped_device is not None else 0
+        return self._skipped_base + extra + self._eager.skipped_steps
 
     # ---------------------------------------------------------------------- checks
     def _unsupported(self) -> str | None:
@@ -108,70 +172,89 @@ class FastStep:
         """Step eagerly from now on; say why once."""
         self.reason = why
         if not self._warned:
-            warnings.warn(f"ksam fast path off, stepping eagerly: {why}", stacklevel=3)
+            warnings.warn(f"ksam fast path off, stepping eagerly: {why}", stacklevel=4)
             self._warned = True
 
-    def _prepare_optimizer(self, device: torch.device) -> None:
-        """Fused kernel (device-side skip via found_inf) and a device-tensor learning rate."""
-        opt = self.engine.optimizer
-        for group in opt.param_groups:
+    def _prepare(self, device: torch.device) -> None:
+        """Fused kernel (device-side skip via found_inf) and a device-tensor learning rate;
+        the skip flag and the skipped-step counter on the device. On the CPU the learning
+        rate is a float64 tensor: LR schedulers that compute from the group's current lr
+        (cosine annealing) then round exactly as with a Python float."""
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        for group in self.engine.optimizer.param_groups:
             group["fused"] = True
             if "capturable" in group:  # Adam/AdamW: step counters on the device
                 group["capturable"] = True
             if "foreach" in group:
                 group["foreach"] = False
-            if not isinstance(group["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-            elif group["lr"].device != device:
-                group["lr"] = group["lr"].to(device)
-        self.engine._skipped_device = torch.zeros((), dtype=torch.long, device=device)
+            lr = group["lr"]
+            if not isinstance(lr, Tensor):
+                group["lr"] = torch.tensor(float(lr), dtype=lr_dtype, device=device)
+            elif lr.device != device or lr.dtype != lr_dtype:
+                group["lr"] = lr.to(device=device, dtype=lr_dtype)
+        if self._skipped_device is not None:  # the device moved: keep the count
+            self._skipped_base += int(self._skipped_device)
+        self._skipped_device = torch.zeros((), dtype=torch.long, device=device)
         self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self._prepared = True
+        self._prepared_for = device
 
     # ----------------------------------------------------------------------- steps
-    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int) -> dict[str, Any]:
-        """One step without a host sync; returns the engine's outputs plus ``skip``."""
+    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int) -> tuple[ComputedStep, Tensor]:
+        """One step without a host sync: the engine's stages, the skip flag handed to the
+        fused optimizer as ``found_inf``. Returns the computed step and the skip flag."""
         e = self.engine
-        e.zero_grad()
-        e._bn.save()
-        out = e._two_pass(batch, loss_fn, n)
-        finite = e._all_finite(out["checks"], e._descent_grads())
-        skip = ~finite
-        self._found_inf.copy_(skip)
-        e.optimizer.found_inf = self._found_inf
+        computed = e.compute(batch, loss_fn, n)
+        skip = ~e.finite(computed)
+        found_inf = self._found_inf
+        assert found_inf is not None and self._skipped_device is not None
+        found_inf.copy_(skip)
+        opt = e.optimizer
+        opt.found_inf = found_inf
         try:
-            e.optimizer.step()
+            e.apply(computed, skip)
         finally:
-            del e.optimizer.found_inf
-        e._bn.restore(where=skip)
-        e._skipped_device.add_(skip)
-        out["skip"] = skip
-        return out
+            del opt.found_inf
+        self._skipped_device.add_(skip)
+        return computed, skip
 
-    def step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult | None:
-        """A fast step, or ``None`` when the caller must step eagerly."""
+    def step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
         if self.reason is not None:
             self._fall_back(self.reason)
-            return None
-        e = self.engine
-        device = next(iter(_tensor_leaves(batch)))[1].device
-        if not self._prepared:
-            self._prepare_optimizer(device)
+            return self._eager.step(batch, loss_fn, n)
+        device = batch_device(batch)
+        if self._prepared_for != device:
+            self._prepare(device)
+        if not self._state_ready:
+            # The optimizer creates its state at its first step, and a fused kernel told to
+            # skip that step leaves the new buffers uninitialized (SGD's momentum): until a
+            # step has been applied (again after load_state_dict), steps run eagerly, where
+            # a skipped step does not call the optimizer at all.
+            result = self._eager.step(batch, loss_fn, n)
+            self._state_ready = not result.skipped
+            return result
         if device.type != "cuda":
-            out = self._sync_free(batch, loss_fn, n)
-            e.steps += 1
-            return _result(out, out["loss"], out["skip"])
+            computed, skip = self._sync_free(batch, loss_fn, n)
+            return StepResult.of(computed, computed.loss, skip)
+        return self._graph_step(batch, loss_fn, n)
 
-        # One graph per batch signature and per subset sizes: a short last batch or a K
-        # schedule (TopLoss warm-up) gets its own graph. The loss_fn is captured with the
-        # graph; a lambda rebuilt each step has the same code.
+    def _key(self, batch: Batch, loss_fn: LossFn, n: int) -> tuple:
+        """Which graph a step replays: one per batch signature, per subset sizes (a short
+        last batch or a K schedule gets its own) and per ``loss_fn`` - by equality, not by
+        its code: a closure's captured values are baked into its graph, and two closures of
+        the same code may capture different ones. The key holds ``loss_fn`` itself, so
+        its id cannot be reused by another function while the graph exists."""
+        e = self.engine
         sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
                       if rule is not None)
-        key = (_signature(batch), sizes, getattr(loss_fn, "__code__", loss_fn))
+        return (_signature(batch), sizes, loss_fn)
+
+    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+        e = self.engine
+        key = self._key(batch, loss_fn, n)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:
-                return None  # shapes keep changing: eager, same semantics
+                return self._eager.step(batch, loss_fn, n)  # shapes keep changing: same results
             entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
         if entry.graph is None and entry.warmup_left > 0:
             entry.warmup_left -= 1
@@ -183,15 +266,22 @@ class FastStep:
                 self._entries.clear()
                 e.zero_grad()
                 self._fall_back(f"capture failed: {type(exc).__name__}: {exc}")
-                return None
+                return self._eager.step(batch, loss_fn, n)
         _copy_tree_(entry.static_batch, batch)
         entry.graph.replay()
-        e.steps += 1
-        out = entry.static_out
-        # The graph's outputs are overwritten by the next replay: keep the scalars (stack
-        # copies them out of the graph's memory).
-        scalars = torch.stack([out["loss"].float(), out["skip"].float()])
-        return _result(out, scalars[0], scalars[1].bool())
+        e.steps += 1  # apply() ran inside the capture, not at replay
+        out, skip = entry.static_out, entry.static_skip
+        assert out is not None and skip is not None
+        # The graph's outputs are overwritten by the next replay: copy them out.
+        scalars = torch.stack([out.loss.float(), skip.float()])
+        copied = ComputedStep(
+            loss=scalars[0], ascent_indices=out.ascent_indices.clone(),
+            descent_indices=out.descent_indices.clone(),
+            losses=None if out.losses is None else out.losses.clone(),
+            ascent_grad_norm=None if out.ascent_grad_norm is None
+            else out.ascent_grad_norm.clone(),
+            checks=[])
+        return StepResult.of(copied, scalars[0], scalars[1].bool())
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
@@ -200,16 +290,21 @@ class FastStep:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            out = self._sync_free(batch, loss_fn, n)
+            computed, skip = self._sync_free(batch, loss_fn, n)
         torch.cuda.current_stream().wait_stream(self._stream)
-        self.engine.steps += 1
-        return _result(out, out["loss"], out["skip"])
+        return StepResult.of(computed, computed.loss, skip)
 
     def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int) -> None:
         entry.static_batch = _clone_tree(batch)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         self.engine.zero_grad()  # gradients are allocated inside the graph's pool
+        steps = self.engine.steps
         with torch.cuda.graph(graph):
-            entry.static_out = self._sync_free(entry.static_batch, loss_fn, n)
+            entry.static_out, entry.static_skip = self._sync_free(entry.static_batch, loss_fn, n)
+        self.engine.steps = steps  # capture does not run the step: replays count it
         entry.graph = graph
+
+
+#: The name this executor had before the engine/executor split.
+FastStep = SyncFreeExecutor

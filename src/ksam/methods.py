@@ -18,7 +18,14 @@ from .perturbation import (
     GradientNormPerturbation,
     StochasticWeightPerturbation,
 )
-from .selection import LargestLossIncrease, RandomSubset, WholeBatch, build_rule
+from .selection import (
+    RESCALE_KINDS,
+    LargestLossIncrease,
+    RandomSubset,
+    WholeBatch,
+    build_rule,
+    check_loss_kind,
+)
 
 
 class SGD(SharpnessAwareOptimizer):
@@ -48,6 +55,17 @@ K_WARMUP = 100
 RESCALE = True
 
 
+class _Auto:
+    """Type of :data:`_AUTO`, the default of K-SAM's ``rescale``."""
+
+    def __repr__(self) -> str:
+        return f"{RESCALE} where loss_kind has an estimate, else False"
+
+
+#: ``rescale``'s default: :data:`RESCALE` for a ``loss_kind`` with an estimate, else off.
+_AUTO = _Auto()
+
+
 class KSAM(SharpnessAwareOptimizer):
     """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
 
@@ -63,25 +81,33 @@ class KSAM(SharpnessAwareOptimizer):
     full-batch step's estimated size. ``k_warmup=0, rescale=False`` is the paper's plain
     K-SAM (also ``create("ksam-plain")``).
 
+    ``loss_kind`` says what ``loss_fn`` returns, which the rescale estimate depends on
+    (:func:`ksam.selection.subset_gradient_scale`): ``"ce"`` (default) cross-entropy,
+    ``"mse"`` a squared error, ``"other"`` anything else (a mean over tokens or labels, a
+    label-smoothed loss, ...), for which there is no estimate: ``rescale`` then defaults
+    to off, and an explicit ``rescale`` is refused.
+
     ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
     (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
     top of the loss order and ``"stratified"`` K examples spread over it, which hold up under
-    label noise
-    (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
+    label noise (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float = RESCALE, select: str = "top",
+                 rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
+                 select: str = "top",
                  **engine: Any):
+        if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
+            rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
         ascent = build_rule(select, k if k_ascent is None else k_ascent,
                             "k" if k_ascent is None else "k_ascent")
         descent = build_rule(select, k if k_descent is None else k_descent,
                              "k" if k_descent is None else "k_descent", warmup=k_warmup,
-                             rescale=rescale)
+                             rescale=rescale, loss_kind=loss_kind)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, **engine)
 
@@ -125,10 +151,11 @@ class OrderedSGD(SharpnessAwareOptimizer):
 def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.05,
                 k: float | int = 0.25, k_ascent: float | int | None = None,
                 k_descent: float | int | None = None, adaptive: bool = False,
-                eta: float = 0.01, **engine: Any) -> KSAM:
+                eta: float = 0.01, loss_kind: str = "ce", **engine: Any) -> KSAM:
     """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
     return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
-                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, **engine)
+                adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, loss_kind=loss_kind,
+                **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,

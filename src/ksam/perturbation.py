@@ -20,6 +20,7 @@ saving comes from).
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -29,8 +30,9 @@ _EPS = 1e-12
 
 
 def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) \
+            or not (math.isfinite(float(value)) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -71,14 +73,28 @@ class GradientNormPerturbation(PerturbationRule):
 
 
 class AdaptivePerturbation(PerturbationRule):
-    """ASAM's rule (Kwon et al. 2021): the SAM step in the scale-invariant metric T_w."""
+    """ASAM's rule (Kwon et al. 2021): the SAM step in the scale-invariant metric T_w.
+
+    T_w is computed into scratch buffers allocated once (again only when the parameters'
+    shapes change); they hold nothing from one step to the next."""
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01) -> None:
         self.rho = _check_nonneg(rho, "rho")
         self.eta = _check_nonneg(eta, "eta")
+        self._scratch: list[Tensor] = []
+
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        same = len(self._scratch) == len(params) and all(
+            b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+            for b, p in zip(self._scratch, params))
+        if not same:
+            self._scratch = [torch.empty_like(p) for p in params]
+        return self._scratch
 
     def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        scale = torch._foreach_abs(params)
+        scale = self._buffers(params)
+        torch._foreach_copy_(scale, params)
+        torch._foreach_abs_(scale)
         torch._foreach_add_(scale, self.eta)
         torch._foreach_mul_(grads, scale)  # T g
         norm = global_norm(grads)

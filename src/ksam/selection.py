@@ -1,8 +1,11 @@
 """Selection rules: which examples of the mini-batch a gradient pass uses.
 
-A rule sees a :class:`SelectionContext` and returns a LongTensor of row indices, or ``None``
-for the whole batch. The returned size depends on the batch size only, never on tensor
-values, so a step has static shapes and can be captured as a CUDA graph.
+A rule sees a :class:`SelectionContext` and returns a :class:`Selection`: the rows (a
+LongTensor, or ``None`` for the whole batch) and the weight of the pass's mean loss. The
+number of rows depends on the batch size only, never on tensor values, so a step has static
+shapes and can be captured as a CUDA graph. Rules keep configuration (and resumable state)
+on ``self``, never anything between :meth:`SelectionRule.select` and
+:meth:`SelectionRule.reduce`: what ``reduce`` needs travels in the :class:`Selection`.
 
 Rules:
 
@@ -30,6 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +66,15 @@ def resolve_subset_size(k: float | int, batch_size: int, name: str = "k") -> int
             raise ValueError(f"{name}={k} is larger than the batch ({batch_size} examples)")
         return k
     return max(1, min(batch_size, round(k * batch_size)))
+
+
+class Selection(NamedTuple):
+    """What a rule picked: ``index``, a LongTensor of rows on the batch's device (``None``:
+    the whole batch), and ``scale``, a 0-d float tensor multiplying the pass's mean loss
+    (``None``: 1)."""
+
+    index: Tensor | None
+    scale: Tensor | None = None
 
 
 @dataclass
@@ -111,7 +124,7 @@ class SelectionRule:
         """How many examples the rule selects from a batch of ``batch_size``."""
         raise NotImplementedError
 
-    def select(self, ctx: SelectionContext) -> Tensor | None:
+    def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError
 
     def size_at(self, batch_size: int, step: int) -> int:
@@ -120,10 +133,11 @@ class SelectionRule:
         few times early in training (the fast path re-captures its graph each time)."""
         return self.size(batch_size)
 
-    def reduce(self, losses: Tensor) -> Tensor:
+    def reduce(self, losses: Tensor, selection: Selection) -> Tensor:
         """The scalar whose gradient the pass takes, from the selected rows' losses: their
-        mean. Distributed rules override it to normalize over all ranks' selections."""
-        return losses.float().mean()
+        mean, times ``selection.scale`` when there is one."""
+        mean = losses.float().mean()
+        return mean if selection.scale is None else mean * selection.scale
 
     def check_batch(self, batch_size: int) -> None:
         """Raise ValueError if the rule cannot select from a batch of this size."""
@@ -142,8 +156,8 @@ class WholeBatch(SelectionRule):
     def size(self, batch_size: int) -> int:
         return batch_size
 
-    def select(self, ctx: SelectionContext) -> None:
-        return None
+    def select(self, ctx: SelectionContext) -> Selection:
+        return Selection(None)
 
     def __repr__(self) -> str:
         return "WholeBatch()"
@@ -167,15 +181,19 @@ class TopLoss(SelectionRule):
     needs_scores = True
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False) -> None:
+                 rescale: bool | float = False, loss_kind: str = "ce") -> None:
         self.k = check_subset_size(k, name)
         self.name = name
         if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
         self.warmup = int(warmup)
         self.rescale = _check_rescale(rescale)
+        self.loss_kind = check_loss_kind(loss_kind)
+        if self.rescale and self.loss_kind not in RESCALE_KINDS:
+            raise ValueError(f"rescale needs losses of a kind it can estimate gradients from "
+                             f"({', '.join(RESCALE_KINDS)}), got loss_kind={loss_kind!r}; "
+                             "pass rescale=False")
         self._power = float(self.rescale)  # True: 1.0, False: 0.0 (off)
-        self._scale: Tensor | None = None
 
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
@@ -187,13 +205,15 @@ class TopLoss(SelectionRule):
         halvings = min(step // self.warmup, batch_size.bit_length())
         return max(k, -(-batch_size // (1 << halvings)))
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
+        """The top rows of ``ctx.scores``; with ``rescale``, ``scale`` is
+        :func:`subset_gradient_scale` (to the power ``rescale``)."""
         assert ctx.scores is not None
         idx = self.pick(ctx, loss_order(ctx), self.size_at(ctx.batch_size, ctx.step))
-        if self._power:
-            scale = subset_gradient_scale(ctx.scores, idx)
-            self._scale = scale if self._power == 1.0 else scale.pow(self._power)
-        return idx
+        if not self._power:
+            return Selection(idx)
+        scale = subset_gradient_scale(ctx.scores, idx, self.loss_kind)
+        return Selection(idx, scale if self._power == 1.0 else scale.pow(self._power))
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         """The ``count`` rows this rule takes, given ``order`` (every row, largest loss at w
@@ -201,20 +221,13 @@ class TopLoss(SelectionRule):
         rows of the same order; ``count`` is static, so the shapes are."""
         return order[:count]
 
-    def reduce(self, losses: Tensor) -> Tensor:
-        """The selected rows' mean loss, times :func:`subset_gradient_scale` with
-        ``rescale`` (the scale of the step's last :meth:`select`)."""
-        mean = losses.float().mean()
-        if self._power and self._scale is not None:
-            return mean * self._scale
-        return mean
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._repr_options()})"
 
     def _repr_options(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
         extra += f", rescale={self.rescale}" if self.rescale else ""
+        extra += f", loss_kind={self.loss_kind!r}" if self.loss_kind != "ce" else ""
         return f"{self.name}={self.k}{extra}"
 
 
@@ -239,22 +252,47 @@ def _check_rescale(rescale: bool | float) -> bool | float:
     raise ValueError(f"rescale must be True, False or a power in [0, 1], got {rescale!r}")
 
 
-def subset_gradient_scale(scores: Tensor, index: Tensor) -> Tensor:
+#: Kinds of per-sample loss :class:`TopLoss` knows (``loss_kind``): ``"ce"`` cross-entropy
+#: of one prediction (softmax or sigmoid), ``"mse"`` a squared error, ``"other"`` anything
+#: else (a mean over tokens or labels, a label-smoothed or shifted loss, ...).
+LOSS_KINDS = ("ce", "mse", "other")
+#: The kinds :func:`subset_gradient_scale` has an estimate for.
+RESCALE_KINDS = ("ce", "mse")
+
+
+def check_loss_kind(kind: str) -> str:
+    """Validate a ``loss_kind``: one of :data:`LOSS_KINDS`. Returns it unchanged."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    return kind
+
+
+def subset_gradient_scale(scores: Tensor, index: Tensor, kind: str = "ce") -> Tensor:
     r"""Estimated ratio of the full batch's gradient norm to the subset's, from losses alone.
 
-    For cross-entropy the gradient w.r.t. an example's logits is :math:`p - e_y`, of size
-    about :math:`1 - p_y = 1 - e^{-l}`. If the examples' gradients pointed the same way, the
-    full-batch mean gradient would be the subset's mean times
+    Each example's gradient w.r.t. the model's output has an estimated size :math:`m(l)`
+    given its loss: for cross-entropy (``kind="ce"``) it is :math:`p - e_y`, of size about
+    :math:`1 - p_y = 1 - e^{-l}`; for a squared error :math:`l = r^2` (``kind="mse"``) it
+    is :math:`2r`, proportional to :math:`\sqrt{l}`. If the examples' gradients pointed the
+    same way, the full-batch mean gradient would be the subset's mean times
 
-    .. math:: s = \frac{\operatorname{mean}_{i \in B} (1 - e^{-l_i})}
-                      {\operatorname{mean}_{i \in S} (1 - e^{-l_i})} \in (0, 1].
+    .. math:: s = rac{\operatorname{mean}_{i \in B}\, m(l_i)}
+                      {\operatorname{mean}_{i \in S}\, m(l_i)} \in (0, 1].
 
     Scaling the top-K step by s keeps its size that of a full-batch step: s = 1 while all
     examples are hard (early training), s ~ error rate once most are fitted, when plain
     top-K steps are B/K times larger than SGD's and can kill the network (docs/collapse.md).
-    Computed on the device, no host sync, detached.
+
+    Losses of both kinds are >= 0: a negative loss means the losses are of another kind,
+    and the scale is then NaN, so the engine skips the step as non-finite (and counts it)
+    rather than apply a made-up scale. Computed on the device, no host sync, detached.
     """
-    mass = -torch.expm1(-scores.detach().float().clamp_min(0))
+    if kind not in RESCALE_KINDS:
+        raise ValueError(f"no gradient-size estimate for loss_kind={kind!r} "
+                         f"(known: {', '.join(RESCALE_KINDS)})")
+    losses = scores.detach().float()
+    mass = -torch.expm1(-losses) if kind == "ce" else losses.sqrt()
+    mass = torch.where(losses >= 0, mass, torch.nan)  # sqrt gives NaN already; expm1 not
     whole = mass.mean()
     sub = mass.index_select(0, index).mean()
     return (whole / sub.clamp_min(1e-12)).clamp(max=1.0)
@@ -274,11 +312,11 @@ class RandomSubset(SelectionRule):
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.k, batch_size, self.name)
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
         count = self.size(ctx.batch_size)
         gen = ctx.generator
         perm = torch.randperm(ctx.batch_size, generator=gen, device=gen.device if gen else "cpu")
-        return perm[:count].sort().values.to(ctx.device, non_blocking=True)
+        return Selection(perm[:count].sort().values.to(ctx.device, non_blocking=True))
 
     def __repr__(self) -> str:
         return f"RandomSubset({self.name}={self.k})"
@@ -300,10 +338,10 @@ class LargestLossIncrease(SelectionRule):
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.fraction, batch_size, "gamma")
 
-    def select(self, ctx: SelectionContext) -> Tensor:
+    def select(self, ctx: SelectionContext) -> Selection:
         assert ctx.scores is not None and ctx.perturbed_losses is not None
         increase = ctx.perturbed_losses - ctx.scores
-        return top_indices(increase, self.size(ctx.batch_size))
+        return Selection(top_indices(increase, self.size(ctx.batch_size)))
 
     def __repr__(self) -> str:
         return f"LargestLossIncrease(gamma={self.fraction})"
@@ -333,8 +371,9 @@ class LossBand(TopLoss):
     """
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, skip: float = BAND_SKIP) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale)
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 skip: float = BAND_SKIP) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
         self.skip = _check_share(skip, "skip")
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
@@ -409,8 +448,8 @@ class ClassBalancedTopLoss(TopLoss):
 
 
 #: Selection rules by name, for ``KSAM(..., select=NAME)`` and ``OrderedSGD(..., select=NAME)``.
-#: Each factory takes ``(k, name="k", warmup=0, rescale=False)``; its own options have
-#: defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
+#: Each factory takes ``(k, name="k", warmup=0, rescale=False, loss_kind="ce")``; its own
+#: options have defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
 RULES: dict[str, Callable[..., TopLoss]] = {
     "top": TopLoss,
     "band": LossBand,

@@ -365,5 +365,5 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         if on_epoch is not None:
             on_epoch(row)
     final = dict(history[-1]) if history else {}
-    final["fast_path"] = engine._fast is not None and engine._fast.reason is None
+    final["fast_path"] = engine.fast_path_active
     return {"config": cfg.to_dict(), "epochs": history, "final": final, "model": model}

@@ -57,6 +57,33 @@ class ProxyOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.base.defaults = value
 
+    # The device-side skip flags a fused kernel reads (``getattr(opt, "found_inf", None)``),
+    # which ksam's fast path and GradScaler set on the optimizer they step: they must reach
+    # the optimizer that holds the parameters, or a skipped step would be applied.
+    @property
+    def found_inf(self) -> Any:
+        return self.base.found_inf
+
+    @found_inf.setter
+    def found_inf(self, value: Any) -> None:
+        self.base.found_inf = value
+
+    @found_inf.deleter
+    def found_inf(self) -> None:
+        del self.base.found_inf
+
+    @property
+    def grad_scale(self) -> Any:
+        return self.base.grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value: Any) -> None:
+        self.base.grad_scale = value
+
+    @grad_scale.deleter
+    def grad_scale(self) -> None:
+        del self.base.grad_scale
+
     def state_dict(self) -> dict[str, Any]:
         return self.base.state_dict()
 

@@ -22,6 +22,10 @@ How it fits the Trainer loop (tested with transformers 4.48 and 5.24, accelerate
   step count, its random generator, rule state), so ``resume_from_checkpoint`` continues
   the run exactly.
 - ``bf16=True`` runs the forward passes under bfloat16 autocast.
+- K-SAM's ``rescale`` estimates gradient sizes from losses of a known kind: with the
+  default per-sample loss, ``loss_kind`` is set from the batch (``"ce"`` single-label
+  classification, ``"mse"`` regression, ``"other"`` - no rescale - for token-level and
+  multi-label losses, which are means); set ``ksam_kwargs["loss_kind"]`` to override.
 - A step that ksam skips (non-finite loss or gradient) leaves the weights alone, but the
   Trainer still counts it and steps the LR scheduler.
 
@@ -153,6 +157,20 @@ class HFPerSampleLoss:
         self.problem_type = problem_type
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+
+    def loss_kind(self, inputs: Mapping[str, Any]) -> str:
+        """What kind of loss this is for ``inputs`` (:data:`ksam.selection.LOSS_KINDS`, which
+        K-SAM's ``rescale`` estimate depends on): ``"ce"`` for single-label
+        classification, ``"mse"`` for regression, ``"other"`` for token-level losses (a
+        mean over tokens) and multi-label ones (a mean over labels)."""
+        labels = inputs.get(self.label_name)
+        if self.shift_labels or (isinstance(labels, Tensor) and labels.dim() > 1):
+            return "other"  # a mean over tokens (or, with float labels, over labels)
+        kind = self.problem_type
+        if kind is None and isinstance(labels, Tensor):
+            kind = "regression" if labels.is_floating_point() else "single_label_classification"
+        return {"single_label_classification": "ce", "regression": "mse"}.get(kind or "",
+                                                                             "other")
 
     def __call__(self, model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
         if self.label_name not in inputs:
@@ -307,7 +325,7 @@ class KSAMTrainer(transformers.Trainer):
         """The ksam engine (built at the first training step of each ``train()`` call)."""
         return self._ksam
 
-    def _engine(self, model: nn.Module) -> SharpnessAwareOptimizer:
+    def _engine(self, model: nn.Module, inputs: Mapping[str, Any]) -> SharpnessAwareOptimizer:
         """The engine over ``model`` (the wrapped one under DDP, so that the descent
         gradient is all-reduced), rebuilt when the Trainer hands over another wrapper;
         engine state carries over."""
@@ -316,7 +334,17 @@ class KSAMTrainer(transformers.Trainer):
             return engine
         if self._engine_optimizer is None:
             raise RuntimeError("create_optimizer() has not run")
-        new = create(self.ksam_method, model, self._engine_optimizer, **self._engine_kwargs())
+        kwargs = self._engine_kwargs()
+        # K-SAM's rescale estimate holds for the loss in use only (see HFPerSampleLoss).
+        if self.ksam_method.lower() == "ksam" and isinstance(self.per_sample_loss_fn,
+                                                             HFPerSampleLoss):
+            kwargs.setdefault("loss_kind", self.per_sample_loss_fn.loss_kind(inputs))
+        if hasattr(model, "no_sync"):  # DDP: every rank skips a non-finite step together
+            from ..distributed import finite_reducer
+
+            kwargs.setdefault("finite_reducer",
+                              finite_reducer(getattr(model, "process_group", None)))
+        new = create(self.ksam_method, model, self._engine_optimizer, **kwargs)
         carried = _engine_extras(engine) if engine is not None else self._pending_ksam_state
         if carried is not None:
             _load_engine_extras(new, carried)
@@ -334,7 +362,7 @@ class KSAMTrainer(transformers.Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        engine = self._engine(model)
+        engine = self._engine(model, inputs)
         result = engine.step(inputs, self.per_sample_loss_fn)
         self.last_step_result = result
         return torch.tensor(result.loss, device=self.args.device)

@@ -1,0 +1,140 @@
+"""What crosses the boundary between the step engine and its executors.
+
+The engine (:class:`ksam.engine.SharpnessAwareOptimizer`) has two public stages:
+
+- :meth:`~ksam.engine.SharpnessAwareOptimizer.compute` runs the passes of a step (scoring,
+  ascent, perturbation, descent, restore of w) and returns a :class:`ComputedStep`: device
+  tensors only, no host sync; the descent gradient is left in the parameters' ``.grad``;
+- :meth:`~ksam.engine.SharpnessAwareOptimizer.finite` and
+  :meth:`~ksam.engine.SharpnessAwareOptimizer.apply` decide and carry out the update:
+  the optimizer step, or the skip (BatchNorm statistics put back).
+
+An *executor* runs a whole step with them and owns what differs between ways of running it:
+the skip flag and the count of skipped steps, and any preparation of the optimizer. Two
+exist, interchangeable, both using only that public surface: :class:`EagerExecutor` (one
+host sync per step, the optimizer as you built it) and :class:`ksam.fast.SyncFreeExecutor`
+(no host sync, CUDA graphs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .batch import Batch
+
+if TYPE_CHECKING:  # the engine imports this module; a type-only import makes no cycle
+    from .engine import SharpnessAwareOptimizer
+
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+@dataclass
+class ComputedStep:
+    """What :meth:`~ksam.engine.SharpnessAwareOptimizer.compute` hands to the apply stage.
+
+    All tensors live on the batch's device; nothing here was read by the host.
+    """
+
+    #: 0-d: mean per-sample loss of the whole batch at w (at w+eps for random-subset SAM)
+    loss: Tensor
+    #: rows of the batch of the ascent / descent gradient (empty: no ascent pass)
+    ascent_indices: Tensor
+    descent_indices: Tensor
+    #: detached per-sample losses at w over the whole batch (None when not computed)
+    losses: Tensor | None
+    #: L2 norm of the ascent gradient, unscaled (None without an ascent pass)
+    ascent_grad_norm: Tensor | None
+    #: 0-d values that must be finite for the step to be applied (besides the gradients)
+    checks: list[Tensor]
+
+
+class StepResult:
+    """What one step did. ``loss`` and ``skipped`` are Python values; on the fast path they
+    are read from the device only when first accessed, so a step itself never syncs."""
+
+    __slots__ = ("_loss", "_skipped", "ascent_indices", "descent_indices", "losses",
+                 "ascent_grad_norm")
+
+    def __init__(self, loss: float | Tensor, skipped: bool | Tensor,
+                 ascent_indices: Tensor, descent_indices: Tensor,
+                 losses: Tensor | None = None, ascent_grad_norm: Tensor | None = None) -> None:
+        self._loss = loss
+        self._skipped = skipped
+        #: rows of the batch used for the ascent / descent gradient (empty: no ascent pass)
+        self.ascent_indices = ascent_indices
+        self.descent_indices = descent_indices
+        #: detached per-sample losses at w over the whole batch (None when not computed)
+        self.losses = losses
+        #: L2 norm of the ascent gradient (None without an ascent pass)
+        self.ascent_grad_norm = ascent_grad_norm
+
+    @classmethod
+    def of(cls, computed: ComputedStep, loss: float | Tensor,
+           skipped: bool | Tensor) -> StepResult:
+        return cls(loss, skipped, computed.ascent_indices, computed.descent_indices,
+                   computed.losses, computed.ascent_grad_norm)
+
+    @property
+    def loss(self) -> float:
+        """Mean per-sample loss of the whole batch at w (at w+eps for random-subset SAM,
+        whose only full-batch pass is the perturbed one)."""
+        if isinstance(self._loss, Tensor):
+            self._loss = float(self._loss)
+        return self._loss
+
+    @property
+    def raw_loss(self) -> float | Tensor:
+        """The loss as computed: a float, or on the fast path a 0-d device tensor that can be
+        accumulated without a host sync."""
+        return self._loss
+
+    @property
+    def skipped(self) -> bool:
+        if isinstance(self._skipped, Tensor):
+            self._skipped = bool(self._skipped)
+        return self._skipped
+
+    def __repr__(self) -> str:
+        return (f"StepResult(loss={self.loss:.6g}, skipped={self.skipped}, "
+                f"ascent={self.ascent_indices.numel()}, descent={self.descent_indices.numel()})")
+
+
+class EagerExecutor:
+    """Runs a step with one host sync (the loss and the finite verdict read together); the
+    optimizer steps as you built it, or not at all on a skipped step."""
+
+    #: what :meth:`~ksam.engine.SharpnessAwareOptimizer.state_dict` records as ``fast_path``
+    fast_path = False
+
+    def __init__(self, engine: SharpnessAwareOptimizer) -> None:
+        self.engine = engine
+        self.reason: str | None = None
+        self._skipped = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether steps run this executor's way (always, for the eager one)."""
+        return True
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+    def reset(self, skipped_steps: int = 0) -> None:
+        """Start over from a loaded state with ``skipped_steps`` skipped so far."""
+        self._skipped = int(skipped_steps)
+
+    def step(self, batch: Batch, loss_fn: LossFn, n: int) -> StepResult:
+        e = self.engine
+        computed = e.compute(batch, loss_fn, n)
+        finite = e.finite(computed)
+        loss, ok = torch.stack([computed.loss.float(), finite.float()]).tolist()  # one sync
+        skip = not ok
+        e.apply(computed, skip)
+        self._skipped += skip
+        return StepResult.of(computed, loss, skip)
