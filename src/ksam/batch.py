@@ -76,3 +76,16 @@ def index_batch(batch: Batch, index: Tensor | slice | None) -> Batch:
     if isinstance(batch, (tuple, list)):
         return type(batch)(index_batch(v, index) for v in batch)
     return batch
+
+
+def batch_labels(batch: Batch, n: int) -> Tensor:
+    """The class labels of an ``(inputs, labels)`` batch: its second element, a 1-D integer
+    tensor of ``n`` rows. ValueError for any other batch (for rules that read labels)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        labels = batch[1]
+        if isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n \
+                and not labels.is_floating_point() and not labels.is_complex() \
+                and labels.dtype != torch.bool:
+            return labels
+    raise ValueError("this selection rule reads class labels: give batches as "
+                     "(inputs, labels) with labels a 1-D integer tensor, one per example")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import Batch, batch_device, batch_size, index_batch
+from .batch import Batch, batch_device, batch_labels, batch_size, index_batch
 from .batchnorm import BatchNormGuard
 from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
 from .fast import SyncFreeExecutor
@@ -227,6 +227,10 @@ class SharpnessAwareOptimizer:
             (ascent is not None and ascent.needs_scores)
             or (descent.needs_scores and not ascent_is_full)
         )
+        # Rules that read class labels (class-balanced selection) get the batch's second
+        # element; the batch is checked before the step starts.
+        self._needs_labels = bool((ascent is not None and ascent.needs_labels)
+                                  or descent.needs_labels)
         if descent.needs_perturbed_losses and ascent is None:
             raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
         self._plain_needs_scoring = self.plain_descent.needs_scores
@@ -247,6 +251,8 @@ class SharpnessAwareOptimizer:
         losses of shape [n]."""
         n = batch_size(batch)
         self.check_batch(n)
+        if self._needs_labels:
+            batch_labels(batch, n)
         sharp = self.schedule.next(self.steps, self.generator)
         try:
             return self.executor.step(batch, loss_fn, n, sharp)
@@ -658,8 +664,9 @@ class _Step:
         e = self.engine
         self.device = batch_device(self.batch)
         self.has_ascent = e.ascent is not None and self.sharp
+        labels = batch_labels(self.batch, self.n) if e._needs_labels else None
         self.ctx = SelectionContext(batch_size=self.n, device=self.device,
-                                    generator=e.generator, step=e.steps)
+                                    generator=e.generator, step=e.steps, labels=labels)
 
     def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
         """Per-sample losses of the rows ``index`` (None: all) in one forward, checked for

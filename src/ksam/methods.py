@@ -28,8 +28,8 @@ from .selection import (
     RESCALE_KINDS,
     LargestLossIncrease,
     RandomSubset,
-    TopLoss,
     WholeBatch,
+    build_rule,
     check_loss_kind,
 )
 from .transform import LookSAMRule
@@ -94,6 +94,11 @@ class KSAM(SharpnessAwareOptimizer):
     ``"mse"`` a squared error, ``"other"`` anything else (a mean over tokens or labels, a
     label-smoothed loss, ...), for which there is no estimate: ``rescale`` then defaults
     to off, and an explicit ``rescale`` is refused.
+
+    ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
+    (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
+    top of the loss order and ``"stratified"`` K examples spread over it, which hold up under
+    label noise (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -101,16 +106,16 @@ class KSAM(SharpnessAwareOptimizer):
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
                  rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
-                 start_step: int = 0, p: float = 1.0,
+                 start_step: int = 0, p: float = 1.0, select: str = "top",
                  **engine: Any):
         if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
-        ascent = TopLoss(k if k_ascent is None else k_ascent,
-                         "k" if k_ascent is None else "k_ascent")
-        descent = TopLoss(k if k_descent is None else k_descent,
-                          "k" if k_descent is None else "k_descent", warmup=k_warmup,
-                          rescale=rescale, loss_kind=loss_kind)
+        ascent = build_rule(select, k if k_ascent is None else k_ascent,
+                            "k" if k_ascent is None else "k_ascent")
+        descent = build_rule(select, k if k_descent is None else k_descent,
+                             "k" if k_descent is None else "k_descent", warmup=k_warmup,
+                             rescale=rescale, loss_kind=loss_kind)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, schedule=Schedule(start_step, p), **engine)
 
@@ -145,12 +150,14 @@ class ESAM(SharpnessAwareOptimizer):
 
 class OrderedSGD(SharpnessAwareOptimizer):
     """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples.
-    ``k_warmup`` as in :class:`KSAM` (default 0: the paper's plain rule)."""
+    ``k_warmup`` and ``select`` as in :class:`KSAM` (default 0 and ``"top"``: the paper's
+    plain rule)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 k: float | int = 0.25, k_warmup: int = 0, **engine: Any):
+                 k: float | int = 0.25, k_warmup: int = 0, select: str = "top",
+                 **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
-                         descent=TopLoss(k, warmup=k_warmup), **engine)
+                         descent=build_rule(select, k, warmup=k_warmup), **engine)
 
 
 class MSAM(SharpnessAwareOptimizer):

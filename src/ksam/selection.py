@@ -14,11 +14,23 @@ Rules:
 - :class:`RandomSubset` - K examples drawn uniformly without replacement (Bahri et al.).
 - :class:`LargestLossIncrease` - the examples whose loss rises most from w to w+eps
   (ESAM's sharpness-sensitive data selection).
+
+Rules for K-SAM and Ordered SGD that hold up under label noise (:data:`RULES`, chosen with
+``KSAM(..., select=NAME)`` / ``OrderedSGD(..., select=NAME)``; docs/label_noise.md): once
+the clean examples are fitted, the highest losses of a batch are mostly the mislabelled
+examples, so these rules take K examples *below* the top of the loss order.
+
+- :class:`LossBand` (``"band"``) - skip the ``skip`` fraction of largest losses, take the next K.
+- :class:`MedianBand` (``"median"``) - the K examples around the median loss (Xia et al.).
+- :class:`StratifiedLoss` (``"stratified"``) - K examples at evenly spaced ranks of the loss
+  order.
+- :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import NamedTuple
@@ -70,12 +82,15 @@ class SelectionContext:
     """What a rule may look at. ``scores`` are per-sample losses at w (detached);
     ``perturbed_losses`` are per-sample losses at w+eps (detached); ``cache`` is scratch
     space the rules of one step share (e.g. the all-gathered scores of
-    :class:`ksam.distributed.GlobalTopLoss`, gathered once for both passes)."""
+    :class:`ksam.distributed.GlobalTopLoss`, gathered once for both passes); ``labels`` are
+    the batch's integer class labels, filled by the engine only for a rule with
+    ``needs_labels``."""
 
     batch_size: int
     device: torch.device
     scores: Tensor | None = None
     perturbed_losses: Tensor | None = None
+    labels: Tensor | None = None
     generator: torch.Generator | None = None
     step: int = 0
     cache: dict = field(default_factory=dict)
@@ -98,10 +113,12 @@ def descending_order(values: Tensor) -> Tensor:
 class SelectionRule:
     """Base class. ``needs_scores``: the rule reads per-sample losses at w, so the engine
     runs a gradient-free forward over the batch first (or reuses a full-batch pass at w).
-    ``needs_perturbed_losses``: the rule reads losses at w+eps (ESAM)."""
+    ``needs_perturbed_losses``: the rule reads losses at w+eps (ESAM). ``needs_labels``:
+    the rule reads the batch's class labels (the batch must be ``(inputs, labels)``)."""
 
     needs_scores: bool = False
     needs_perturbed_losses: bool = False
+    needs_labels: bool = False
 
     def size(self, batch_size: int) -> int:
         """How many examples the rule selects from a batch of ``batch_size``."""
@@ -192,21 +209,37 @@ class TopLoss(SelectionRule):
         """The top rows of ``ctx.scores``; with ``rescale``, ``scale`` is
         :func:`subset_gradient_scale` (to the power ``rescale``)."""
         assert ctx.scores is not None
-        # K-SAM's ascent and descent rules pick from the same losses: sort them once a step.
-        cached = ctx.cache.get("top_loss_order")
-        if cached is None or cached[0] is not ctx.scores:
-            cached = ctx.cache["top_loss_order"] = (ctx.scores, descending_order(ctx.scores))
-        idx = cached[1][: self.size_at(ctx.batch_size, ctx.step)]
+        idx = self.pick(ctx, loss_order(ctx), self.size_at(ctx.batch_size, ctx.step))
         if not self._power:
             return Selection(idx)
         scale = subset_gradient_scale(ctx.scores, idx, self.loss_kind)
         return Selection(idx, scale if self._power == 1.0 else scale.pow(self._power))
 
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        """The ``count`` rows this rule takes, given ``order`` (every row, largest loss at w
+        first, ties by the lower index): here the first ``count``. Subclasses take other
+        rows of the same order; ``count`` is static, so the shapes are."""
+        return order[:count]
+
     def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_options()})"
+
+    def _repr_options(self) -> str:
         extra = f", warmup={self.warmup}" if self.warmup else ""
         extra += f", rescale={self.rescale}" if self.rescale else ""
         extra += f", loss_kind={self.loss_kind!r}" if self.loss_kind != "ce" else ""
-        return f"TopLoss({self.name}={self.k}{extra})"
+        return f"{self.name}={self.k}{extra}"
+
+
+def loss_order(ctx: SelectionContext) -> Tensor:
+    """Every row, largest score first, ties by the lower index; sorted once per step and
+    shared through ``ctx.cache`` (K-SAM's ascent and descent rules pick from the same
+    losses)."""
+    assert ctx.scores is not None
+    cached = ctx.cache.get("top_loss_order")
+    if cached is None or cached[0] is not ctx.scores:
+        cached = ctx.cache["top_loss_order"] = (ctx.scores, descending_order(ctx.scores))
+    return cached[1]
 
 
 def _check_rescale(rescale: bool | float) -> bool | float:
@@ -312,3 +345,124 @@ class LargestLossIncrease(SelectionRule):
 
     def __repr__(self) -> str:
         return f"LargestLossIncrease(gamma={self.fraction})"
+
+
+# ------------------------------------------------------------- rules for noisy labels
+
+#: Default ``skip`` of :class:`LossBand`: the share of largest losses it leaves out.
+BAND_SKIP = 0.3
+
+
+def _check_share(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
+            or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
+class LossBand(TopLoss):
+    """The K examples that follow the ``skip`` fraction of largest losses at w.
+
+    Rows ``s .. s+K-1`` of the loss order, with ``s = round(skip * B)`` capped at ``B - K``
+    (a subset as large as the batch skips nothing). Once the clean examples are fitted the
+    mislabelled ones hold the top of the order; a ``skip`` at or above the noise rate
+    leaves them out and keeps the hardest of the rest. ``warmup`` and ``rescale`` act as in
+    :class:`TopLoss`.
+    """
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 skip: float = BAND_SKIP) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        self.skip = _check_share(skip, "skip")
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        start = min(round(self.skip * ctx.batch_size), ctx.batch_size - count)
+        return order[start:start + count]
+
+    def _repr_options(self) -> str:
+        return f"{super()._repr_options()}, skip={self.skip:g}"
+
+
+class MedianBand(TopLoss):
+    """The K examples around the median loss at w: rows ``(B-K)//2 .. (B-K)//2+K-1`` of the
+    loss order (the "moderate" coreset of Xia et al., ICLR 2023, per batch). ``warmup`` and
+    ``rescale`` as in :class:`TopLoss`."""
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        start = (ctx.batch_size - count) // 2
+        return order[start:start + count]
+
+
+class StratifiedLoss(TopLoss):
+    """K rows at evenly spaced ranks of the loss order, ranks ``floor(i * B / K)`` for
+    ``i < K`` (with B = 4K: ranks 0, 4, 8, ...): every part of the loss distribution in
+    proportion, the hardest example included. The subset's share of mislabelled examples
+    is the batch's, as for a full-batch step, wherever they sit in the order. ``warmup``
+    and ``rescale`` as in :class:`TopLoss`."""
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        ranks = torch.arange(count, device=order.device) * ctx.batch_size // count
+        return order.index_select(0, ranks)
+
+
+def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
+    """Every row, reordered class by class in turn: each class's largest loss first, then
+    each class's second largest, and so on; within a round, classes by their loss.
+
+    ``order`` is the loss order (largest first, ties by the lower index), ``labels`` the
+    rows' integer labels. The first K rows of the result are the top-K per class, about
+    K/C of each class present. Sorts only, no host sync.
+    """
+    n = order.numel()
+    lab = labels.index_select(0, order)  # labels in loss order
+    by_class = torch.sort(lab, stable=True).indices  # grouped by class, loss order inside
+    grouped = lab.index_select(0, by_class)
+    pos = torch.arange(n, device=order.device)
+    starts = torch.ones(n, dtype=torch.bool, device=order.device)
+    starts[1:] = grouped[1:] != grouped[:-1]
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(0).values
+    rank_in_class = torch.empty_like(pos).index_copy_(0, by_class, pos - first)
+    # Unique keys: within-class rank first, then the global loss rank.
+    return order.index_select(0, torch.sort(rank_in_class * n + pos).indices)
+
+
+class ClassBalancedTopLoss(TopLoss):
+    """Top-K by loss at w, taken class by class in turn (:func:`class_round_robin`): the
+    hardest example of every class in the batch, then the second hardest of every class,
+    until K rows. No class can fill the subset alone, which removes the one-sided subsets
+    that start collapses (docs/collapse.md). Reads the labels: batches are
+    ``(inputs, labels)``. ``warmup`` and ``rescale`` as in :class:`TopLoss`."""
+
+    needs_labels = True
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        if ctx.labels is None:
+            raise ValueError(f"{self!r} needs the batch's labels: give batches as "
+                             "(inputs, labels)")
+        cached = ctx.cache.get("class_round_robin")
+        if cached is None or cached[0] is not order:
+            labels = ctx.labels.to(order.device, non_blocking=True)
+            cached = ctx.cache["class_round_robin"] = (order, class_round_robin(order, labels))
+        return cached[1][:count]
+
+
+#: Selection rules by name, for ``KSAM(..., select=NAME)`` and ``OrderedSGD(..., select=NAME)``.
+#: Each factory takes ``(k, name="k", warmup=0, rescale=False, loss_kind="ce")``; its own
+#: options have defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
+RULES: dict[str, Callable[..., TopLoss]] = {
+    "top": TopLoss,
+    "band": LossBand,
+    "median": MedianBand,
+    "stratified": StratifiedLoss,
+    "balanced": ClassBalancedTopLoss,
+}
+
+
+def build_rule(select: str, k: float | int, name: str = "k", **options) -> TopLoss:
+    """``RULES[select](k, name, **options)``; ValueError naming the known rules otherwise."""
+    factory = RULES.get(select) if isinstance(select, str) else None
+    if factory is None:
+        raise ValueError(f"unknown selection rule {select!r}; choose one of: "
+                         f"{', '.join(RULES)}")
+    return factory(k, name, **options)

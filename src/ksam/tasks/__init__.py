@@ -130,7 +130,10 @@ def available_tasks() -> list[str]:
 
 # Independent random streams per selection step, so that e.g. the validation set does not
 # change when train_subset or label_noise change.
-_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_NOISE = 1, 2, 3
+_STREAM_SPLIT, _STREAM_SUBSET, _STREAM_NOISE, _STREAM_VALIDATION_NOISE = 1, 2, 3, 4
+#: Kinds of label noise: "symmetric" replaces a label by one of the other classes drawn
+#: uniformly; "pair" replaces class c by its fixed neighbour c+1 (mod C).
+LABEL_NOISE_TYPES = ("symmetric", "pair")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -234,22 +237,28 @@ def _subset(train_idx: np.ndarray, train_subset: int | None, seed: int,
     return train_idx[_rng(seed, _STREAM_SUBSET).permutation(len(train_idx))][:train_subset]
 
 
-def _add_label_noise(train_y: np.ndarray, label_noise: float, num_classes: int, seed: int,
-                     name: str) -> np.ndarray | None:
-    """Replace ``round(label_noise * n)`` labels of ``train_y`` in place by labels drawn
-    uniformly from the other classes; returns the mask of noisy examples (None if none)."""
+def _check_noise_options(label_noise_type: Any, noisy_validation: Any) -> None:
+    if label_noise_type not in LABEL_NOISE_TYPES:
+        raise ValueError(f"label_noise_type must be one of {', '.join(LABEL_NOISE_TYPES)}, "
+                         f"got {label_noise_type!r}")
+    if not isinstance(noisy_validation, bool):
+        raise ValueError(f"noisy_validation must be True or False, got {noisy_validation!r}")
+
+
+def _noisy_labels(train_y: np.ndarray, label_noise: float, kind: str, num_classes: int,
+                  seed: int, name: str, held_out: np.ndarray | None = None) -> np.ndarray | None:
+    """Label noise of ``kind`` on ``round(label_noise * n)`` training labels, in place (and,
+    with ``held_out``, the same noise drawn independently on those labels); returns the mask
+    of noisy training examples (None without noise)."""
     if label_noise == 0:
         return None
     if num_classes < 2:
         raise ValueError(f"label_noise needs at least 2 classes, task {name!r} has "
                          f"{num_classes}")
-    rng = _rng(seed, _STREAM_NOISE)
-    n_noisy = round(label_noise * len(train_y))
-    idx = rng.choice(len(train_y), size=n_noisy, replace=False)
-    # Adding 1..c-1 modulo c gives a label uniform over the other classes.
-    train_y[idx] = (train_y[idx] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
-    mask = np.zeros(len(train_y), dtype=bool)
-    mask[idx] = True
+    mask = _add_label_noise(train_y, label_noise, kind, num_classes, _rng(seed, _STREAM_NOISE))
+    if held_out is not None:
+        _add_label_noise(held_out, label_noise, kind, num_classes,
+                         _rng(seed, _STREAM_VALIDATION_NOISE))
     return mask
 
 
@@ -262,6 +271,8 @@ def get_task(
     label_noise: float = 0.0,
     seed: int = 0,
     validation_split: float = 0.0,
+    label_noise_type: str = "symmetric",
+    noisy_validation: bool = False,
     **options: Any,
 ) -> Task:
     """Load task ``name`` onto ``device``.
@@ -280,6 +291,11 @@ def get_task(
         validation_split: hold out this fraction of the training set and use it as the test
             set (to tune hyperparameters without seeing the test set). The real test set is
             then not loaded, and ``Task.name`` gets a ``-val<fraction>`` suffix.
+        label_noise_type: ``"symmetric"`` (default: the new label is uniform over the other
+            classes) or ``"pair"`` (class c becomes c+1 mod C, asymmetric noise).
+        noisy_validation: with ``validation_split`` and ``label_noise``, the held-out labels
+            carry the same noise (same rate and type, drawn independently), as a held-out
+            part of a noisy training set does; default False keeps them clean.
         **options: task-specific options, see ``TASKS[name].options``.
 
     Raises ValueError for a bad option, and for data whose labels are outside the task's
@@ -290,13 +306,17 @@ def get_task(
     spec = TASKS[name]
     label_noise, validation_split = _check_arguments(spec, train_subset, label_noise, seed,
                                                      validation_split, options)
+    _check_noise_options(label_noise_type, noisy_validation)
     td = spec.build(data_dir=data_dir, need_test=validation_split == 0.0,
                     **{**spec.options, **options})
     _check_labels(name, td.splits, td.num_classes)
     train_idx, test_x, test_y, task_name = _split(td.splits, name, validation_split, seed)
     train_idx = _subset(train_idx, train_subset, seed, task_name)
     train_y = td.splits.train_y[train_idx].astype(np.int64)  # a copy, safe to edit
-    mask = _add_label_noise(train_y, label_noise, td.num_classes, seed, name)
+    test_y = np.array(test_y, dtype=np.int64)  # a copy: the held-out labels may get noise
+    mask = _noisy_labels(train_y, label_noise, label_noise_type, td.num_classes, seed, name,
+                         held_out=test_y if noisy_validation and validation_split > 0
+                         else None)
 
     dev = torch.device(device)
     return Task(
@@ -304,7 +324,7 @@ def get_task(
         train_x=_to_device(td.splits.train_x[train_idx], dev, td.mean, td.std),
         train_y=torch.from_numpy(train_y).to(dev),
         test_x=_to_device(test_x, dev, td.mean, td.std),
-        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(dev),
+        test_y=torch.from_numpy(test_y).to(dev),
         num_classes=td.num_classes,
         make_model=td.make_model,
         augment=td.augment,
@@ -312,6 +332,21 @@ def get_task(
         description=td.description,
         noisy_mask=None if mask is None else torch.from_numpy(mask).to(dev),
     )
+
+
+def _add_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Replace the labels of exactly ``round(rate * n)`` examples drawn with ``rng``, in
+    place; returns the bool mask of the changed ones."""
+    n_noisy = round(rate * len(labels))
+    idx = rng.choice(len(labels), size=n_noisy, replace=False)
+    if kind == "pair":
+        labels[idx] = (labels[idx] + 1) % num_classes
+    else:  # adding 1..c-1 modulo c gives a label uniform over the other classes
+        labels[idx] = (labels[idx] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[idx] = True
+    return mask
 
 
 # --------------------------------------------------------------------------- built-in tasks
