@@ -28,7 +28,7 @@ __all__ = ["PRESETS", "Preset", "preset_layer", "preset_names", "register_preset
 # sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best validation accuracy per method.
 MNIST1D_RHO_SAM = 0.02
 MNIST1D_RHO_KSAM = 0.02
-# Fashion-MNIST: not tuned in this session (no budget); SAM's usual default.
+# Fashion-MNIST: not tuned; SAM's usual default.
 FASHION_RHO = 0.05
 
 
