@@ -527,22 +527,25 @@ class SharpnessAwareOptimizer:
         # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
         values = [_fp32(c).reshape(()) for c in computed.checks]
         grads = self._local([p.grad for p in self._params if p.grad is not None])
-        if grads:
-            norms = torch._foreach_norm(grads)
-            values.extend(_fp32(n) for n in norms)
-            computed.descent_grad_norm = self._total_norm(norms)
-        finite = torch.isfinite(torch.stack(values)).all()
+        norms = torch._foreach_norm(grads) if grads else []
+        values.extend(_fp32(n) for n in norms)
+        stacked = torch.stack(values)
+        if norms:  # one stack serves the finiteness check and the global norm
+            computed.descent_grad_norm = self._total_norm(
+                norms, stacked[len(computed.checks):])
+        finite = torch.isfinite(stacked).all()
         if self.finite_reducer is not None:
             finite = self.finite_reducer(finite)
         if grads and self.max_grad_norm is not None:
             self._clip(grads, computed.descent_grad_norm)
         return finite
 
-    def _total_norm(self, norms: list[Tensor]) -> Tensor:
-        """The global L2 norm from per-tensor norms (over all shards under FSDP)."""
+    def _total_norm(self, norms: list[Tensor], stacked: Tensor) -> Tensor:
+        """The global L2 norm from per-tensor norms (``stacked``: the same, as one fp32
+        tensor); over all shards under FSDP."""
         if self.sharding is not None:
             return self.sharding.norm(norms)
-        return torch.linalg.vector_norm(torch.stack([_fp32(n) for n in norms]))
+        return torch.linalg.vector_norm(stacked)
 
     def _clip(self, grads: list[Tensor], norm: Tensor) -> None:
         """Descent-gradient transform: scale to at most ``max_grad_norm`` (on the device, no
