@@ -126,6 +126,27 @@ def test_train_resume_refuses_another_configuration(tmp_path, capsys):
     assert "was made with epochs=1 (now 2)" in capsys.readouterr().err
 
 
+def test_eval_every_evaluates_every_nth_and_the_last_epoch_only(tmp_path):
+    def rows(name: str, *extra: str) -> list[dict]:
+        out = tmp_path / name
+        assert main(["train", "--method", "ksam:k=8", "--epochs", "4", "--out", str(out),
+                     "--quiet", *TINY, *extra]) == 0
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    every = rows("every")
+    sparse = rows("sparse", "--eval-every", "3")
+    assert [r["test_acc"] is None for r in sparse] == [True, True, False, False]
+    assert [r["test_loss"] is None for r in sparse] == [True, True, False, False]
+    # Evaluation changes nothing in training: same losses, same final accuracy.
+    assert [r["train_loss"] for r in sparse] == [r["train_loss"] for r in every]
+    assert [r["test_acc"] for r in sparse[2:]] == [r["test_acc"] for r in every[2:]]
+    # How often to evaluate may change on resume; the run continues.
+    assert main(["train", "--method", "ksam:k=8", "--epochs", "5", "--out",
+                 str(tmp_path / "sparse"), "--quiet", *TINY, "--resume"]) == 2  # epochs differ
+    assert main(["train", "--method", "ksam:k=8", "--epochs", "4", "--eval-every", "1",
+                 "--out", str(tmp_path / "sparse"), "--quiet", *TINY, "--resume"]) == 0
+
+
 def test_same_seed_same_initial_weights_for_every_method(tmp_path):
     from ksam.train import TrainConfig, train
 
@@ -204,6 +225,7 @@ BAD = [
     ("negative lr in a sweep", ["compare", "--lr-sweep", "0.1", "-1"], "lr must be"),
     ("lr and lr sweep", ["compare", "--lr", "0.1", "--lr-sweep", "0.1", "0.2"],
      "exclude each other"),
+    ("eval every 0", ["compare", "--eval-every", "0"], "eval_every must be an integer >= 1"),
     ("spec lr under a sweep", ["compare", "--methods", "sgd", "sam:lr=0.1", "--lr-sweep",
                                "0.1", "0.2"], "sets its own lr"),
 ]

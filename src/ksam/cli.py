@@ -111,6 +111,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                         "step up to float rounding; BatchNorm normalizes per chunk)")
     p.add_argument("--max-grad-norm", type=_FLOAT, metavar="X",
                    help="clip the descent gradient to global L2 norm X before each step")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="evaluate after every N-th epoch and after the last (default 1); "
+                        "the final accuracy is the same whatever N")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP "
                         "(the perturbation is then always synchronized)")
@@ -243,7 +246,8 @@ class _Progress:
     def __call__(self, label: str, row: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.set_description(label)
-            self.bar.set_postfix(acc=f"{row['test_acc']:.2f}", loss=f"{row['train_loss']:.3f}")
+            acc = "-" if row["test_acc"] is None else f"{row['test_acc']:.2f}"
+            self.bar.set_postfix(acc=acc, loss=f"{row['train_loss']:.3f}")
             self.bar.update(1)
 
     def close(self) -> None:
@@ -333,8 +337,9 @@ def cmd_train(cfg: CliConfig) -> int:
 
     def report(row: dict[str, Any]) -> None:
         if is_main and not cfg.quiet:
+            acc = "     -" if row["test_acc"] is None else f"{row['test_acc']:6.2f}"
             print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
-                  f"test acc {row['test_acc']:6.2f}%  epoch {row['epoch_time']:.2f}s  "
+                  f"test acc {acc}%  epoch {row['epoch_time']:.2f}s  "
                   f"step {1000 * row['step_time_median']:.2f} ms", flush=True)
 
     clear = (lambda: _clear_outputs(out, TRAIN_OUTPUTS)) if cfg.overwrite and is_main \

@@ -149,7 +149,9 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, lab in enumerate(labels):
         # Mean over seeds per epoch (x: mean wall-clock at that epoch), min-max band.
-        group = [r["epochs"] for r in runs if r["label"] == lab]
+        # Evaluated epochs only (--eval-every leaves the others without an accuracy).
+        group = [[e for e in r["epochs"] if e["test_acc"] is not None]
+                 for r in runs if r["label"] == lab]
         n = min(len(g) for g in group)
         ts = [statistics.fmean(g[e]["train_time"] for g in group) for e in range(n)]
         accs = [[g[e]["test_acc"] for g in group] for e in range(n)]

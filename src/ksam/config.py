@@ -231,6 +231,7 @@ class CliConfig:
     micro_batch_size: int | None = None
     max_grad_norm: float | None = None
     fsdp: bool = False
+    eval_every: int = 1
     methods: list[MethodSpec] = field(default_factory=lambda: [
         MethodSpec.parse(m) for m in DEFAULT_METHODS])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -333,4 +334,4 @@ class CliConfig:
             compile=self.compile, task_options=self.task_kwargs(with_validation=with_validation),
             selection=self.selection, sync_perturbation=self.sync_perturbation,
             micro_batch_size=self.micro_batch_size, max_grad_norm=self.max_grad_norm,
-            fsdp=self.fsdp)
+            fsdp=self.fsdp, eval_every=self.eval_every)

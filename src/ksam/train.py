@@ -35,7 +35,7 @@ from .schedule import schedule_options
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Config fields a resumed run may change: how it executes, not what it computes.
-RESUME_MAY_CHANGE = {"fast", "compile"}
+RESUME_MAY_CHANGE = {"fast", "compile", "eval_every"}
 
 
 @dataclass
@@ -67,6 +67,10 @@ class TrainConfig:
     # Engine options: forwards in chunks of at most this many rows; descent-gradient clip.
     micro_batch_size: int | None = None
     max_grad_norm: float | None = None
+    # Evaluate after every N-th epoch and after the last; the other epochs' rows carry
+    # test_loss / test_acc None. Evaluation is outside the training clock and changes
+    # nothing in training, so the final accuracy does not depend on it.
+    eval_every: int = 1
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
         """A copy with the task's defaults filled in."""
@@ -97,6 +101,7 @@ class TrainConfig:
         positive("epochs", integer=True)
         positive("batch_size", integer=True)
         positive("micro_batch_size", integer=True)
+        positive("eval_every", integer=True)
         if self.max_grad_norm is not None and not (
                 isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
                 and math.isfinite(self.max_grad_norm)):
@@ -402,13 +407,16 @@ def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float
 
 def _epoch_row(run: _Run, epoch: int, loss_sum: Tensor, epoch_time: float,
                train_time: float, steps: list[float]) -> dict[str, Any]:
-    """Evaluate (outside the clock) and return the epoch's metrics."""
-    if run.world > 1:  # DDP wraps the model, FSDP2 shards it in place: both sync buffers
-        from . import distributed
+    """Evaluate (outside the clock; every ``eval_every`` epochs and after the last) and
+    return the epoch's metrics."""
+    test_loss = test_acc = None
+    if (epoch + 1) % run.cfg.eval_every == 0 or epoch + 1 == run.cfg.epochs:
+        if run.world > 1:  # DDP wraps the model, FSDP2 shards it in place: both sync buffers
+            from . import distributed
 
-        distributed.sync_buffers(run.net)
-    test_loss, test_acc = evaluate(run.model, run.test_x, run.test_y, 1024,
-                                   PRECISIONS[run.cfg.precision])
+            distributed.sync_buffers(run.net)
+        test_loss, test_acc = evaluate(run.model, run.test_x, run.test_y, 1024,
+                                       PRECISIONS[run.cfg.precision])
     return {
         "epoch": epoch + 1,
         "train_loss": float(loss_sum) / run.steps_per_epoch,
