@@ -243,16 +243,18 @@ class SyncFreeExecutor:
 
     def _key(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> tuple:
         """Which graph a step replays: one per batch signature, per subset sizes (a short
-        last batch or a K schedule gets its own), per kind of step (the schedule's sharp or
-        plain steps; Momentum-SAM before and after its buffer exists) and per ``loss_fn`` -
+        last batch or a K schedule gets its own) and rule phases
+        (:meth:`ksam.selection.SelectionRule.graph_key`), per kind of step (the schedule's
+        sharp or plain steps; Momentum-SAM before and after its buffer exists) and per ``loss_fn`` -
         by equality, not by its code: a closure's captured values are baked into its graph,
         and two closures of the same code may capture different ones. The key holds
         ``loss_fn`` itself, so its id cannot be reused by another function while the graph
         exists."""
         e = self.engine
-        sizes = tuple(rule.size_at(n, e.steps) for rule in (e.ascent, e.descent)
-                      if rule is not None)
-        return (_signature(batch), sizes, e.step_kind(sharp), loss_fn)
+        rules = [rule for rule in (e.ascent, e.descent) if rule is not None]
+        sizes = tuple(rule.size_at(n, e.steps) for rule in rules)
+        phases = tuple(rule.graph_key(e.steps) for rule in rules)
+        return (_signature(batch), sizes, phases, e.step_kind(sharp), loss_fn)
 
     def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
         e = self.engine

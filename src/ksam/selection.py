@@ -25,6 +25,8 @@ examples, so these rules take K examples *below* the top of the loss order.
 - :class:`StratifiedLoss` (``"stratified"``) - K examples at evenly spaced ranks of the loss
   order.
 - :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
+- :class:`AutoBand` (``"auto"``) - a band whose skip is estimated from the losses: the share
+  of examples the model rates below chance, measured early in training, never raised after.
 """
 
 from __future__ import annotations
@@ -142,6 +144,12 @@ class SelectionRule:
     def check_batch(self, batch_size: int) -> None:
         """Raise ValueError if the rule cannot select from a batch of this size."""
         self.size(batch_size)
+
+    def graph_key(self, step: int) -> object:
+        """What, besides :meth:`size_at`, makes the rule's work at optimizer step ``step``
+        differ from other steps (a rule with phases returns its phase): a captured CUDA
+        graph is replayed only for steps with the same key. ``None``: every step alike."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -402,8 +410,7 @@ class StratifiedLoss(TopLoss):
     and ``rescale`` as in :class:`TopLoss`."""
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        ranks = torch.arange(count, device=order.device) * ctx.batch_size // count
-        return order.index_select(0, ranks)
+        return _spread_rows(order, ctx.batch_size, count)
 
 
 def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
@@ -447,6 +454,150 @@ class ClassBalancedTopLoss(TopLoss):
         return cached[1][:count]
 
 
+#: Defaults of :class:`AutoBand`: the estimate's margin over the measured share, the steps
+#: it is measured over (K-SAM's guard halves the subset at steps 100 and 200 for K = B/4),
+#: the decay of its running mean afterwards, and the largest skip (a share of the batch).
+AUTO_MARGIN = 1.25
+AUTO_ESTIMATE_STEPS = (100, 200)
+AUTO_DECAY = 0.95
+AUTO_MAX_SKIP = 0.5
+
+
+class AutoBand(TopLoss):
+    r"""A :class:`LossBand` whose skip is estimated from the losses, with no noise rate to set.
+
+    An example is *below chance* when its loss exceeds :math:`\ln C` (cross-entropy of a
+    uniform guess over C classes): the model rates its label less likely than a guess. Once
+    the clean examples are fitted, these are mostly the mislabelled ones (docs/label_noise.md).
+
+    - Steps ``< estimate_until``: K rows at evenly spaced ranks, as :class:`StratifiedLoss`
+      (every part of the loss order: the model learns from the whole batch, noisy rows at
+      the batch's rate). Over steps ``estimate_from .. estimate_until-1`` the rule averages
+      :math:`f_t`, the share of the batch below chance.
+    - Afterwards: rows ``s .. s+K-1`` of the loss order with
+
+      .. math:: s = \min\bigl(\lceil \text{margin} \cdot \hat f \cdot B \rceil,\
+                \text{max\_skip} \cdot B,\ B - K\bigr), \qquad
+                \hat f_t = \min_{u \le t} m_u,
+
+      where :math:`m` starts at the window's mean and is then a running mean
+      (:math:`m_t = \text{decay} \cdot m_{t-1} + (1 - \text{decay}) f_t`). The estimate
+      can fall, never rise: the examples a band skips are not trained on and stay above
+      chance, so an estimate allowed to rise would feed itself (on clean data it grows until
+      the run collapses). The margin keeps the partly fitted mislabelled examples out of
+      the top rows of the band.
+
+    C is ``classes`` or, by default, one more than the largest label of the batch (the rule
+    then reads the labels: batches are ``(inputs, labels)``). Cross-entropy losses only.
+    The estimate lives on the device (no host sync) and in :meth:`state_dict`.
+    ``warmup`` and ``rescale`` act as in :class:`TopLoss`.
+    """
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 margin: float = AUTO_MARGIN,
+                 estimate_steps: tuple[int, int] = AUTO_ESTIMATE_STEPS,
+                 decay: float = AUTO_DECAY, max_skip: float = AUTO_MAX_SKIP,
+                 classes: int | None = None) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        if self.loss_kind != "ce":
+            raise ValueError(f"{type(self).__name__} compares losses with chance level ln C: "
+                             f"it needs cross-entropy losses, got loss_kind={loss_kind!r}")
+        if isinstance(margin, bool) or not isinstance(margin, Real) \
+                or not math.isfinite(margin) or margin <= 0:
+            raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+        start, stop = _check_window(estimate_steps)
+        self.margin, self.estimate_from, self.estimate_until = float(margin), start, stop
+        self.decay = _check_share(decay, "decay")
+        self.max_skip = _check_share(max_skip, "max_skip")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(
+                classes, Integral) or classes < 2):
+            raise ValueError(f"classes must be an int >= 2 or None, got {classes!r}")
+        self.classes = None if classes is None else int(classes)
+        self.needs_labels = classes is None
+        # share summed over the window, window steps, running mean, its minimum, started
+        self._state: Tensor | None = None
+
+    def graph_key(self, step: int) -> object:
+        if step < self.estimate_from:
+            return "stratified"
+        return "measure" if step < self.estimate_until else "band"
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        n = ctx.batch_size
+        if ctx.step < self.estimate_from:
+            return _spread_rows(order, n, count)
+        below = (ctx.scores.float() > self._chance_loss(ctx)).float().mean()
+        state = self._state_on(order.device)
+        if ctx.step < self.estimate_until:
+            state[:2].add_(torch.stack([below, below.new_ones(())]))
+            return _spread_rows(order, n, count)
+        window_mean = state[0] / state[1].clamp_min(1.0)
+        started = state[4] > 0
+        mean = torch.where(started, self.decay * state[2] + (1 - self.decay) * below,
+                           window_mean)
+        low = torch.minimum(torch.where(started, state[3], mean), mean)
+        state[2:].copy_(torch.stack([mean, low, torch.ones_like(low)]))
+        cap = min(round(self.max_skip * n), n - count)
+        skip = torch.ceil(self.margin * low * n).clamp(0, cap).long()
+        return order.index_select(0, torch.arange(count, device=order.device) + skip)
+
+    def estimate(self) -> float | None:
+        """The current estimate of the share to skip, before the margin (host sync);
+        None before the first band step."""
+        if self._state is None or not bool(self._state[4] > 0):
+            return None
+        return float(self._state[3])
+
+    def _chance_loss(self, ctx: SelectionContext) -> Tensor:
+        if self.classes is not None:
+            return torch.tensor(math.log(self.classes), device=ctx.scores.device)
+        if ctx.labels is None:
+            raise ValueError(f"{self!r} needs the batch's labels (or classes=C): give "
+                             "batches as (inputs, labels)")
+        top = ctx.labels.to(ctx.scores.device, non_blocking=True).max()
+        return torch.log(top.float() + 1)
+
+    def _state_on(self, device: torch.device) -> Tensor:
+        if self._state is None:
+            self._state = torch.zeros(5, device=device)
+        elif self._state.device != device:
+            self._state = self._state.to(device)
+        return self._state
+
+    def state_dict(self) -> dict:
+        return {} if self._state is None else {"estimate": self._state.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("estimate")
+        if saved is None:
+            self._state = None
+            return
+        if not isinstance(saved, Tensor) or saved.shape != (5,):
+            raise ValueError(f"not a state of {type(self).__name__}: {state!r}")
+        if self._state is not None:  # in place: a captured graph keeps reading this buffer
+            self._state.copy_(saved)
+        else:
+            self._state = saved.float().clone()
+
+    def _repr_options(self) -> str:
+        extra = "" if self.classes is None else f", classes={self.classes}"
+        return f"{super()._repr_options()}, margin={self.margin:g}{extra}"
+
+
+def _check_window(steps: tuple[int, int]) -> tuple[int, int]:
+    ok = isinstance(steps, (tuple, list)) and len(steps) == 2 and all(
+        isinstance(x, Integral) and not isinstance(x, bool) for x in steps)
+    if not ok or not 0 <= steps[0] < steps[1]:
+        raise ValueError(f"estimate_steps must be two ints 0 <= start < stop, got {steps!r}")
+    return int(steps[0]), int(steps[1])
+
+
+def _spread_rows(order: Tensor, n: int, count: int) -> Tensor:
+    """Rows at evenly spaced ranks ``floor(i * n / count)`` of ``order``."""
+    return order.index_select(0, torch.arange(count, device=order.device) * n // count)
+
+
 #: Selection rules by name, for ``KSAM(..., select=NAME)`` and ``OrderedSGD(..., select=NAME)``.
 #: Each factory takes ``(k, name="k", warmup=0, rescale=False, loss_kind="ce")``; its own
 #: options have defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
@@ -456,6 +607,7 @@ RULES: dict[str, Callable[..., TopLoss]] = {
     "median": MedianBand,
     "stratified": StratifiedLoss,
     "balanced": ClassBalancedTopLoss,
+    "auto": AutoBand,
 }
 
 
