@@ -5,7 +5,9 @@ label-noise options of the tasks."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import ksam
 from ksam.compare import parse_method_spec
 from ksam.selection import (
     RULES,
+    AutoBand,
     ClassBalancedTopLoss,
     LossBand,
     MedianBand,
@@ -26,7 +29,7 @@ from ksam.selection import (
 )
 from ksam.tasks import get_task
 
-NEW_RULES = ["band", "median", "stratified", "balanced"]
+NEW_RULES = ["band", "median", "stratified", "balanced", "auto"]
 
 
 def ce(model, batch):
@@ -346,3 +349,112 @@ def test_rows_are_distinct_and_inside_the_batch():
         idx = RULES[name](k).select(ctx(scores, labels=labels)).index.tolist()
         assert len(idx) == len(set(idx)) == RULES[name](k).size(n)
         assert all(0 <= i < n for i in idx)
+
+
+# ------------------------------------------------------------------- auto band
+# Losses of 8 rows, 4 classes (chance loss ln 4 = 1.386): rows 1, 3, 6 are above it.
+AUTO_SCORES = [0.1, 5.0, 0.2, 3.0, 0.3, 0.4, 2.0, 0.05]
+AUTO_LABELS = [0, 1, 2, 3, 0, 1, 2, 3]
+# loss order: 1 3 6 5 4 2 0 7
+
+
+def test_auto_band_phases_and_rows():
+    rule = AutoBand(2, estimate_steps=(1, 3))
+    assert [rule.graph_key(t) for t in (0, 1, 2, 3, 10**6)] == \
+        ["stratified", "measure", "measure", "band", "band"]
+    picks = [rule.select(ctx(AUTO_SCORES, t, AUTO_LABELS)).index.tolist() for t in range(3)]
+    assert picks == [[1, 4]] * 3  # ranks 0 and 4: evenly spaced, as "stratified"
+    assert rule.estimate() is None
+    # Window mean 3/8; skip = ceil(1.25 * 3/8 * 8) = 4 = max_skip * B: ranks 4, 5.
+    assert rule.select(ctx(AUTO_SCORES, 3, AUTO_LABELS)).index.tolist() == [4, 2]
+    assert rule.estimate() == 0.375
+
+
+def test_auto_band_estimate_falls_and_never_rises():
+    rule = AutoBand(1, estimate_steps=(0, 1), max_skip=0.9)
+    rule.select(ctx(AUTO_SCORES, 0, AUTO_LABELS))  # window: 3/8
+    rule.select(ctx(AUTO_SCORES, 1, AUTO_LABELS))
+    assert rule.estimate() == 0.375
+    high = [9.0] * 8  # every row below chance: the running mean rises, the estimate not
+    for t in range(2, 6):
+        rule.select(ctx(high, t, AUTO_LABELS))
+    assert rule.estimate() == 0.375
+    low = [0.0] * 8
+    mean = 0.375
+    for _ in range(4):
+        mean = 0.95 * mean + 0.05 * 1.0
+    for t in range(6, 30):
+        index = rule.select(ctx(low, t, AUTO_LABELS)).index
+        mean = 0.95 * mean
+        expect = min(mean, 0.375)
+        assert rule.estimate() == pytest.approx(expect, rel=1e-5)
+        skip = min(math.ceil(1.25 * expect * 8 - 1e-6), round(0.9 * 8), 7)
+        assert index.tolist() == [skip]  # equal losses: the loss order is 0..7
+
+
+def test_auto_band_classes_option_needs_no_labels():
+    rule = AutoBand(2, estimate_steps=(0, 1), classes=4)
+    assert not rule.needs_labels and AutoBand(2).needs_labels
+    rule.select(ctx(AUTO_SCORES, 0))
+    assert rule.select(ctx(AUTO_SCORES, 1)).index.tolist() == [4, 2]
+    with pytest.raises(ValueError, match="labels"):
+        AutoBand(2, estimate_steps=(0, 1)).select(ctx(AUTO_SCORES, 0))
+
+
+@pytest.mark.parametrize("kw", [{"margin": 0}, {"margin": float("nan")}, {"margin": True},
+                                {"estimate_steps": (3, 3)}, {"estimate_steps": (-1, 2)},
+                                {"estimate_steps": (1.0, 2)}, {"estimate_steps": 5},
+                                {"decay": 1.0}, {"max_skip": -0.1}, {"classes": 1},
+                                {"classes": 2.5}, {"loss_kind": "mse"}])
+def test_auto_band_bad_options(kw):
+    with pytest.raises(ValueError):
+        AutoBand(4, **kw)
+
+
+def test_auto_band_state_dict_round_trip():
+    a, b = AutoBand(2, estimate_steps=(0, 2)), AutoBand(2, estimate_steps=(0, 2))
+    assert a.state_dict() == {}
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(8, generator=g) * 3 for _ in range(12)]
+    for t in range(5):
+        a.select(ctx(batches[t], t, AUTO_LABELS))
+    b.load_state_dict(a.state_dict())
+    for t in range(5, 12):
+        assert torch.equal(a.select(ctx(batches[t], t, AUTO_LABELS)).index,
+                           b.select(ctx(batches[t], t, AUTO_LABELS)).index)
+    assert torch.equal(a.state_dict()["estimate"], b.state_dict()["estimate"])
+    with pytest.raises(ValueError, match="not a state"):
+        b.load_state_dict({"estimate": torch.zeros(3)})
+
+
+@pytest.fixture
+def quick_auto(monkeypatch):
+    """``select="auto-quick"``: the auto band with its estimate over steps 1-2."""
+    monkeypatch.setitem(RULES, "auto-quick", functools.partial(AutoBand, estimate_steps=(1, 3)))
+    return "auto-quick"
+
+
+def test_auto_band_through_its_phases_fast_path_equals_eager_and_resumes(quick_auto):
+    def engine(model, fast=False):
+        return ksam.KSAM(model, sgd(model), k=8, k_warmup=1, select=quick_auto, seed=0,
+                         fast_path=fast)
+
+    a, b, c = mlp(), mlp(), mlp()
+    ea, eb = engine(a), engine(b, fast=True)
+    for s in range(8):
+        ra, rb = ea.step(data(seed=s), ce), eb.step(data(seed=s), ce)
+        assert torch.equal(ra.descent_indices, rb.descent_indices)
+    assert eb.executor.reason is None
+    allclose(params(a), params(b))
+    assert ea.descent.estimate() == eb.descent.estimate() is not None
+    # Stop after 4 steps, reload into a fresh engine, continue: same as uninterrupted.
+    ec = engine(c)
+    for s in range(4):
+        ec.step(data(seed=s), ce)
+    d = mlp(5)
+    ed = engine(d)
+    ed.load_state_dict(ec.state_dict())
+    d.load_state_dict(c.state_dict())
+    for s in range(4, 8):
+        ed.step(data(seed=s), ce)
+    assert all(torch.equal(p, q) for p, q in zip(params(a), params(d)))
