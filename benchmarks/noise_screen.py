@@ -10,7 +10,16 @@ Registers, for this process only:
 - ``adaptive``: :class:`AdaptiveBand`, a band whose skip is the number of examples with a
   loss above ln 2 (not fitted), capped at half the batch; ``adaptive75`` and
   ``adaptive30`` capped at 0.75 and 0.3; ``adaptive1.5``, ``adaptive-ln10`` with the
-  threshold 1.5 and ln 10 instead of ln 2.
+  threshold 1.5 and ln 10 instead of ln 2;
+- ``chance10``, ``chance15``, ``chance20``: :class:`ChanceBand`, a band whose skip is, at
+  every step, ``margin`` (1.0, 1.5, 2.0) times the number of the batch's examples below
+  chance (loss above ln C), evenly spaced ranks during K-SAM's warm-up; ``chance15-top``
+  the same with the top-K during the warm-up;
+- variants of :class:`ksam.selection.AutoBand` (``auto``: margin 1.25, running minimum):
+  ``auto10``, ``auto15``, ``auto20`` (margin 1.0, 1.5, 2.0), ``auto15-slow`` (decay
+  0.99), and the estimate frozen at the window's mean (``decay=1``): ``auto-frozen10``,
+  ``auto-frozen125`` (margin 1.0, 1.25) and ``auto-frozen10-late`` (measured over steps
+  200-399).
 
 Every other argument goes to ``ksam compare``::
 
@@ -91,6 +100,41 @@ class AdaptiveBand(selection.TopLoss):
                 f"threshold={self.threshold:.4g}")
 
 
+class ChanceBand(selection.TopLoss):
+    """Rows ``s .. s+K-1`` of the loss order, ``s`` = ``margin`` times the number of the
+    batch's examples below chance (loss above ln C, C = 1 + the largest label), capped at
+    half the batch, recomputed at every step; while the subset is larger than K (K-SAM's
+    warm-up) evenly spaced ranks, or the top with ``warm="top"``.
+
+    Measured (docs/label_noise.md): on clean data the skip feeds itself - the examples it
+    skips are not trained on and rise above chance, the skip grows, the run collapses.
+    """
+
+    needs_labels = True
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 margin: float = 1.5, warm: str = "stratified") -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        self.margin, self.warm = float(margin), warm
+
+    def pick(self, ctx: selection.SelectionContext, order: Tensor, count: int) -> Tensor:
+        n = ctx.batch_size
+        assert ctx.scores is not None and ctx.labels is not None
+        if count > self.size(n):  # the guard's warm-up
+            if self.warm == "top":
+                return order[:count]
+            return order.index_select(0, torch.arange(count, device=order.device) * n // count)
+        chance = torch.log(ctx.labels.to(order.device).max().float() + 1)
+        skip = torch.ceil(self.margin * (ctx.scores > chance).sum())
+        skip = skip.clamp(max=min(round(0.5 * n), n - count)).long()
+        return order.index_select(0, torch.arange(count, device=order.device) + skip)
+
+
+def _auto(**options) -> functools.partial:
+    return functools.partial(selection.AutoBand, **options)
+
+
 EXTRA = {
     "band10": functools.partial(selection.LossBand, skip=0.1),
     "band20": functools.partial(selection.LossBand, skip=0.2),
@@ -102,6 +146,17 @@ EXTRA = {
     "adaptive30": functools.partial(AdaptiveBand, max_skip=0.3),
     "adaptive1.5": functools.partial(AdaptiveBand, threshold=1.5),
     "adaptive-ln10": functools.partial(AdaptiveBand, threshold=math.log(10)),
+    "chance10": functools.partial(ChanceBand, margin=1.0),
+    "chance15": ChanceBand,
+    "chance20": functools.partial(ChanceBand, margin=2.0),
+    "chance15-top": functools.partial(ChanceBand, warm="top"),
+    "auto10": _auto(margin=1.0),
+    "auto15": _auto(margin=1.5),
+    "auto20": _auto(margin=2.0),
+    "auto15-slow": _auto(margin=1.5, decay=0.99),
+    "auto-frozen10": _auto(margin=1.0, decay=1.0),
+    "auto-frozen125": _auto(margin=1.25, decay=1.0),
+    "auto-frozen10-late": _auto(margin=1.0, decay=1.0, estimate_steps=(200, 400)),
 }
 
 if __name__ == "__main__":

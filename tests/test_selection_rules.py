@@ -404,7 +404,7 @@ def test_auto_band_classes_option_needs_no_labels():
 @pytest.mark.parametrize("kw", [{"margin": 0}, {"margin": float("nan")}, {"margin": True},
                                 {"estimate_steps": (3, 3)}, {"estimate_steps": (-1, 2)},
                                 {"estimate_steps": (1.0, 2)}, {"estimate_steps": 5},
-                                {"decay": 1.0}, {"max_skip": -0.1}, {"classes": 1},
+                                {"decay": 1.5}, {"decay": -0.1}, {"max_skip": -0.1}, {"classes": 1},
                                 {"classes": 2.5}, {"loss_kind": "mse"}])
 def test_auto_band_bad_options(kw):
     with pytest.raises(ValueError):

@@ -481,7 +481,8 @@ class AutoBand(TopLoss):
                 \hat f_t = \min_{u \le t} m_u,
 
       where :math:`m` starts at the window's mean and is then a running mean
-      (:math:`m_t = \text{decay} \cdot m_{t-1} + (1 - \text{decay}) f_t`). The estimate
+      (:math:`m_t = \text{decay} \cdot m_{t-1} + (1 - \text{decay}) f_t`; ``decay=1``
+      keeps the window's mean for the rest of the run). The estimate
       can fall, never rise: the examples a band skips are not trained on and stay above
       chance, so an estimate allowed to rise would feed itself (on clean data it grows until
       the run collapses). The margin keeps the partly fitted mislabelled examples out of
@@ -508,7 +509,9 @@ class AutoBand(TopLoss):
             raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
         start, stop = _check_window(estimate_steps)
         self.margin, self.estimate_from, self.estimate_until = float(margin), start, stop
-        self.decay = _check_share(decay, "decay")
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay <= 1:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        self.decay = float(decay)
         self.max_skip = _check_share(max_skip, "max_skip")
         if classes is not None and (isinstance(classes, bool) or not isinstance(
                 classes, Integral) or classes < 2):
