@@ -458,3 +458,16 @@ def test_auto_band_through_its_phases_fast_path_equals_eager_and_resumes(quick_a
     for s in range(4, 8):
         ed.step(data(seed=s), ce)
     assert all(torch.equal(p, q) for p, q in zip(params(a), params(d)))
+
+
+def test_select_takes_a_rule_factory_for_a_rules_own_options():
+    model = mlp()
+    factory = functools.partial(AutoBand, estimate_steps=(5, 9), margin=1.5)
+    for eng in (ksam.KSAM(model, sgd(model), k=8, select=factory),
+                ksam.OrderedSGD(model, sgd(model), k=8, k_warmup=2, select=factory)):
+        assert type(eng.descent) is AutoBand and eng.descent.margin == 1.5
+        assert (eng.descent.estimate_from, eng.descent.estimate_until) == (5, 9)
+    assert ksam.KSAM(model, sgd(model), k=8, select=factory).descent.warmup == \
+        ksam.methods.K_WARMUP
+    with pytest.raises(ValueError, match="not a selection rule"):
+        ksam.KSAM(model, sgd(model), select=lambda k, name, **kw: ksam.selection.WholeBatch())

@@ -28,6 +28,7 @@ from .selection import (
     RESCALE_KINDS,
     LargestLossIncrease,
     RandomSubset,
+    RuleFactory,
     WholeBatch,
     build_rule,
     check_loss_kind,
@@ -98,7 +99,10 @@ class KSAM(SharpnessAwareOptimizer):
     ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
     (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
     top of the loss order and ``"stratified"`` K examples spread over it, which hold up under
-    label noise (docs/label_noise.md); ``"balanced"`` takes the top-K class by class.
+    label noise (docs/label_noise.md); ``"balanced"`` takes the top-K class by class;
+    ``"auto"`` skips the share of examples below chance, estimated early in training. A
+    factory such as ``functools.partial(ksam.selection.AutoBand, estimate_steps=(2000,
+    4000))`` sets a rule's own options.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -106,7 +110,7 @@ class KSAM(SharpnessAwareOptimizer):
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
                  rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
-                 start_step: int = 0, p: float = 1.0, select: str = "top",
+                 start_step: int = 0, p: float = 1.0, select: str | RuleFactory = "top",
                  **engine: Any):
         if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
@@ -154,7 +158,7 @@ class OrderedSGD(SharpnessAwareOptimizer):
     plain rule)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 k: float | int = 0.25, k_warmup: int = 0, select: str = "top",
+                 k: float | int = 0.25, k_warmup: int = 0, select: str | RuleFactory = "top",
                  **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
                          descent=build_rule(select, k, warmup=k_warmup), **engine)

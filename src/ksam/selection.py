@@ -601,10 +601,13 @@ def _spread_rows(order: Tensor, n: int, count: int) -> Tensor:
     return order.index_select(0, torch.arange(count, device=order.device) * n // count)
 
 
+#: What makes a rule of the top-K family: ``factory(k, name, warmup=, rescale=, loss_kind=)``.
+RuleFactory = Callable[..., TopLoss]
+
 #: Selection rules by name, for ``KSAM(..., select=NAME)`` and ``OrderedSGD(..., select=NAME)``.
 #: Each factory takes ``(k, name="k", warmup=0, rescale=False, loss_kind="ce")``; its own
 #: options have defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
-RULES: dict[str, Callable[..., TopLoss]] = {
+RULES: dict[str, RuleFactory] = {
     "top": TopLoss,
     "band": LossBand,
     "median": MedianBand,
@@ -614,9 +617,20 @@ RULES: dict[str, Callable[..., TopLoss]] = {
 }
 
 
-def build_rule(select: str, k: float | int, name: str = "k", **options) -> TopLoss:
-    """``RULES[select](k, name, **options)``; ValueError naming the known rules otherwise."""
+def build_rule(select: str | RuleFactory, k: float | int, name: str = "k",
+               **options) -> TopLoss:
+    """``RULES[select](k, name, **options)``; ValueError naming the known rules otherwise.
+
+    ``select`` may also be a factory with the signature of :data:`RULES`' values, e.g.
+    ``functools.partial(AutoBand, estimate_steps=(2000, 4000))`` for a rule's own options.
+    """
     factory = RULES.get(select) if isinstance(select, str) else None
+    if factory is None and callable(select) and not isinstance(select, str):
+        rule = select(k, name, **options)
+        if not isinstance(rule, TopLoss):
+            raise ValueError(f"select={select!r} made {rule!r}, not a selection rule of the "
+                             "top-K family (a ksam.selection.TopLoss)")
+        return rule
     if factory is None:
         raise ValueError(f"unknown selection rule {select!r}; choose one of: "
                          f"{', '.join(RULES)}")
