@@ -2,16 +2,21 @@
 
 Trains K-SAM (K = B/4, rho 0.02, the default guard) on MNIST-1D with symmetric label noise
 and prints, every few epochs, the share of mislabelled examples in the batch (the noise
-rate) and in the descent subset, and the test accuracy::
+rate) and in the descent subset, the mean rank (in the batch's loss order, 0 = largest) of
+the subset's first row - the skip of a band rule - and the test accuracy. The screening
+variants of ``benchmarks/noise_screen.py`` are known by name too::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0.2 \\
         --select top band median
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0 --lr 0.2 \\
+        --select chance10 auto
 """
 
 from __future__ import annotations
 
 import argparse
 
+import noise_screen  # benchmarks/: the screening variants, by name
 import torch
 import torch.nn.functional as F
 
@@ -29,25 +34,30 @@ def probe(select: str, noise: float, epochs: int, lr: float, seed: int) -> list[
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch)
     eng = ksam.KSAM(model, opt, k=32, rho=0.02, select=select, seed=seed)
     order = torch.Generator().manual_seed(seed)
-    assert task.noisy_mask is not None
+    noisy = task.noisy_mask if task.noisy_mask is not None \
+        else torch.zeros(task.num_train, dtype=torch.bool)
     lines = []
     for epoch in range(epochs):
         perm = torch.randperm(task.num_train, generator=order)
-        shares = []
+        shares, firsts = [], []
         for i in range(per_epoch):
             rows = perm[i * batch:(i + 1) * batch]
             result = eng.step((task.train_x[rows], task.train_y[rows]),
                               lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
             sched.step()
             picked = rows[result.descent_indices]
-            shares.append(task.noisy_mask[picked].float().mean().item())
-        if epoch % 5 == 4 or epoch == epochs - 1:
+            shares.append(noisy[picked].float().mean().item())
+            # rank of every row in the batch's loss order at w (0 = largest loss)
+            rank = torch.empty(batch, dtype=torch.long)
+            rank[ksam.selection.descending_order(result.losses)] = torch.arange(batch)
+            firsts.append(rank[result.descent_indices].min().item())
+        if epoch % 5 == 4 or epoch == epochs - 1 or epoch == 6:
             model.eval()
             with torch.no_grad():
                 acc = (model(task.test_x).argmax(1) == task.test_y).float().mean().item()
             model.train()
             lines.append(f"| {select} | {epoch + 1} | {100 * sum(shares) / len(shares):.0f} % "
-                         f"| {100 * acc:.1f} |")
+                         f"| {sum(firsts) / len(firsts):.1f} | {100 * acc:.1f} |")
     return lines
 
 
@@ -60,9 +70,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
+    ksam.selection.RULES.update(noise_screen.EXTRA)
     print(f"noise {args.noise:g}: mislabelled share of the batch = {args.noise:.0%}")
-    print("| rule | epoch | mislabelled share of the descent subset | test acc % |")
-    print("|---|---|---|---|")
+    print("| rule | epoch | mislabelled share of the descent subset | first rank | test acc % |")
+    print("|---|---|---|---|---|")
     for select in args.select:
         for line in probe(select, args.noise, args.epochs, args.lr, args.seed):
             print(line, flush=True)
