@@ -1,0 +1,80 @@
+"""The label-noise grid in one figure (docs/label_noise.md): per data set and noise
+setting, each method's test accuracy (mean and min-max over seeds) from the ``summary.json``
+files of ``ksam compare``::
+
+    python benchmarks/noise_plot.py docs/runs/label-noise docs/img/label-noise-grid.png
+
+Reads ``<root>/<setting>[-auto|-stratified]/summary.json`` for the MNIST-1D settings
+``n0 n20 n40 pair30`` and ``<root>/fashion-<setting>...`` for Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SETTINGS = [("n0", "clean"), ("n20", "20 % sym."), ("n40", "40 % sym."),
+            ("pair30", "30 % pair")]
+METHODS = ["SGD", "SAM", "K-SAM top", "K-SAM band", "K-SAM median", "K-SAM stratified",
+           "K-SAM auto", "OSGD band", "OSGD auto"]
+
+
+def label(spec: str) -> str:
+    method, _, options = spec.partition(":")
+    select = [o.split("=", 1)[1] for o in options.split(",") if o.startswith("select=")]
+    rule = select[0] if select else "top"
+    return {"sgd": "SGD", "sam": "SAM"}.get(method) or \
+        f"{'K-SAM' if method == 'ksam' else 'OSGD'} {rule}"
+
+
+def results(root: Path, prefix: str, setting: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for suffix in ("", "-stratified", "-auto"):
+        path = root / f"{prefix}{setting}{suffix}" / "summary.json"
+        if path.exists():
+            for row in json.loads(path.read_text())["rows"]:
+                out[label(row["method"])] = row["test_acc_all"]
+    return out
+
+
+def main(root: Path, target: Path) -> None:
+    data = [("MNIST-1D (1-D CNN, 30 epochs)", ""),
+            ("Fashion-MNIST, 3000 images (ResNet w0.25, 15 epochs)", "fashion-")]
+    fig, axes = plt.subplots(len(data), len(SETTINGS), figsize=(14, 7), dpi=110,
+                             sharey=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, (title, prefix) in enumerate(data):
+        for c, (setting, name) in enumerate(SETTINGS):
+            ax = axes[r][c]
+            found = results(root, prefix, setting)
+            for i, method in enumerate(METHODS):
+                accs = found.get(method)
+                if not accs:
+                    continue
+                mean = sum(accs) / len(accs)
+                ax.errorbar([i], [mean], yerr=[[mean - min(accs)], [max(accs) - mean]],
+                            fmt="o", color=colours[i % len(colours)], capsize=3)
+            bar = max((sum(found[m]) / len(found[m]) for m in ("SGD", "SAM") if m in found),
+                      default=None)
+            if bar is not None:
+                ax.axhline(bar, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(range(len(METHODS)))
+            ax.set_xticklabels(METHODS, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{name}", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+            if c == 0:
+                ax.set_ylabel(f"{title.split(' (')[0].split(',')[0]}\ntest accuracy (%)")
+    fig.suptitle("Test accuracy, mean and min-max over 5 seeds; dashed: the better of SGD "
+                 "and SAM", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(target)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
