@@ -6,6 +6,7 @@ Run on a GPU machine: ``python -m pytest tests/test_fast_cuda.py -q``.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ def _pair(method: str, **kw):
     # after its momentum buffer exists)
     ("msam", {}), ("looksam", {"interval": 2}), ("rst", {"p": 0.5}),
     ("sam-late", {"start_step": 8}), ("ksam", {"k": 8, "start_step": 8}),
+    # a rule with phases (stratified, measuring, band): one graph per phase
+    ("ksam", {"k": 8, "select": functools.partial(ksam.selection.AutoBand,
+                                                  estimate_steps=(5, 10))}),
+    ("ksam", {"k": 8, "select": functools.partial(ksam.selection.AutoBand, classes=10,
+                                                  estimate_steps=(5, 10))}),
 ])
 def test_graph_replay_equals_eager(method, kw):
     a, b, ea, eb = _pair(method, **kw)

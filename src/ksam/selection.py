@@ -528,10 +528,10 @@ class AutoBand(TopLoss):
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         n = ctx.batch_size
+        state = self._state_on(order.device)  # before any capture: buffers stay in place
         if ctx.step < self.estimate_from:
             return _spread_rows(order, n, count)
         below = (ctx.scores.float() > self._chance_loss(ctx)).float().mean()
-        state = self._state_on(order.device)
         if ctx.step < self.estimate_until:
             state[:2].add_(torch.stack([below, below.new_ones(())]))
             return _spread_rows(order, n, count)
@@ -553,8 +553,8 @@ class AutoBand(TopLoss):
         return float(self._state[3])
 
     def _chance_loss(self, ctx: SelectionContext) -> Tensor:
-        if self.classes is not None:
-            return torch.tensor(math.log(self.classes), device=ctx.scores.device)
+        if self.classes is not None:  # a fill, not a host-to-device copy: capturable
+            return ctx.scores.new_full((), math.log(self.classes), dtype=torch.float32)
         if ctx.labels is None:
             raise ValueError(f"{self!r} needs the batch's labels (or classes=C): give "
                              "batches as (inputs, labels)")
