@@ -4,7 +4,7 @@ files of ``ksam compare``::
 
     python benchmarks/noise_plot.py docs/runs/label-noise docs/img/label-noise-grid.png
 
-Reads ``<root>/<setting>[-auto|-stratified]/summary.json`` for the MNIST-1D settings
+Reads ``<root>/<setting>[-stratified|-extra|-auto]/summary.json`` for the MNIST-1D settings
 ``n0 n20 n40 pair30`` and ``<root>/fashion-<setting>...`` for Fashion-MNIST.
 """
 
@@ -35,7 +35,7 @@ def label(spec: str) -> str:
 
 def results(root: Path, prefix: str, setting: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    for suffix in ("", "-stratified", "-auto"):
+    for suffix in ("", "-stratified", "-extra", "-auto"):
         path = root / f"{prefix}{setting}{suffix}" / "summary.json"
         if path.exists():
             for row in json.loads(path.read_text())["rows"]:
