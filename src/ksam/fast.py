@@ -245,11 +245,11 @@ class SyncFreeExecutor:
         """Which graph a step replays: one per batch signature, per subset sizes (a short
         last batch or a K schedule gets its own) and rule phases
         (:meth:`ksam.selection.SelectionRule.graph_key`), per kind of step (the schedule's
-        sharp or plain steps; Momentum-SAM before and after its buffer exists) and per ``loss_fn`` -
-        by equality, not by its code: a closure's captured values are baked into its graph,
-        and two closures of the same code may capture different ones. The key holds
-        ``loss_fn`` itself, so its id cannot be reused by another function while the graph
-        exists."""
+        sharp or plain steps; Momentum-SAM before and after its buffer exists) and per
+        ``loss_fn`` - by equality, not by its code: a closure's captured values are baked
+        into its graph, and two closures of the same code may capture different ones. The
+        key holds ``loss_fn`` itself, so its id cannot be reused by another function while
+        the graph exists."""
         e = self.engine
         rules = [rule for rule in (e.ascent, e.descent) if rule is not None]
         sizes = tuple(rule.size_at(n, e.steps) for rule in rules)

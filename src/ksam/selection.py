@@ -532,15 +532,16 @@ class AutoBand(TopLoss):
         if ctx.step < self.estimate_from:
             return _spread_rows(order, n, count)
         below = (ctx.scores.float() > self._chance_loss(ctx)).float().mean()
+        total, steps, mean, low, started = state.unbind()  # views: updated in place
         if ctx.step < self.estimate_until:
-            state[:2].add_(torch.stack([below, below.new_ones(())]))
+            total.add_(below)
+            steps.add_(1.0)
             return _spread_rows(order, n, count)
-        window_mean = state[0] / state[1].clamp_min(1.0)
-        started = state[4] > 0
-        mean = torch.where(started, self.decay * state[2] + (1 - self.decay) * below,
-                           window_mean)
-        low = torch.minimum(torch.where(started, state[3], mean), mean)
-        state[2:].copy_(torch.stack([mean, low, torch.ones_like(low)]))
+        # The first band step starts from the window's mean; later ones update it.
+        mean.copy_(torch.where(started > 0, self.decay * mean + (1 - self.decay) * below,
+                               total / steps.clamp_min(1.0)))
+        low.copy_(torch.where(started > 0, torch.minimum(low, mean), mean))
+        started.fill_(1.0)
         cap = min(round(self.max_skip * n), n - count)
         skip = torch.ceil(self.margin * low * n).clamp(0, cap).long()
         return order.index_select(0, torch.arange(count, device=order.device) + skip)
@@ -625,7 +626,7 @@ def build_rule(select: str | RuleFactory, k: float | int, name: str = "k",
     ``functools.partial(AutoBand, estimate_steps=(2000, 4000))`` for a rule's own options.
     """
     factory = RULES.get(select) if isinstance(select, str) else None
-    if factory is None and callable(select) and not isinstance(select, str):
+    if factory is None and callable(select):
         rule = select(k, name, **options)
         if not isinstance(rule, TopLoss):
             raise ValueError(f"select={select!r} made {rule!r}, not a selection rule of the "
