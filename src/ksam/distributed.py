@@ -41,14 +41,18 @@ without forward buffer sync; each rank keeps its own running statistics, and
 checkpoint. ``SyncBatchNorm`` communicates in every training-mode forward, the ascent
 included; use it only with synchronized perturbation, if at all.
 
-**Skipped steps.** A step whose loss or gradient is not finite is skipped; under DDP the
-engine all-reduces that verdict (one float) so that all ranks skip together and their
-weights never drift apart: :func:`create` hands the engine :func:`finite_reducer` (an
-engine over a DDP model refuses to be built without one).
+**Skipped steps.** A step whose loss or gradient is not finite is skipped; under DDP and
+FSDP2 the engine all-reduces that verdict (one float) so that all ranks skip together and
+their weights never drift apart. Any engine built over a DDP or FSDP2 model does this
+(``ksam.KSAM(DistributedDataParallel(model), optimizer)`` as well as :func:`create`).
+
+**Rules with state** keep the replicas identical too: LookSAM's stored direction, derived
+from each rank's own ascent gradient under the per-rank perturbation, is averaged over the
+ranks on its SAM steps (:mod:`ksam.transform`).
 
 **FSDP2.** :func:`wrap` with ``fsdp=True`` (or :func:`fully_shard`) shards the model with
 ``torch.distributed.fsdp.fully_shard`` instead; the engine then runs its elementwise
-arithmetic on the local shards and sums every norm over the shards (:mod:`ksam.sharded`), so
+arithmetic on the local shards and sums every norm over the shards (:mod:`ksam.params`), so
 the perturbation is the one a single process computes; the ascent gradient is always
 synchronized (each rank holds only its shard of it). :func:`state_dict` /
 :func:`load_state_dict` checkpoint through ``torch.distributed.checkpoint``.
@@ -85,6 +89,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .batch import Batch, batch_device, batch_size, index_batch
 from .engine import SharpnessAwareOptimizer
 from .methods import create as _create_method
+from .params import all_ranks_true, is_dtensor
 from .selection import (
     Selection,
     SelectionContext,
@@ -303,6 +308,9 @@ def wrap(model: nn.Module, device: str | torch.device | None = None, *,
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev)
     if not is_distributed():
+        if fsdp:
+            warnings.warn("wrap(fsdp=True) without a process group of several ranks: the "
+                          "model is returned unsharded", stacklevel=2)
         return model
     if fsdp:
         return fully_shard(model, **ddp_kwargs)
@@ -336,7 +344,7 @@ def fully_shard(model: nn.Module, *, modules: list[nn.Module] | None = None,
     Keywords (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...) go to
     :func:`torch.distributed.fsdp.fully_shard`. Call it on every rank, after moving the
     model to its device and before building the optimizer. The engine then computes
-    every norm over all shards (see :mod:`ksam.sharded`).
+    every norm over all shards (see :mod:`ksam.params`).
     """
     if not fsdp_available():
         raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6, "
@@ -397,8 +405,6 @@ def load_state_dict(engine: SharpnessAwareOptimizer, state: dict[str, Any]) -> N
 
 
 def _has_dtensor(value: Any) -> bool:
-    from .sharded import is_dtensor
-
     return is_dtensor(value)
 
 
@@ -436,20 +442,6 @@ def sync_buffers(model: nn.Module, op: str = "mean", src: int = 0, group: Any = 
         for b in bufs:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
-
-
-def all_ranks_true(flag: Tensor, group: Any = None) -> Tensor:
-    """Logical AND of a 0-d bool ``flag`` over all ranks (one all-reduce of one float).
-
-    The engine applies it (through :func:`finite_reducer`) to its finite-step verdict under
-    DDP: a loss is checked on the rank that computed it, so without this one rank could
-    skip a step the others take.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = flag.detach().to(torch.float32).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-    return value[0] > 0.5
 
 
 def finite_reducer(group: Any = None) -> Callable[[Tensor], Tensor]:
@@ -631,16 +623,20 @@ class GlobalTopLoss(SelectionRule):
 def use_global_selection(engine: SharpnessAwareOptimizer,
                          group: Any = None) -> SharpnessAwareOptimizer:
     """Replace the engine's :class:`TopLoss` rules (K-SAM's two, Ordered SGD's one) by
-    :class:`GlobalTopLoss` with the same options; returns the engine."""
-    replaced = 0
-    for attr in ("ascent", "descent"):
-        rule = getattr(engine, attr)
-        if type(rule) is TopLoss:
-            setattr(engine, attr, GlobalTopLoss.from_local(rule, group))
-            replaced += 1
-    if not replaced:
+    :class:`GlobalTopLoss` with the same options, in a new step plan (so a plain step's rows
+    come from the global rule too); returns the engine."""
+    plan = engine.plan
+    rules = {name: GlobalTopLoss.from_local(rule, group)
+             for name, rule in (("ascent", plan.ascent), ("descent", plan.descent))
+             if type(rule) is TopLoss}
+    if not rules:
         raise ValueError(f"{engine!r} has no top-K selection to make global "
-                         "(selection='global' applies to ksam and osgd)")
+                         "(selection='global' applies to ksam, ksam-plain and osgd with "
+                         "select='top')")
+    if not (dist.is_available() and dist.is_initialized()):
+        warnings.warn("selection='global' without a process group: one process's top-K is "
+                      "the global one", stacklevel=3)
+    engine.use_rules(**rules)
     return engine
 
 
@@ -657,41 +653,24 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
     """:func:`ksam.create` for DDP: the method ``name`` with ``selection="local"``
     (default: each rank's own top-K) or ``"global"`` (:class:`GlobalTopLoss`).
 
-    Engine options (``sync_perturbation``, ``seed``, ...) pass through. Warns when the DDP
-    model broadcasts buffers in its forwards while the perturbation is per-rank, and
-    refuses ESAM with a synchronized perturbation (its random per-parameter ascent mask
-    leaves parameters without a gradient, which DDP's all-reduce cannot bucket).
+    Engine options (``sync_perturbation``, ``seed``, ...) pass through; the engine itself
+    makes the ranks skip steps together and keeps the replicas identical. Warns when the
+    DDP model broadcasts buffers in its forwards while the perturbation is per-rank.
     """
     if selection not in ("local", "global"):
         raise ValueError(f"selection must be 'local' or 'global', got {selection!r}")
-    if is_fsdp(model):
-        if selection == "global" and kwargs.get("micro_batch_size") is not None:
-            raise ValueError("micro_batch_size with selection='global' is not possible on an "
-                             "FSDP-sharded model: each chunk's forward all-gathers the "
-                             "parameters, and ranks with different numbers of selected rows "
-                             "would run different numbers of chunks")
-        if kwargs.get("sync_perturbation") is False:
-            raise ValueError("an FSDP-sharded model's ascent gradient is always averaged "
-                             "across ranks (each rank holds only its shard of it): "
-                             "sync_perturbation=False is not possible")
-        kwargs["sync_perturbation"] = True
-    sync = bool(kwargs.get("sync_perturbation", False))
-    if name.lower() == "esam" and sync and isinstance(model, DistributedDataParallel) \
-            and not model.find_unused_parameters:
-        raise ValueError("ESAM with sync_perturbation=True needs DDP's "
-                         "find_unused_parameters=True (and the same seed on all ranks); "
-                         "or keep the per-rank perturbation")
-    if not sync and _syncs_buffers_in_forward(model):
+    if is_fsdp(model) and selection == "global" and kwargs.get("micro_batch_size") is not None:
+        raise ValueError("micro_batch_size with selection='global' is not possible on an "
+                         "FSDP-sharded model: each chunk's forward all-gathers the "
+                         "parameters, and ranks with different numbers of selected rows "
+                         "would run different numbers of chunks")
+    if not kwargs.get("sync_perturbation") and not is_fsdp(model) \
+            and _syncs_buffers_in_forward(model):
         warnings.warn(
             "this DDP model broadcasts its buffers at the start of forwards, which puts a "
             "broadcast into the per-rank ascent pass; wrap it with "
             "ksam.distributed.wrap(...) (forward_sync_buffers=False) and call "
             "sync_buffers() before evaluation instead", stacklevel=2)
-    if is_fsdp(model):  # every rank's verdict, whatever its shard group
-        kwargs.setdefault("finite_reducer", finite_reducer(None))
-    if isinstance(model, DistributedDataParallel) or hasattr(model, "no_sync"):
-        kwargs.setdefault("finite_reducer", finite_reducer(getattr(model, "process_group",
-                                                                   None)))
     engine = _create_method(name, model, optimizer, **kwargs)
     if selection == "global":
         use_global_selection(engine, group)

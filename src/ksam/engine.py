@@ -41,31 +41,33 @@ is skipped: weights, BatchNorm statistics and optimizer state stay exactly as th
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import Batch, batch_device, batch_labels, batch_size, index_batch
-from .batchnorm import BatchNormGuard
-from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
+from .batch import Batch, batch_labels, batch_size
+from .executor import ComputedStep, EagerExecutor, StepResult, Verdict
 from .fast import SyncFreeExecutor
-from .perturbation import PerturbationRule, over_shards
+from .params import ParameterSet, all_ranks_true
+from .passes import LossFn, Passes, StepPasses
+from .perturbation import PerturbationRule
+from .plan import StepPlan
 from .schedule import Schedule
-from .selection import SelectionContext, SelectionRule, WholeBatch
-from .sharded import Sharding
+from .selection import SelectionContext, SelectionRule
 from .transform import GradientTransform
 
-__all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "LossFn",
+__all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "LossFn",
            "compile_backend"]
 
 #: ``finite_reducer``: combines this process's 0-d bool "the step is finite" with the other
-#: processes' verdicts (DDP: all ranks skip together); see :mod:`ksam.distributed`.
+#: processes' verdicts (DDP, FSDP2: all ranks skip together).
 FiniteReducer = Callable[[Tensor], Tensor]
 
 
@@ -73,11 +75,11 @@ class SharpnessAwareOptimizer:
     """Runs any method of the two-pass family on a model and an existing optimizer.
 
     Args:
-        model: the model (or a DistributedDataParallel wrapper of it).
+        model: the model, or its DistributedDataParallel wrapper, or an FSDP2-sharded model.
         optimizer: a built ``torch.optim`` optimizer over (some of) the model's parameters;
             LR schedulers attach to it as usual. Only its parameters are perturbed.
-        ascent: selection rule of the ascent pass, or ``None`` for no ascent (and no
-            perturbation): SGD and Ordered SGD.
+        ascent: selection rule of the ascent pass, or ``None`` for no ascent pass: SGD,
+            Ordered SGD, and Momentum-SAM (whose perturbation comes from the optimizer).
         perturbation: how the ascent gradient becomes eps (required with ``ascent``).
         descent: selection rule of the descent pass.
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 training; a step whose gradients
@@ -92,22 +94,25 @@ class SharpnessAwareOptimizer:
             of the step go through the compiled wrapper. Dynamic shapes keep the subset
             passes to a couple of graphs; ESAM computes (and drops) the gradients its
             weight mask leaves out rather than recompile for every mask.
-        seed: seed of the engine's own generator (random subsets, ESAM's weight mask).
-            Defaults to a draw from torch's global generator, so ``torch.manual_seed``
-            makes runs reproducible.
+        seed: seed of the engine's own generator (random subsets, ESAM's weight mask, the
+            schedule's draws). Defaults to a draw from torch's global generator, so
+            ``torch.manual_seed`` makes runs reproducible.
         sync_perturbation: with DistributedDataParallel, average the ascent gradient
-            across ranks (default False: each rank perturbs with its own ascent gradient,
-            and the ascent pass sends nothing).
+            across ranks (``False``, the default for DDP: each rank perturbs with its own
+            ascent gradient, and the ascent pass sends nothing). An FSDP2-sharded model's
+            ascent gradient is always averaged (each rank holds only its shard of it):
+            ``None`` (default) means that there, and ``False`` is refused.
         finite_reducer: ``fn(finite) -> finite``, applied to the step's 0-d bool verdict
-            "losses and gradients are finite" before the skip decision. Required for a
-            DistributedDataParallel model, so that all ranks skip a step together;
-            :func:`ksam.distributed.create` passes it.
+            "losses and gradients are finite" before the skip decision. For a
+            DistributedDataParallel or FSDP2 model the default is the logical AND over the
+            ranks (:func:`ksam.params.all_ranks_true`), so that all ranks skip a step
+            together.
         schedule: which steps are sharpness-aware (:class:`ksam.schedule.Schedule`); the
             others run one plain pass over the descent subset at w. Default: every step.
         transform: a :class:`ksam.transform.GradientTransform` that rewrites the descent
             gradient before the optimizer step (LookSAM).
-        micro_batch_size: run every forward of a step in chunks of at most this many rows:
-            gradient-free passes (K-SAM's scoring) chunk by chunk, gradient passes
+        micro_batch_size: run every forward of a step in chunks of at most this many rows
+            (:mod:`ksam.passes`): gradient-free passes chunk by chunk, gradient passes
             accumulating each chunk's share of the pass's loss (a rule's ``reduce`` is a
             mean times a scale, linear in the losses), so the step equals the unchunked one
             up to float summation order. Selection still sees the whole batch. BatchNorm
@@ -115,16 +120,16 @@ class SharpnessAwareOptimizer:
             still change once per step, by the statistics of the full-batch pass's inputs
             over all its chunks (see :class:`ksam.batchnorm.BatchNormGuard`). ``None``
             (default): no chunking.
-        max_grad_norm: clip the descent gradient to this global L2 norm right before the
-            optimizer step (after a GradScaler's unscale), on the device without a host sync;
-            the ascent gradient is not clipped (the perturbation normalizes it).
+        max_grad_norm: clip the descent gradient to this global L2 norm when the update is
+            applied (after a GradScaler's unscale), on the device without a host sync; the
+            ascent gradient is not clipped (the perturbation normalizes it).
             ``StepResult.descent_grad_norm`` is the norm before clipping. ``None``: no clip.
 
-    One step is two public stages, which the executors (:class:`ksam.executor.EagerExecutor`,
-    :class:`ksam.fast.SyncFreeExecutor`) run: :meth:`compute` (the passes, in the phases
-    :meth:`_score`, :meth:`_ascend` or :meth:`_perturb_from_state`, :meth:`_descend`,
-    :meth:`_restore`, :meth:`_transform`) and :meth:`finite` + :meth:`apply` (the optimizer
-    step or the skip).
+    The rules and what follows from them are the engine's :attr:`plan` (a
+    :class:`ksam.plan.StepPlan`). One step is three public stages, which the executors
+    (:class:`ksam.executor.EagerExecutor`, :class:`ksam.fast.SyncFreeExecutor`) run:
+    :meth:`compute` (the passes), :meth:`verdict` (may the step be applied?) and
+    :meth:`apply` (the optimizer step, or the skip).
     """
 
     def __init__(
@@ -139,7 +144,7 @@ class SharpnessAwareOptimizer:
         autocast_dtype: torch.dtype | None = None,
         fast_path: bool = False,
         seed: int | None = None,
-        sync_perturbation: bool = False,
+        sync_perturbation: bool | None = None,
         compile: bool | str = False,
         finite_reducer: FiniteReducer | None = None,
         schedule: Schedule | None = None,
@@ -153,15 +158,9 @@ class SharpnessAwareOptimizer:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if ascent is not None and perturbation is None:
-            raise ValueError("an ascent rule needs a perturbation rule")
-        if perturbation is not None and (ascent is None) == perturbation.needs_ascent:
-            raise ValueError(f"{perturbation!r} " + (
-                "needs an ascent rule" if ascent is None else "takes no ascent pass"))
-        schedule = Schedule() if schedule is None else schedule
-        if ascent is None and not schedule.always:
-            raise ValueError("a schedule of sharpness-aware steps needs a method with an "
-                             "ascent pass")
+        #: the method's rules and the facts derived from them
+        self.plan = StepPlan(ascent, perturbation, descent,
+                             Schedule() if schedule is None else schedule, transform)
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
@@ -169,78 +168,39 @@ class SharpnessAwareOptimizer:
         self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
         self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.model = model
-        self.compile = backend
-        # What the passes call: the model itself, or torch.compile's wrapper of it.
-        self._forward_model = model if backend is None else torch.compile(model, backend=backend)
         self.optimizer = optimizer
-        self.ascent = ascent
-        self.perturbation = perturbation
-        self.descent = descent
-        #: which steps are sharpness-aware; the others are one pass over
-        #: :attr:`plain_descent` at w
-        self.schedule = schedule
-        # A plain step's rows: the descent rule's, but the whole batch for a rule defined
-        # only under a perturbation (ESAM's largest loss increase).
-        self.plain_descent = WholeBatch() if descent.needs_perturbed_losses else descent
-        self.transform = transform
-        self.grad_scaler = grad_scaler
-        self.autocast_dtype = autocast_dtype
-        self.sync_perturbation = bool(sync_perturbation)
-
-        if hasattr(model, "no_sync") and finite_reducer is None:
-            raise ValueError("a DistributedDataParallel model needs its ranks to skip steps "
-                             "together: build the engine with ksam.distributed.create(...) "
-                             "or pass finite_reducer=ksam.distributed.all_ranks_true")
+        self.compile = backend
+        #: the optimizer's parameters and the arithmetic on them (the one place that knows
+        #: FSDP2's shards)
+        self.params = ParameterSet(model, optimizer)
+        ddp = hasattr(model, "no_sync")
+        self.sync_perturbation = _check_sync_perturbation(sync_perturbation, self.params)
+        if ddp and not self.sync_perturbation:  # the replicas' ascent gradients differ
+            self.params.replica_group = getattr(model, "process_group", None)
+        if ddp and self.sync_perturbation and perturbation is not None \
+                and perturbation.masks_ascent and not getattr(model, "find_unused_parameters",
+                                                              False):
+            raise ValueError(f"{perturbation!r} with sync_perturbation=True leaves parameters "
+                             "without an ascent gradient, which DDP's all-reduce cannot "
+                             "bucket: build DDP with find_unused_parameters=True (and the "
+                             "same seed on all ranks), or keep the per-rank perturbation")
+        if finite_reducer is None and (ddp or self.params.sharded):
+            group = getattr(model, "process_group", None) if ddp else None
+            finite_reducer = functools.partial(all_ranks_true, group=group)
         self.finite_reducer = finite_reducer
-        model_params = [p for p in model.parameters()]
-        known = {id(p) for p in model_params}
-        self._params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
-        if not self._params:
-            raise ValueError("the optimizer holds no parameters")
-        if not any(p.requires_grad for p in self._params):
-            raise ValueError(f"all {len(self._params)} parameter(s) of the optimizer are frozen "
-                             "(requires_grad=False): there is nothing to train")
-        foreign = [p for p in self._params if id(p) not in known]
-        if foreign:
-            raise ValueError(
-                f"the optimizer holds {len(foreign)} parameter(s) that are not the model's: "
-                "build it over model.parameters()"
-            )
-        self._model_params = [p for p in model_params if p.requires_grad]
-        #: FSDP2 (``fully_shard``): the parameters' sharding; the engine's arithmetic then runs
-        #: on their local shards, norms summed over the shards (:mod:`ksam.sharded`)
-        self.sharding = Sharding.of(self._params)
-        if self.sharding is not None and finite_reducer is None:
-            raise ValueError("an FSDP-sharded model needs its ranks to skip steps together: "
-                             "build the engine with ksam.distributed.create(...) or pass "
-                             "finite_reducer=ksam.distributed.finite_reducer()")
-        self._saved_w: dict[int, Tensor] = {}
-        self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
-        self._bn = BatchNormGuard(model)
-        if self.micro_batch_size is not None:
-            self._bn.check_chunkable(compiled=backend is not None)
-
-        # A rule that reads losses at w needs a scoring forward unless the ascent pass is a
-        # full-batch pass at w (ESAM) that yields them anyway.
-        ascent_is_full = isinstance(ascent, WholeBatch)
-        self._needs_scoring = bool(
-            (ascent is not None and ascent.needs_scores)
-            or (descent.needs_scores and not ascent_is_full)
-        )
-        # Rules that read class labels (class-balanced selection) get the batch's second
-        # element; the batch is checked before the step starts.
-        self._needs_labels = bool((ascent is not None and ascent.needs_labels)
-                                  or descent.needs_labels)
-        if descent.needs_perturbed_losses and ascent is None:
-            raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
-        self._plain_needs_scoring = self.plain_descent.needs_scores
+        #: runs the forward and backward passes
+        self.passes = Passes(model, compile_backend=backend, autocast_dtype=autocast_dtype,
+                             grad_scaler=grad_scaler, micro_batch_size=self.micro_batch_size)
         if transform is not None:
-            transform.bind(self._params)
-
+            transform.bind(self.params.local(self.params.params))
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.generator = torch.Generator().manual_seed(int(seed))
+        #: steps taken (skipped ones included) and how many of them were sharpness-aware;
+        #: written only by :meth:`step` and :meth:`load_state_dict`
         self.steps = 0
+        self.sharp_steps = 0
+        self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
         #: runs the steps: :class:`SyncFreeExecutor` with ``fast_path``, else eager
         self.executor: EagerExecutor | SyncFreeExecutor = (
             SyncFreeExecutor(self) if fast_path else EagerExecutor(self))
@@ -251,31 +211,42 @@ class SharpnessAwareOptimizer:
         losses of shape [n]."""
         n = batch_size(batch)
         self.check_batch(n)
-        if self._needs_labels:
+        if self.plan.needs_labels:
             batch_labels(batch, n)
-        sharp = self.schedule.next(self.steps, self.generator)
-        try:
-            return self.executor.step(batch, loss_fn, n, sharp)
-        except BaseException:
-            self.schedule.sharp_steps -= sharp  # the step did not happen
-            raise
-
-    def step_kind(self, sharp: bool) -> tuple:
-        """What makes steps differ in the work they do, beyond shapes: sharp or plain and,
-        for a perturbation without an ascent pass, how many parameters it moves (none before
-        the optimizer has momentum). Host-side; the fast path keeps one graph per kind."""
-        moved = 0
-        if self.perturbation is not None and not self.perturbation.needs_ascent:
-            moved = len(self.perturbation.directions(self._params, self.optimizer)[0])
-        return (bool(sharp), moved)
+        sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
+        result = self.executor.step(batch, loss_fn, n, sharp)
+        self.steps += 1
+        self.sharp_steps += sharp
+        return result
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
-        if n < 1:
-            raise ValueError("the batch is empty")
-        if self.ascent is not None:
-            self.ascent.check_batch(n)
-        self.descent.check_batch(n)
+        self.plan.check_batch(n)
+
+    def use_rules(self, **rules: SelectionRule | None) -> None:
+        """Replace rules of the plan (``ascent=``, ``descent=``): a new plan is built and
+        checked, and every fact derived from the rules with it."""
+        self.plan = self.plan.replace(**rules)
+
+    def graph_key(self, n: int, sharp: bool) -> tuple:
+        """What makes this step on a batch of ``n`` do other work than another step of the
+        same shapes (:meth:`ksam.plan.StepPlan.graph_key`) and, for a perturbation from the
+        optimizer's state, how many parameters it moves (none before the optimizer has
+        momentum). Host-side; the fast path keeps one graph per key."""
+        moved = 0
+        if sharp and self.plan.perturbs_from_state:
+            moved = len(self.plan.perturbation.directions(self.params.params,
+                                                          self.optimizer)[0])
+        return (*self.plan.graph_key(n, self.steps, sharp), moved)
+
+    # Read-only views of the plan's rules.
+    ascent = property(lambda self: self.plan.ascent)
+    perturbation = property(lambda self: self.plan.perturbation)
+    descent = property(lambda self: self.plan.descent)
+    schedule = property(lambda self: self.plan.schedule)
+    transform = property(lambda self: self.plan.transform)
+    grad_scaler = property(lambda self: self.passes.grad_scaler)
+    autocast_dtype = property(lambda self: self.passes.autocast_dtype)
 
     @property
     def fast_path(self) -> bool:
@@ -293,33 +264,32 @@ class SharpnessAwareOptimizer:
         return self.executor.skipped_steps
 
     def zero_grad(self) -> None:
-        for p in self._model_params:
-            p.grad = None
+        self.params.zero_grad()
 
+    # ----------------------------------------------------------------------- state
     def identity(self) -> dict[str, Any]:
-        """What a state of this engine records about the method: its class and the kinds of
-        its rules (a state of another method is refused by :meth:`load_state_dict`)."""
-        return {
-            "method": type(self).__name__,
-            "rules": {"ascent": _kind(self.ascent), "perturbation": _kind(self.perturbation),
-                      "descent": _kind(self.descent)},
-        }
+        """What a state of this engine records about the method: its class, the kinds of
+        its rules and the optimizer's class (a state of another is refused by
+        :meth:`load_state_dict`)."""
+        return {"method": type(self).__name__, "rules": self.plan.identity(),
+                "optimizer_class": type(self.optimizer).__name__}
 
     def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: the base optimizer's state included, unless
         ``include_optimizer=False`` (a trainer that saves the optimizer on its own)."""
+        plan = self.plan
         state = {
             **self.identity(),
             "fast_path": self.fast_path,
             "steps": self.steps,
+            "sharp_steps": self.sharp_steps,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
-            "ascent": self.ascent.state_dict() if self.ascent is not None else {},
-            "descent": self.descent.state_dict(),
-            "schedule": self.schedule.state_dict(),
+            "ascent": plan.ascent.state_dict() if plan.ascent is not None else {},
+            "descent": plan.descent.state_dict(),
         }
-        if self.transform is not None:
-            state["transform"] = self.transform.state_dict()
+        if plan.transform is not None:
+            state["transform"] = plan.transform.state_dict()
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         if self.grad_scaler is not None:
@@ -330,23 +300,36 @@ class SharpnessAwareOptimizer:
         """Restore a :meth:`state_dict`; one saved without the optimizer leaves the base
         optimizer's state as it is.
 
-        Refused (ValueError, nothing changed): a state of another method or with other
-        kinds of rules, and one saved with the other ``fast_path`` setting (the fast path
-        steps with the optimizer's fused kernel, the eager path with the kernel you chose,
-        so a run would not continue exactly)."""
+        Refused (TypeError / ValueError, nothing changed): a state of another method, with
+        other kinds of rules or of another optimizer class, one saved with the other
+        ``fast_path`` setting (the fast path steps with the optimizer's fused kernel, the
+        eager path with the kernel you chose, so a run would not continue exactly), and any
+        state that fails to load part of the way: the engine is put back as it was."""
         self._check_state(state)
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._load(state)
+        except Exception as exc:
+            self._load(before)
+            raise ValueError(f"this state_dict does not fit this engine "
+                             f"({type(exc).__name__}: {exc}); nothing was changed") from exc
+
+    def _load(self, state: dict[str, Any]) -> None:
+        plan = self.plan
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = int(state["steps"])
-        self.generator.set_state(state["generator"])
-        if self.ascent is not None:
-            self.ascent.load_state_dict(state.get("ascent", {}))
-        self.descent.load_state_dict(state.get("descent", {}))
-        self.schedule.load_state_dict(state.get("schedule", {}))
-        if self.transform is not None:
-            self.transform.load_state_dict(state.get("transform", {}))
+        if plan.ascent is not None:
+            plan.ascent.load_state_dict(state.get("ascent", {}))
+        plan.descent.load_state_dict(state.get("descent", {}))
+        if plan.transform is not None:
+            plan.transform.load_state_dict(state.get("transform", {}))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.generator.set_state(state["generator"])
+        self.steps = int(state["steps"])
+        # States that predate the engine's count kept it in the schedule's entry.
+        self.sharp_steps = int(state.get("sharp_steps",
+                                         state.get("schedule", {}).get("sharp_steps", 0)))
         self.executor.reset(int(state["skipped_steps"]))
 
     def _check_state(self, state: dict[str, Any]) -> None:
@@ -354,9 +337,9 @@ class SharpnessAwareOptimizer:
             raise TypeError(f"not a ksam state_dict: a {type(state).__name__}")
         missing = {"steps", "skipped_steps", "generator"} - set(state)
         if missing:
-            raise KeyError(f"not a ksam state_dict: missing {sorted(missing)}")
+            raise ValueError(f"not a ksam state_dict: missing {sorted(missing)}")
         mine = self.identity()
-        for key in ("method", "rules"):  # states saved before they were recorded lack them
+        for key in ("method", "rules", "optimizer_class"):  # older states may lack them
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"this state_dict is of another method: {key} "
                                  f"{state[key]!r}, this engine has {mine[key]!r}")
@@ -367,268 +350,205 @@ class SharpnessAwareOptimizer:
         generator = state["generator"]
         if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
             raise ValueError("not a ksam state_dict: 'generator' is not a generator state")
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ascent={self.ascent!r}, "
                 f"perturbation={self.perturbation!r}, descent={self.descent!r})")
 
-    # ----------------------------------------------------------------- stage 1: compute
+    # ------------------------------------------------------------- stage 1: compute
     def compute(self, batch: Batch, loss_fn: LossFn, n: int | None = None,
                 sharp: bool = True) -> ComputedStep:
-        """The passes of one step, up to (not including) the optimizer step: the phases
-        :meth:`_score`, :meth:`_ascend` (ascent pass and perturbation) or
-        :meth:`_perturb_from_state` (a perturbation without ascent pass), :meth:`_descend`,
-        :meth:`_restore` (w put back bit for bit) and :meth:`_transform` (the descent
-        gradient rewritten). The descent gradient is left in the parameters' ``.grad``.
-        ``sharp=False`` (the schedule's plain steps): no ascent, no perturbation, one pass
-        over :attr:`plain_descent` at w.
+        """The passes of one step, up to (not including) the update; the descent gradient
+        is left, unscaled, in the parameters' ``.grad``. ``sharp=False`` (the schedule's
+        plain steps): no ascent, no perturbation, one pass over the plan's plain rows at w.
 
-        Branches only on the rules and ``sharp`` (static), never on tensor values: the same
+        Branches only on the plan and ``sharp`` (static), never on tensor values: the same
         code runs eagerly and inside a CUDA graph capture. On an exception the gradients
         are cleared, the BatchNorm statistics and the weights put back, and it propagates.
         """
+        plan = self.plan
         n = batch_size(batch) if n is None else n
         self.zero_grad()
-        self._bn.save()
-        step = _Step(self, batch, loss_fn, n, sharp)
+        passes = self.passes.begin(batch, loss_fn, n)
+        ctx = SelectionContext(
+            batch_size=n, device=passes.device, generator=self.generator, step=self.steps,
+            labels=batch_labels(batch, n) if plan.needs_labels else None)
         try:
-            self._score(step)
-            if step.has_ascent:
-                self._ascend(step)
-            elif sharp and self.perturbation is not None:
-                self._perturb_from_state(step)
+            # 1. scoring: per-sample losses at w, without gradient
+            if plan.scores_first(sharp):
+                ctx.scores = passes.run(None).float()
+            # 2. the ascent gradient and w <- w + eps (or eps from the optimizer's state)
+            ascent = _NO_ASCENT
+            if sharp and plan.ascent is not None:
+                ascent = self._ascend(passes, ctx)
+            elif sharp and plan.perturbs_from_state:
+                ascent = self._perturb_from_state()
+            # 3. the descent gradient on the descent rows; 4. w restored bit for bit
             try:
-                self._descend(step)
+                rows, losses = self._descend(passes, ctx, plan.descent_rule(sharp))
             finally:
-                self._restore(step)
-            self._transform(step)
+                self.params.restore()
+            # 5. the descent gradient unscaled and transformed (LookSAM)
+            self._finish_gradient(sharp)
         except BaseException:
-            self._bn.restore()
+            self.passes.restore_batchnorm()
             self.zero_grad()
             raise
-        return step.result()
+        if ctx.scores is None and rows is None and not ascent.perturbed:
+            ctx.scores = losses.float()  # a plain whole-batch pass at w (SGD)
+        loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
+        whole = self._rows(n, passes.device)
+        return ComputedStep(
+            loss=loss,
+            ascent_indices=ascent.index if ascent.index is not None
+            else (whole if ascent.ran else self._rows(0, passes.device)),
+            descent_indices=whole if rows is None else rows,
+            losses=ctx.scores,
+            ascent_grad_norm=ascent.grad_norm,
+            checks=[loss, *ascent.checks],
+            sharp=sharp)
 
-    def _score(self, step: _Step) -> None:
-        """Phase 1: per-sample losses at w without gradient, when a rule reads them and no
-        full-batch pass at w comes first."""
-        if self._needs_scoring if step.sharp else self._plain_needs_scoring:
-            step.ctx.scores = step.run(None).float()
-
-    def _ascend(self, step: _Step) -> None:
-        """Phase 2: the ascent gradient on the ascent rule's rows, then the perturbation
-        w <- w + eps (w saved first, for :meth:`_restore`)."""
-        assert self.ascent is not None and self.perturbation is not None
-        selection = self.ascent.select(step.ctx)
-        step.ascent_index = selection.index
-        mask = self.perturbation.ascent_mask(len(self._params), self.generator)
-        frozen = [p for p, m in zip(self._params, mask) if not m] if mask else []
+    def _ascend(self, passes: StepPasses, ctx: SelectionContext) -> _Ascent:
+        """The ascent gradient on the ascent rule's rows, then w <- w + eps."""
+        rule, perturbation = self.plan.ascent, self.plan.perturbation
+        assert rule is not None and perturbation is not None
+        selection = rule.select(ctx)
+        trainable = self.params.trainable()
+        mask = perturbation.ascent_mask(len(trainable), self.generator)
+        unmasked = [p for p, m in zip(trainable, mask) if not m] if mask else []
         # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off saves
         # their backward, but a compiled model recompiles for every new pattern, so with
         # compile their gradients are computed and dropped instead.
-        switched = frozen if self.compile is None else []
+        switched = unmasked if self.compile is None else []
         for p in switched:
             p.requires_grad_(False)
         try:
-            with self._ascent_context():
-                if len(frozen) == len(self._params):  # nothing to perturb this step
-                    losses = step.run(selection.index)
+            with contextlib.nullcontext() if self.sync_perturbation \
+                    else self.passes.local_gradients():
+                if len(unmasked) == len(trainable):  # nothing to perturb this step
+                    losses = passes.run(selection.index)
                 else:
-                    ascent = self.ascent
-                    losses = step.run(selection.index,
-                                      lambda part: ascent.reduce(part, selection))
-                    for p in frozen:
-                        p.grad = None
+                    losses = passes.run(selection.index,
+                                        lambda part: rule.reduce(part, selection))
         finally:
             for p in switched:
                 p.requires_grad_(True)
-        if selection.index is None and step.ctx.scores is None:
-            step.ctx.scores = losses.float()
-        self._perturb(step)
-        self.zero_grad()
-
-    def _perturb(self, step: _Step) -> None:
-        """w <- w + eps from the ascent gradients in ``.grad`` (saving w first)."""
-        assert self.perturbation is not None
-        perturbed = [p for p in self._params if p.grad is not None and p.requires_grad]
-        if not perturbed:  # ESAM's mask can leave every parameter unperturbed
-            return
-        grads = self._local([p.grad for p in perturbed])
-        perturbed = self._local(perturbed)
-        torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
-        step.perturbed = perturbed
-        with torch.no_grad(), over_shards(self.sharding):
-            norm = self.perturbation.perturb_(perturbed, grads)
-        step.checks.append(norm)
-        # Under fp16 the gradients were scaled: report the norm of the true gradient.
-        step.ascent_grad_norm = norm if self.grad_scaler is None \
-            else norm / self.grad_scaler._get_scale_async()
-
-    def _perturb_from_state(self, step: _Step) -> None:
-        """Phase 2 of a perturbation without ascent pass (Momentum-SAM): w <- w + eps from
-        the optimizer's state (w saved first); nothing when it has no state to use yet."""
-        assert self.perturbation is not None
-        perturbed, directions = self.perturbation.directions(self._params, self.optimizer)
-        if not perturbed:
-            return
-        torch._foreach_copy_(self._saved_buffers(perturbed), perturbed)
-        step.perturbed = perturbed
+        for p in unmasked:
+            p.grad = None
+        if selection.index is None and ctx.scores is None:
+            ctx.scores = losses.float()  # a full-batch ascent at w gives the scores
+        params, grads = self.params.with_grad()
+        if not params:  # ESAM's mask can leave every parameter unperturbed
+            return _Ascent(selection.index, ran=True)
+        self.params.save(params)
         with torch.no_grad():
-            step.checks.append(self.perturbation.perturb_(perturbed, directions))
+            norm = perturbation.perturb_(params, grads, self.params)
+        self.zero_grad()
+        # Under fp16 the gradients were scaled: report the norm of the true gradient.
+        scaler = self.grad_scaler
+        reported = norm if scaler is None else norm / scaler._get_scale_async()
+        return _Ascent(selection.index, ran=True, perturbed=True, grad_norm=reported,
+                       checks=(norm,))
 
-    def _descend(self, step: _Step) -> None:
-        """Phase 3: the descent gradient on the descent rule's rows (at w + eps when
-        perturbed; on a plain step, :attr:`plain_descent`'s rows at w), left in ``.grad``."""
-        ctx = step.ctx
-        rule = self.descent if step.sharp else self.plain_descent
-        if rule.needs_perturbed_losses and not step.chunked(step.n):
+    def _perturb_from_state(self) -> _Ascent:
+        """w <- w + eps from the optimizer's state (Momentum-SAM); nothing when it has no
+        state to use yet."""
+        perturbation = self.plan.perturbation
+        assert perturbation is not None
+        params, directions = perturbation.directions(self.params.params, self.optimizer)
+        if not params:
+            return _NO_ASCENT
+        params, directions = self.params.local(params), self.params.local(directions)
+        self.params.save(params)
+        with torch.no_grad():
+            norm = perturbation.perturb_(params, directions, self.params)
+        return _Ascent(None, perturbed=True, checks=(norm,))
+
+    def _descend(self, passes: StepPasses, ctx: SelectionContext,
+                 rule: SelectionRule) -> tuple[Tensor | None, Tensor]:
+        """The descent gradient on ``rule``'s rows, left in ``.grad``: (the rows, None for
+        all; their detached per-sample losses)."""
+        if rule.needs_perturbed_losses and not passes.chunked(passes.n):
             # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
-            losses = step.forward(None, grad=True)
+            losses = passes.forward(None, grad=True)
             ctx.perturbed_losses = losses.detach().float()
             selection = rule.select(ctx)
             assert selection.index is not None
-            self._backward(rule.reduce(losses.index_select(0, selection.index), selection))
-            losses = losses.detach()
-        else:
-            if rule.needs_perturbed_losses:
-                # ESAM in chunks: the losses at w+eps without gradient (a graph over the
-                # whole batch is what chunking avoids), then the selected rows' gradient.
-                ctx.perturbed_losses = step.run(None).float()
-            selection = rule.select(ctx)
-            losses = step.run(selection.index, lambda part: rule.reduce(part, selection))
-        step.descent_index = selection.index
-        if selection.index is None and ctx.scores is None and not step.perturbed:
-            ctx.scores = losses.float()  # SGD: its one pass is at w
-        step.loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
-        step.checks.append(step.loss)
+            self.passes.backward(rule.reduce(losses.index_select(0, selection.index),
+                                             selection))
+            return selection.index, losses.detach()
+        if rule.needs_perturbed_losses:
+            # ESAM in chunks: the losses at w+eps without gradient (a graph over the whole
+            # batch is what chunking avoids), then the selected rows' gradient.
+            ctx.perturbed_losses = passes.run(None).float()
+        selection = rule.select(ctx)
+        losses = passes.run(selection.index, lambda part: rule.reduce(part, selection))
+        return selection.index, losses
 
-    def _restore(self, step: _Step) -> None:
-        """Phase 4: w copied back bit for bit (never eps subtracted: it would not
-        round-trip)."""
-        if step.perturbed:
-            with torch.no_grad():
-                torch._foreach_copy_(step.perturbed, self._saved_buffers(step.perturbed))
-
-    def _transform(self, step: _Step) -> None:
-        """Phase 5: the descent-gradient transform (LookSAM), at w, before the finiteness
-        check and the optimizer step; its new state is kept by :meth:`apply`."""
-        if self.transform is None:
-            return
-        with_grad = [p for p in self._params if p.grad is not None]
-        with torch.no_grad():
-            self.transform.transform_(with_grad, [p.grad for p in with_grad], step.sharp)
-
-    # ------------------------------------------------------------------- stage 2: apply
-    def finite(self, computed: ComputedStep) -> Tensor:
-        """0-d bool on the device: the step's losses and descent gradients are finite (and,
-        with ``finite_reducer``, every rank's). Unscales the gradients first with a
-        GradScaler."""
+    def _finish_gradient(self, sharp: bool) -> None:
+        """The descent gradient unscaled (GradScaler) and rewritten by the transform, at w;
+        the transform's new state is kept by :meth:`apply`."""
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-        # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
-        values = [_fp32(c).reshape(()) for c in computed.checks]
-        grads = self._local([p.grad for p in self._params if p.grad is not None])
+        transform = self.plan.transform
+        if transform is not None:
+            params, grads = self.params.with_grad()
+            with torch.no_grad():
+                transform.transform_(params, grads, sharp, self.params)
+
+    # -------------------------------------------------------- stages 2 and 3: apply
+    def verdict(self, computed: ComputedStep) -> Verdict:
+        """Whether the step may be applied: its losses and descent gradients are finite
+        (and, with ``finite_reducer``, every rank's), as a 0-d bool on the device, and the
+        descent gradient's global norm. Reads the step; changes nothing."""
+        _, grads = self.params.with_grad()
         norms = torch._foreach_norm(grads) if grads else []
+        values = [_fp32(c).reshape(()) for c in computed.checks]
         values.extend(_fp32(n) for n in norms)
-        stacked = torch.stack(values)
-        if norms:  # one stack serves the finiteness check and the global norm
-            computed.descent_grad_norm = self._total_norm(
-                norms, stacked[len(computed.checks):])
+        stacked = torch.stack(values)  # one stack serves the check and the global norm
         finite = torch.isfinite(stacked).all()
         if self.finite_reducer is not None:
             finite = self.finite_reducer(finite)
-        if grads and self.max_grad_norm is not None:
-            self._clip(grads, computed.descent_grad_norm)
-        return finite
+        grad_norm = self.params.norm_of(norms, stacked[len(computed.checks):]) if norms \
+            else None
+        return Verdict(finite=finite, descent_grad_norm=grad_norm)
 
-    def _total_norm(self, norms: list[Tensor], stacked: Tensor) -> Tensor:
-        """The global L2 norm from per-tensor norms (``stacked``: the same, as one fp32
-        tensor); over all shards under FSDP."""
-        if self.sharding is not None:
-            return self.sharding.norm(norms)
-        return torch.linalg.vector_norm(stacked)
-
-    def _clip(self, grads: list[Tensor], norm: Tensor) -> None:
-        """Descent-gradient transform: scale to at most ``max_grad_norm`` (on the device, no
-        sync; ``torch.nn.utils.clip_grad_norm_``'s rule and epsilon). A non-finite norm
-        makes the gradients non-finite too, but that step is skipped anyway."""
-        assert self.max_grad_norm is not None
-        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)  # a 0-d fp32 factor keeps each gradient's dtype
-
-    def apply(self, computed: ComputedStep, skip: bool | Tensor) -> None:
-        """The update after :meth:`compute`.
+    def apply(self, computed: ComputedStep, verdict: Verdict, skip: bool | Tensor) -> None:
+        """The update after :meth:`compute`: the descent gradient clipped
+        (``max_grad_norm``), the optimizer step, the rules' staged state committed.
 
         ``skip`` a Python bool: the optimizer steps (through the GradScaler, if any), or on
         a skip the BatchNorm statistics are put back and nothing else changes. ``skip`` a
         0-d bool tensor (no host sync): the optimizer steps and must itself leave weights
         and state alone where ``skip`` is true - the executor arranged that (a fused kernel
         reading ``found_inf``) - and the BatchNorm statistics are put back where it is
-        true. A transform's new state (LookSAM's v) is kept unless the step is skipped. Then
-        the gradients are cleared and the step count advances. If the optimizer raises, the
-        BatchNorm statistics are put back and the exception propagates.
+        true. The rules' staged updates (AutoBand's estimate, LookSAM's v) are committed
+        unless the step is skipped. Then the gradients are cleared. If the optimizer
+        raises, the BatchNorm statistics are put back and the exception propagates.
         """
         scaler = self.grad_scaler
+        device_skip = isinstance(skip, Tensor)
         try:
-            if isinstance(skip, Tensor):
+            if self.max_grad_norm is not None and verdict.descent_grad_norm is not None \
+                    and (device_skip or not skip):
+                _, grads = self.params.with_grad()
+                self.params.clip_(grads, verdict.descent_grad_norm, self.max_grad_norm)
+            if device_skip:
                 self.optimizer.step()
-                self._bn.restore(where=skip)
+                self.passes.restore_batchnorm(where=skip)
             elif skip:
-                self._bn.restore()
+                self.passes.restore_batchnorm()
             elif scaler is not None:
                 scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
         except BaseException:
-            self._bn.restore()
+            self.passes.restore_batchnorm()
             self.zero_grad()
             raise
-        if self.transform is not None:
-            self.transform.commit(~skip if isinstance(skip, Tensor) else not skip,
-                                  computed.sharp)
+        self.plan.commit(~skip if device_skip else not skip, computed.sharp)
         if scaler is not None:
             scaler.update()
         self.zero_grad()
-        self.steps += 1
-
-    # ------------------------------------------------------------------------ internals
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        # No weight-cast cache: each forward casts a weight once anyway, and the cache does not
-        # survive CUDA graph capture.
-        return torch.autocast(device.type, dtype=self.autocast_dtype, cache_enabled=False)
-
-    def _ascent_context(self) -> contextlib.AbstractContextManager:
-        """DDP: the ascent pass (forward and backward) runs without gradient all-reduce
-        unless the perturbation is synchronized across ranks."""
-        no_sync = getattr(self.model, "no_sync", None)
-        if no_sync is not None and not self.sync_perturbation:
-            return no_sync()
-        return contextlib.nullcontext()
-
-    def _accumulating(self) -> contextlib.AbstractContextManager:
-        """A gradient pass's chunks but the last: DDP keeps their gradients local (the last
-        chunk's backward all-reduces the sum)."""
-        no_sync = getattr(self.model, "no_sync", None)
-        return no_sync() if no_sync is not None else contextlib.nullcontext()
-
-    def _backward(self, loss: Tensor) -> None:
-        if self.grad_scaler is not None:
-            loss = self.grad_scaler.scale(loss)
-        loss.backward()
-
-    def _local(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The local shards of FSDP2's DTensors (the tensors themselves when unsharded)."""
-        return tensors if self.sharding is None else self.sharding.local(tensors)
-
-    def _saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
-        out = []
-        for p in params:
-            buf = self._saved_w.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.device != p.device:
-                buf = self._saved_w[id(p)] = torch.empty_like(p)
-            out.append(buf)
-        return out
 
     def _rows(self, n: int, device: torch.device) -> Tensor:
         """``arange(n)`` on the device, made once per size: the indices of a whole-batch pass
@@ -639,116 +559,40 @@ class SharpnessAwareOptimizer:
         return rows
 
 
-@dataclass
-class _Step:
-    """The working state of one :meth:`SharpnessAwareOptimizer.compute`, passed from phase
-    to phase."""
+@dataclass(frozen=True)
+class _Ascent:
+    """What the ascent phase of a step did."""
 
-    engine: SharpnessAwareOptimizer
-    batch: Batch
-    loss_fn: LossFn
-    n: int
-    #: the schedule's decision: a sharpness-aware step, or a plain one
-    sharp: bool = True
-    ctx: SelectionContext = field(init=False)
-    device: torch.device = field(init=False)
-    #: the step's first full-batch pass updates BatchNorm statistics (at w for every method
-    #: but random-subset SAM, whose only full-batch pass is the perturbed descent)
-    bn_pending: bool = True
-    ascent_index: Tensor | None = None
-    descent_index: Tensor | None = None
-    has_ascent: bool = False
-    perturbed: list[Tensor] = field(default_factory=list)
-    ascent_grad_norm: Tensor | None = None
-    checks: list[Tensor] = field(default_factory=list)
-    loss: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        e = self.engine
-        self.device = batch_device(self.batch)
-        self.has_ascent = e.ascent is not None and self.sharp
-        labels = batch_labels(self.batch, self.n) if e._needs_labels else None
-        self.ctx = SelectionContext(batch_size=self.n, device=self.device,
-                                    generator=e.generator, step=e.steps, labels=labels)
-
-    def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
-        """Per-sample losses of the rows ``index`` (None: all) in one forward, checked for
-        shape; the step's first full-batch pass updates the BatchNorm statistics."""
-        update_bn = index is None and self.bn_pending
-        expected = self.n if index is None else index.numel()
-        losses = self._call(index_batch(self.batch, index), expected, grad=grad,
-                            freeze_bn=not update_bn)
-        if update_bn:
-            self.bn_pending = False
-        return losses
-
-    def _call(self, sub: Batch, expected: int, *, grad: bool, freeze_bn: bool) -> Tensor:
-        e = self.engine
-        with e._bn.frozen(freeze_bn), e._autocast(self.device), torch.set_grad_enabled(grad):
-            losses = self.loss_fn(e._forward_model, sub)
-        _check_losses(losses, expected)
-        return losses
-
-    def chunked(self, rows: int) -> bool:
-        """Whether a pass over ``rows`` rows runs in more than one chunk."""
-        m = self.engine.micro_batch_size
-        return m is not None and rows > m
-
-    def run(self, index: Tensor | None,
-            objective: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """A pass over the rows ``index`` (None: all): their detached per-sample losses, and
-        with ``objective`` (the rule's reduce) the backward of ``objective(losses)``.
-
-        With ``micro_batch_size`` the rows run in chunks of at most that many. Chunk c's
-        backward takes ``objective`` of the pass's losses with every other chunk's entries
-        zero: for an objective linear in the losses (a mean times a scale) the chunks'
-        gradients add up to the unchunked one, and each chunk's graph is freed before the
-        next is built."""
-        e = self.engine
-        total = self.n if index is None else index.numel()
-        if not self.chunked(total):
-            losses = self.forward(index, grad=objective is not None)
-            if objective is not None:
-                e._backward(objective(losses))
-            return losses.detach()
-        assert e.micro_batch_size is not None
-        update_bn = index is None and self.bn_pending
-        starts = range(0, total, e.micro_batch_size)
-        parts = []
-        with e._bn.accumulated() if update_bn else contextlib.nullcontext():
-            for start in starts:
-                stop = min(start + e.micro_batch_size, total)
-                rows = slice(start, stop) if index is None else index[start:stop]
-                last = stop == total
-                with e._accumulating() if objective is not None and not last \
-                        else contextlib.nullcontext():
-                    losses = self._call(index_batch(self.batch, rows), stop - start,
-                                        grad=objective is not None, freeze_bn=True)
-                    if objective is not None:
-                        e._backward(objective(F.pad(losses, (start, total - stop))))
-                parts.append(losses.detach())
-        if update_bn:
-            self.bn_pending = False
-        return torch.cat(parts)
-
-    def result(self) -> ComputedStep:
-        e = self.engine
-        assert self.loss is not None
-        ascent = self.ascent_index if self.has_ascent else e._rows(0, self.device)
-        return ComputedStep(
-            loss=self.loss,
-            ascent_indices=e._rows(self.n, self.device) if ascent is None else ascent,
-            descent_indices=e._rows(self.n, self.device) if self.descent_index is None
-            else self.descent_index,
-            losses=self.ctx.scores,
-            ascent_grad_norm=self.ascent_grad_norm,
-            checks=self.checks,
-            sharp=self.sharp,
-        )
+    #: the rows of the ascent gradient (None: the whole batch, or no ascent pass)
+    index: Tensor | None
+    #: an ascent pass ran
+    ran: bool = False
+    #: w was moved to w + eps (and is restored after the descent)
+    perturbed: bool = False
+    #: the ascent gradient's norm, unscaled (None without an ascent gradient)
+    grad_norm: Tensor | None = None
+    #: 0-d values that must be finite for the step to be applied
+    checks: tuple[Tensor, ...] = ()
 
 
-def _kind(rule: object) -> str | None:
-    return None if rule is None else type(rule).__name__
+_NO_ASCENT = _Ascent(None)
+
+
+def _check_sync_perturbation(value: bool | None, params: ParameterSet) -> bool:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"sync_perturbation must be True, False or None, got {value!r}")
+    if params.sharded:
+        if value is False:
+            raise ValueError("an FSDP-sharded model's ascent gradient is always averaged "
+                             "across ranks (each rank holds only its shard of it): "
+                             "sync_perturbation=False is not possible")
+        return True
+    return bool(value)
+
+
+def _fp32(t: Tensor) -> Tensor:
+    # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -786,20 +630,3 @@ def _check_max_grad_norm(value: float | None) -> float | None:
     return float(value)
 
 
-def _fp32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
-def _check_losses(losses: Any, expected: int) -> None:
-    if not isinstance(losses, Tensor):
-        raise TypeError(
-            f"loss_fn must return a tensor of per-sample losses, got {type(losses).__name__}"
-        )
-    if losses.dim() != 1 or losses.shape[0] != expected:
-        hint = " (a scalar: use reduction='none')" if losses.dim() == 0 else ""
-        raise ValueError(
-            f"loss_fn must return per-sample losses of shape [{expected}], "
-            f"got shape {list(losses.shape)}{hint}"
-        )
-    if not losses.is_floating_point():
-        raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")

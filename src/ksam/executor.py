@@ -1,36 +1,38 @@
 """What crosses the boundary between the step engine and its executors.
 
-The engine (:class:`ksam.engine.SharpnessAwareOptimizer`) has two public stages:
+The engine (:class:`ksam.engine.SharpnessAwareOptimizer`) has three public stages:
 
 - :meth:`~ksam.engine.SharpnessAwareOptimizer.compute` runs the passes of a step (scoring,
   ascent, perturbation, descent, restore of w) and returns a :class:`ComputedStep`: device
   tensors only, no host sync; the descent gradient is left in the parameters' ``.grad``;
-- :meth:`~ksam.engine.SharpnessAwareOptimizer.finite` and
-  :meth:`~ksam.engine.SharpnessAwareOptimizer.apply` decide and carry out the update:
-  the optimizer step, or the skip (BatchNorm statistics put back).
+- :meth:`~ksam.engine.SharpnessAwareOptimizer.verdict` reads the step and says, in a
+  :class:`Verdict`, whether it may be applied (it changes nothing);
+- :meth:`~ksam.engine.SharpnessAwareOptimizer.apply` carries out the update: clipping, the
+  optimizer step and the rules' commit, or the skip (BatchNorm statistics put back).
 
 An *executor* runs a whole step with them and owns what differs between ways of running it:
-the skip flag and the count of skipped steps, and any preparation of the optimizer. Two
-exist, interchangeable, both using only that public surface: :class:`EagerExecutor` (one
-host sync per step, the optimizer as you built it) and :class:`ksam.fast.SyncFreeExecutor`
-(no host sync, CUDA graphs).
+the skip flag and the count of skipped steps, and any preparation of the optimizer. It
+writes nothing on the engine (the engine's step counter is the engine's). Two exist,
+interchangeable, both using only that public surface: :class:`EagerExecutor` (one host sync
+per step, the optimizer as you built it) and :class:`ksam.fast.SyncFreeExecutor` (no host
+sync, CUDA graphs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .batch import Batch
+from .passes import LossFn
 
 if TYPE_CHECKING:  # the engine imports this module; a type-only import makes no cycle
     from .engine import SharpnessAwareOptimizer
 
-LossFn = Callable[[nn.Module, Batch], Tensor]
+__all__ = ["ComputedStep", "Verdict", "StepResult", "EagerExecutor", "LossFn"]
 
 
 @dataclass
@@ -53,8 +55,16 @@ class ComputedStep:
     checks: list[Tensor]
     #: the schedule's decision (host-side, static for the step): sharpness-aware or plain
     sharp: bool = True
-    #: L2 norm of the descent gradient before clipping (set by ``finite``, after unscaling)
-    descent_grad_norm: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`~ksam.engine.SharpnessAwareOptimizer.verdict` says of a computed step."""
+
+    #: 0-d bool on the device: losses and descent gradients finite (on every rank)
+    finite: Tensor
+    #: L2 norm of the descent gradient, unscaled and before clipping (None: no gradient)
+    descent_grad_norm: Tensor | None
 
 
 class StepResult:
@@ -62,12 +72,12 @@ class StepResult:
     are read from the device only when first accessed, so a step itself never syncs."""
 
     __slots__ = ("_loss", "_skipped", "ascent_indices", "descent_indices", "losses",
-                 "ascent_grad_norm", "descent_grad_norm")
+                 "ascent_grad_norm", "descent_grad_norm", "sharp")
 
     def __init__(self, loss: float | Tensor, skipped: bool | Tensor,
                  ascent_indices: Tensor, descent_indices: Tensor,
                  losses: Tensor | None = None, ascent_grad_norm: Tensor | None = None,
-                 descent_grad_norm: Tensor | None = None) -> None:
+                 descent_grad_norm: Tensor | None = None, sharp: bool = True) -> None:
         self._loss = loss
         self._skipped = skipped
         #: rows of the batch used for the ascent / descent gradient (empty: no ascent pass)
@@ -79,12 +89,15 @@ class StepResult:
         self.ascent_grad_norm = ascent_grad_norm
         #: L2 norm of the descent gradient before ``max_grad_norm`` clipped it (unscaled)
         self.descent_grad_norm = descent_grad_norm
+        #: the step was sharpness-aware (the schedule's decision); False: a plain step
+        self.sharp = sharp
 
     @classmethod
-    def of(cls, computed: ComputedStep, loss: float | Tensor,
+    def of(cls, computed: ComputedStep, verdict: Verdict, loss: float | Tensor,
            skipped: bool | Tensor) -> StepResult:
         return cls(loss, skipped, computed.ascent_indices, computed.descent_indices,
-                   computed.losses, computed.ascent_grad_norm, computed.descent_grad_norm)
+                   computed.losses, computed.ascent_grad_norm, verdict.descent_grad_norm,
+                   computed.sharp)
 
     @property
     def loss(self) -> float:
@@ -124,11 +137,6 @@ class EagerExecutor:
         self._skipped = 0
 
     @property
-    def active(self) -> bool:
-        """Whether steps run this executor's way (always, for the eager one)."""
-        return True
-
-    @property
     def skipped_steps(self) -> int:
         return self._skipped
 
@@ -139,9 +147,9 @@ class EagerExecutor:
     def step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> StepResult:
         e = self.engine
         computed = e.compute(batch, loss_fn, n, sharp)
-        finite = e.finite(computed)
-        loss, ok = torch.stack([computed.loss.float(), finite.float()]).tolist()  # one sync
+        verdict = e.verdict(computed)
+        loss, ok = torch.stack([computed.loss.float(), verdict.finite.float()]).tolist()  # sync
         skip = not ok
-        e.apply(computed, skip)
+        e.apply(computed, verdict, skip)
         self._skipped += skip
-        return StepResult.of(computed, loss, skip)
+        return StepResult.of(computed, verdict, loss, skip)

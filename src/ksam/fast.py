@@ -42,7 +42,7 @@ anew for every step never replays another's graph, it is captured again, and aft
 tensors are copies, which later steps do not overwrite.
 
 :class:`SyncFreeExecutor` runs a step with the engine's public stages only
-(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``finite``, ``apply``; see
+(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``verdict``, ``apply``; see
 :mod:`ksam.executor`) and owns what is its own: the optimizer's preparation, the
 ``found_inf`` flag and the skipped-step count on the device. A short last batch or a K
 schedule gets a graph of its own. It steps eagerly instead, by itself and with the same
@@ -64,14 +64,12 @@ import torch
 from torch import Tensor
 
 from .batch import Batch, _tensor_leaves, batch_device
-from .executor import ComputedStep, EagerExecutor, LossFn, StepResult
-from .perturbation import StochasticWeightPerturbation
-from .selection import RandomSubset
+from .executor import ComputedStep, EagerExecutor, LossFn, StepResult, Verdict
 
 if TYPE_CHECKING:  # the engine imports this module; a type-only import makes no cycle
     from .engine import SharpnessAwareOptimizer
 
-__all__ = ["SyncFreeExecutor", "FastStep", "WARMUP_STEPS", "MAX_GRAPHS"]
+__all__ = ["SyncFreeExecutor", "WARMUP_STEPS", "MAX_GRAPHS"]
 
 WARMUP_STEPS = 3  # eager sync-free steps on a side stream before capture (torch's recipe)
 MAX_GRAPHS = 8  # distinct (shape, subset size, loss_fn) graphs kept before stepping eagerly
@@ -113,6 +111,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph | None = None
     static_batch: Batch = None
     static_out: ComputedStep | None = None
+    static_verdict: Verdict | None = None
     static_skip: Tensor | None = None
 
 
@@ -153,14 +152,11 @@ class SyncFreeExecutor:
         e = self.engine
         if e.grad_scaler is not None:
             return "a GradScaler is in use (use bf16 autocast on the fast path)"
-        for rule in (e.ascent, e.descent):
-            if isinstance(rule, RandomSubset):
-                return "random subsets are drawn on the host"
-        if isinstance(e.perturbation, StochasticWeightPerturbation):
-            return "ESAM's weight mask is drawn on the host"
+        if e.plan.host_randomness is not None:
+            return e.plan.host_randomness
         if hasattr(e.model, "no_sync"):
             return "DistributedDataParallel models run eagerly"
-        if e.sharding is not None:
+        if e.params.sharded:
             return "FSDP-sharded models run eagerly"
         for group in e.optimizer.param_groups:
             if "fused" not in group:
@@ -202,23 +198,25 @@ class SyncFreeExecutor:
 
     # ----------------------------------------------------------------------- steps
     def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int,
-                   sharp: bool) -> tuple[ComputedStep, Tensor]:
+                   sharp: bool) -> tuple[ComputedStep, Verdict, Tensor]:
         """One step without a host sync: the engine's stages, the skip flag handed to the
-        fused optimizer as ``found_inf``. Returns the computed step and the skip flag."""
+        fused optimizer as ``found_inf`` (the attribute torch's fused kernels read, as
+        GradScaler sets it). Returns the computed step, its verdict and the skip flag."""
         e = self.engine
         computed = e.compute(batch, loss_fn, n, sharp)
-        skip = ~e.finite(computed)
+        verdict = e.verdict(computed)
+        skip = ~verdict.finite
         found_inf = self._found_inf
         assert found_inf is not None and self._skipped_device is not None
         found_inf.copy_(skip)
         opt = e.optimizer
         opt.found_inf = found_inf
         try:
-            e.apply(computed, skip)
+            e.apply(computed, verdict, skip)
         finally:
             del opt.found_inf
         self._skipped_device.add_(skip)
-        return computed, skip
+        return computed, verdict, skip
 
     def step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> StepResult:
         """One step; ``sharp`` is the engine's schedule decision for it (host-side)."""
@@ -237,8 +235,8 @@ class SyncFreeExecutor:
             self._state_ready = not result.skipped
             return result
         if device.type != "cuda":
-            computed, skip = self._sync_free(batch, loss_fn, n, sharp)
-            return StepResult.of(computed, computed.loss, skip)
+            computed, verdict, skip = self._sync_free(batch, loss_fn, n, sharp)
+            return StepResult.of(computed, verdict, computed.loss, skip)
         return self._graph_step(batch, loss_fn, n, sharp)
 
     def _key(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> tuple:
@@ -250,11 +248,7 @@ class SyncFreeExecutor:
         into its graph, and two closures of the same code may capture different ones. The
         key holds ``loss_fn`` itself, so its id cannot be reused by another function while
         the graph exists."""
-        e = self.engine
-        rules = [rule for rule in (e.ascent, e.descent) if rule is not None]
-        sizes = tuple(rule.size_at(n, e.steps) for rule in rules)
-        phases = tuple(rule.graph_key(e.steps) for rule in rules)
-        return (_signature(batch), sizes, phases, e.step_kind(sharp), loss_fn)
+        return (_signature(batch), self.engine.graph_key(n, sharp), loss_fn)
 
     def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
         e = self.engine
@@ -277,9 +271,8 @@ class SyncFreeExecutor:
                 return self._eager.step(batch, loss_fn, n, sharp)
         _copy_tree_(entry.static_batch, batch)
         entry.graph.replay()
-        e.steps += 1  # apply() ran inside the capture, not at replay
-        out, skip = entry.static_out, entry.static_skip
-        assert out is not None and skip is not None
+        out, verdict, skip = entry.static_out, entry.static_verdict, entry.static_skip
+        assert out is not None and verdict is not None and skip is not None
         # The graph's outputs are overwritten by the next replay: copy them out.
         scalars = torch.stack([out.loss.float(), skip.float()])
         copied = ComputedStep(
@@ -288,10 +281,11 @@ class SyncFreeExecutor:
             losses=None if out.losses is None else out.losses.clone(),
             ascent_grad_norm=None if out.ascent_grad_norm is None
             else out.ascent_grad_norm.clone(),
-            checks=[], sharp=out.sharp,
-            descent_grad_norm=None if out.descent_grad_norm is None
-            else out.descent_grad_norm.clone())
-        return StepResult.of(copied, scalars[0], scalars[1].bool())
+            checks=[], sharp=out.sharp)
+        norm = verdict.descent_grad_norm
+        copied_verdict = Verdict(finite=~scalars[1].bool(),
+                                 descent_grad_norm=None if norm is None else norm.clone())
+        return StepResult.of(copied, copied_verdict, scalars[0], scalars[1].bool())
 
     def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
@@ -300,9 +294,9 @@ class SyncFreeExecutor:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            computed, skip = self._sync_free(batch, loss_fn, n, sharp)
+            computed, verdict, skip = self._sync_free(batch, loss_fn, n, sharp)
         torch.cuda.current_stream().wait_stream(self._stream)
-        return StepResult.of(computed, computed.loss, skip)
+        return StepResult.of(computed, verdict, computed.loss, skip)
 
     def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int,
                  sharp: bool) -> None:
@@ -310,13 +304,7 @@ class SyncFreeExecutor:
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         self.engine.zero_grad()  # gradients are allocated inside the graph's pool
-        steps = self.engine.steps
         with torch.cuda.graph(graph):
-            entry.static_out, entry.static_skip = self._sync_free(entry.static_batch, loss_fn,
-                                                                  n, sharp)
-        self.engine.steps = steps  # capture does not run the step: replays count it
+            entry.static_out, entry.static_verdict, entry.static_skip = self._sync_free(
+                entry.static_batch, loss_fn, n, sharp)
         entry.graph = graph
-
-
-#: The name this executor had before the engine/executor split.
-FastStep = SyncFreeExecutor

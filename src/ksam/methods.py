@@ -11,6 +11,7 @@ steps before it) and ``p`` (probability that a step is sharpness-aware), see
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -120,6 +121,7 @@ class KSAM(SharpnessAwareOptimizer):
         descent = build_rule(select, k if k_descent is None else k_descent,
                              "k" if k_descent is None else "k_descent", warmup=k_warmup,
                              rescale=rescale, loss_kind=loss_kind)
+        descent.share_state(ascent)  # one estimate of what both rules measure (AutoBand)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
                          descent=descent, schedule=Schedule(start_step, p), **engine)
 
@@ -245,11 +247,34 @@ METHODS = {
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
            **kwargs: Any) -> SharpnessAwareOptimizer:
     """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
-    osgd, msam, looksam, sam-late, rst``."""
+    osgd, msam, looksam, sam-late, rst``. ValueError for an unknown name, and for an option
+    the method does not take (naming the options it takes)."""
     try:
         factory = METHODS[name.lower()]
     except (KeyError, AttributeError):
         raise ValueError(
             f"unknown method {name!r}; choose one of: {', '.join(METHODS)}"
         ) from None
+    unknown = sorted(set(kwargs) - method_options(name.lower()) - ENGINE_KEYWORDS)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(sorted(method_options(name.lower())))}; engine options: "
+            f"{', '.join(sorted(ENGINE_KEYWORDS))}")
     return factory(model, optimizer, **kwargs)
+
+
+#: The options every method passes to the engine (:class:`SharpnessAwareOptimizer`).
+ENGINE_KEYWORDS = frozenset(
+    p.name for p in inspect.signature(SharpnessAwareOptimizer.__init__).parameters.values()
+    if p.kind == p.KEYWORD_ONLY) - {"ascent", "perturbation", "descent", "schedule",
+                                    "transform"}
+
+
+def method_options(name: str) -> set[str]:
+    """The options of method ``name`` of :data:`METHODS` besides the engine's: its
+    factory's keyword-only parameters."""
+    factory = METHODS[name]
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    params = inspect.signature(target).parameters.values()
+    return {p.name for p in params if p.kind == p.KEYWORD_ONLY}

@@ -28,32 +28,16 @@ sign of the last steps' descent (Becker et al. 2024).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from numbers import Real
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .params import ParameterSet
+
 _EPS = 1e-12
-
-# The sharding (ksam.sharded.Sharding) whose shards the tensors given to global_norm are; None:
-# the tensors are whole.
-_SHARDING: ContextVar[Any] = ContextVar("ksam_sharding", default=None)
-
-
-@contextmanager
-def over_shards(sharding: Any) -> Iterator[None]:
-    """Within the block, :func:`global_norm` takes its tensors for the local shards of
-    ``sharding`` (a :class:`ksam.sharded.Sharding`, or None for whole tensors) and returns the
-    norm over all shards: the squared local norms summed over the ranks (one all-reduce)."""
-    token = _SHARDING.set(sharding)
-    try:
-        yield
-    finally:
-        _SHARDING.reset(token)
 
 
 def _check_nonneg(value: float, name: str) -> float:
@@ -63,32 +47,29 @@ def _check_nonneg(value: float, name: str) -> float:
     return float(value)
 
 
-def global_norm(tensors: list[Tensor]) -> Tensor:
-    """L2 norm over a list of tensors, on their device, without a host sync (over all shards
-    inside :func:`over_shards`)."""
-    sharding = _SHARDING.get()
-    if not tensors:
-        return torch.zeros(()) if sharding is None else sharding.norm([torch.zeros(())])
-    norms = torch._foreach_norm(tensors)
-    if sharding is not None:
-        return sharding.norm(norms)
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 class PerturbationRule:
     """Base class. ``ascent_mask`` may choose the parameters that need an ascent gradient.
     ``needs_ascent``: False for a rule that perturbs from the optimizer's state instead of
     an ascent gradient (:class:`MomentumPerturbation`); the engine then runs no ascent pass
-    and calls :meth:`perturb_` with :meth:`directions`."""
+    and calls :meth:`perturb_` with :meth:`directions`. ``draws_on_host``: the rule draws
+    random numbers on the host every step (the fast path then steps eagerly).
+    ``masks_ascent``: :meth:`ascent_mask` may leave parameters without an ascent gradient.
+
+    :meth:`perturb_` takes its norms from ``space`` (:meth:`ksam.params.ParameterSet.norm`),
+    so that under FSDP2 they are norms over all shards."""
 
     needs_ascent: bool = True
+    draws_on_host: bool = False
+    masks_ascent: bool = False
 
     def ascent_mask(self, num_params: int, generator: torch.Generator | None) -> list[bool] | None:
         """Which parameters need an ascent gradient; ``None`` means all of them."""
         return None
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        """Overwrite ``grads`` with eps, add eps to ``params``; return the ascent grad norm."""
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
+        """Overwrite ``grads`` with eps, add eps to ``params`` (local tensors, see
+        :class:`ksam.params.ParameterSet`); return the ascent gradient's norm."""
         raise NotImplementedError
 
     def directions(self, params: list[Tensor], optimizer: torch.optim.Optimizer
@@ -105,8 +86,9 @@ class GradientNormPerturbation(PerturbationRule):
     def __init__(self, rho: float = 0.05) -> None:
         self.rho = _check_nonneg(rho, "rho")
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        norm = global_norm(grads)
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
+        norm = space.norm(grads)
         torch._foreach_mul_(grads, self.rho / (norm + _EPS))
         torch._foreach_add_(params, grads)
         return norm
@@ -134,13 +116,14 @@ class AdaptivePerturbation(PerturbationRule):
             self._scratch = [torch.empty_like(p) for p in params]
         return self._scratch
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
         scale = self._buffers(params)
         torch._foreach_copy_(scale, params)
         torch._foreach_abs_(scale)
         torch._foreach_add_(scale, self.eta)
         torch._foreach_mul_(grads, scale)  # T g
-        norm = global_norm(grads)
+        norm = space.norm(grads)
         torch._foreach_mul_(grads, scale)  # T^2 g
         torch._foreach_mul_(grads, self.rho / (norm + _EPS))
         torch._foreach_add_(params, grads)
@@ -154,6 +137,9 @@ class StochasticWeightPerturbation(GradientNormPerturbation):
     """ESAM's stochastic weight perturbation (Du et al. 2022): each parameter tensor is
     perturbed with probability beta, and eps is scaled by 1/beta to stay unbiased."""
 
+    draws_on_host = True  # the mask, one draw per parameter tensor and step
+    masks_ascent = True
+
     def __init__(self, rho: float = 0.05, beta: float = 0.6) -> None:
         super().__init__(rho)
         if isinstance(beta, bool) or not isinstance(beta, Real) or not 0.0 < beta <= 1.0:
@@ -164,8 +150,9 @@ class StochasticWeightPerturbation(GradientNormPerturbation):
         draws = torch.rand(num_params, generator=generator)
         return (draws < self.beta).tolist()
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        norm = global_norm(grads)
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
+        norm = space.norm(grads)
         torch._foreach_mul_(grads, self.rho / (self.beta * (norm + _EPS)))
         torch._foreach_add_(params, grads)
         return norm
@@ -208,9 +195,10 @@ class MomentumPerturbation(PerturbationRule):
                     break
         return moved, bufs
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
         """``grads`` are the momentum buffers of :meth:`directions`: left unchanged."""
-        norm = global_norm(grads)
+        norm = space.norm(grads)
         # eps goes through a scratch buffer kept per parameter: the optimizer's buffer must
         # stay as it is, and the engine's step allocates nothing per parameter.
         eps = [self._scratch_like(p, b) for p, b in zip(params, grads)]

@@ -22,7 +22,8 @@ Step t (the engine's step counter, 0-based, skipped steps included) is sharp whe
 The decision is made on the host before the step runs, so it is static for that step: the
 fast path keeps one CUDA graph per kind of step. The schedule's position is the engine's
 step counter and its draws come from the engine's generator, both in the engine's
-``state_dict``; the schedule itself keeps the number of sharp steps taken.
+``state_dict``; the schedule itself holds no state (the engine counts the sharp steps it
+took, :attr:`ksam.SharpnessAwareOptimizer.sharp_steps`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ class Schedule:
         self.start_step = int(start_step)
         self.p = float(p)
         self.interval = int(interval)
-        #: sharpness-aware steps taken so far (saved in the state_dict)
-        self.sharp_steps = 0
 
     @property
     def always(self) -> bool:
@@ -73,18 +72,6 @@ class Schedule:
         if self.p <= 0.0:
             return False
         return float(torch.rand((), generator=generator)) < self.p
-
-    def next(self, step: int, generator: torch.Generator | None) -> bool:
-        """:meth:`is_sharp` for the step about to run, counted in :attr:`sharp_steps`."""
-        sharp = self.is_sharp(step, generator)
-        self.sharp_steps += sharp
-        return sharp
-
-    def state_dict(self) -> dict:
-        return {"sharp_steps": self.sharp_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sharp_steps = int(state.get("sharp_steps", 0))
 
     def __repr__(self) -> str:
         parts = []

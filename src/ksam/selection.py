@@ -116,11 +116,18 @@ class SelectionRule:
     """Base class. ``needs_scores``: the rule reads per-sample losses at w, so the engine
     runs a gradient-free forward over the batch first (or reuses a full-batch pass at w).
     ``needs_perturbed_losses``: the rule reads losses at w+eps (ESAM). ``needs_labels``:
-    the rule reads the batch's class labels (the batch must be ``(inputs, labels)``)."""
+    the rule reads the batch's class labels (the batch must be ``(inputs, labels)``).
+    ``draws_on_host``: the rule draws random numbers on the host (the fast path then steps
+    eagerly).
+
+    A rule with state (:class:`AutoBand`'s estimate) *stages* its update in :meth:`select`
+    and makes it its state in :meth:`commit`, which the engine calls once the step is
+    applied: a skipped step leaves the state as it was."""
 
     needs_scores: bool = False
     needs_perturbed_losses: bool = False
     needs_labels: bool = False
+    draws_on_host: bool = False
 
     def size(self, batch_size: int) -> int:
         """How many examples the rule selects from a batch of ``batch_size``."""
@@ -150,6 +157,14 @@ class SelectionRule:
         differ from other steps (a rule with phases returns its phase): a captured CUDA
         graph is replayed only for steps with the same key. ``None``: every step alike."""
         return None
+
+    def commit(self, keep: bool | Tensor) -> None:
+        """Make the update staged by this step's :meth:`select` the rule's state where
+        ``keep`` (a bool, or on the fast path a 0-d bool device tensor); drop it otherwise."""
+
+    def share_state(self, other: SelectionRule) -> None:
+        """Keep one state with ``other``, a rule of the same step that estimates the same
+        quantity (K-SAM's ascent and descent rules); nothing for a rule without state."""
 
     def state_dict(self) -> dict:
         return {}
@@ -312,6 +327,8 @@ class RandomSubset(SelectionRule):
     Draws come from the engine's generator (on the CPU, saved in its state_dict) so runs
     are reproducible and resumable.
     """
+
+    draws_on_host = True
 
     def __init__(self, k: float | int, name: str = "k") -> None:
         self.k = check_subset_size(k, name)
@@ -490,8 +507,11 @@ class AutoBand(TopLoss):
 
     C is ``classes`` or, by default, one more than the largest label of the batch (the rule
     then reads the labels: batches are ``(inputs, labels)``). Cross-entropy losses only.
-    The estimate lives on the device (no host sync) and in :meth:`state_dict`.
-    ``warmup`` and ``rescale`` act as in :class:`TopLoss`.
+    The estimate lives on the device (no host sync) and in :meth:`state_dict`; a step
+    stages its update, which becomes the estimate only when the engine applies the step
+    (:meth:`commit`): a skipped step leaves it as it was. K-SAM's ascent and descent rules
+    share one estimate (:meth:`share_state`). ``warmup`` and ``rescale`` act as in
+    :class:`TopLoss`.
     """
 
     def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
@@ -518,40 +538,56 @@ class AutoBand(TopLoss):
             raise ValueError(f"classes must be an int >= 2 or None, got {classes!r}")
         self.classes = None if classes is None else int(classes)
         self.needs_labels = classes is None
-        # share summed over the window, window steps, running mean, its minimum, started
-        self._state: Tensor | None = None
+        self._estimate = _Estimate()
 
     def graph_key(self, step: int) -> object:
         if step < self.estimate_from:
             return "stratified"
         return "measure" if step < self.estimate_until else "band"
 
+    def share_state(self, other: SelectionRule) -> None:
+        if isinstance(other, AutoBand):
+            self._estimate = other._estimate
+
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        """The rows of this step's phase; the estimate's update is staged (see
+        :meth:`commit`)."""
         n = ctx.batch_size
-        state = self._state_on(order.device)  # before any capture: buffers stay in place
         if ctx.step < self.estimate_from:
             return _spread_rows(order, n, count)
+        est = self._estimate
+        (total, steps, mean, low, started), new = est.views(order.device)
         below = (ctx.scores.float() > self._chance_loss(ctx)).float().mean()
-        total, steps, mean, low, started = state.unbind()  # views: updated in place
+        new_total, new_steps, new_mean, new_low, new_started = new
+        est.pending = True
         if ctx.step < self.estimate_until:
-            total.add_(below)
-            steps.add_(1.0)
+            new_total.copy_(total + below)
+            new_steps.copy_(steps + 1.0)
+            new_mean.copy_(mean)
+            new_low.copy_(low)
+            new_started.copy_(started)
             return _spread_rows(order, n, count)
         # The first band step starts from the window's mean; later ones update it.
-        mean.copy_(torch.where(started > 0, self.decay * mean + (1 - self.decay) * below,
-                               total / steps.clamp_min(1.0)))
-        low.copy_(torch.where(started > 0, torch.minimum(low, mean), mean))
-        started.fill_(1.0)
+        new_total.copy_(total)
+        new_steps.copy_(steps)
+        new_mean.copy_(torch.where(started > 0, self.decay * mean + (1 - self.decay) * below,
+                                   total / steps.clamp_min(1.0)))
+        new_low.copy_(torch.where(started > 0, torch.minimum(low, new_mean), new_mean))
+        new_started.fill_(1.0)
         cap = min(round(self.max_skip * n), n - count)
-        skip = torch.ceil(self.margin * low * n).clamp(0, cap).long()
+        skip = torch.ceil(self.margin * new_low * n).clamp(0, cap).long()
         return order.index_select(0, torch.arange(count, device=order.device) + skip)
 
+    def commit(self, keep: bool | Tensor) -> None:
+        self._estimate.commit(keep)
+
     def estimate(self) -> float | None:
-        """The current estimate of the share to skip, before the margin (host sync);
-        None before the first band step."""
-        if self._state is None or not bool(self._state[4] > 0):
+        """The current (committed) estimate of the share to skip, before the margin (host
+        sync); None before the first applied band step."""
+        state = self._estimate.state
+        if state is None or not bool(state[4] > 0):
             return None
-        return float(self._state[3])
+        return float(state[3])
 
     def _chance_loss(self, ctx: SelectionContext) -> Tensor:
         if self.classes is not None:  # a fill, not a host-to-device copy: capturable
@@ -562,31 +598,61 @@ class AutoBand(TopLoss):
         top = ctx.labels.to(ctx.scores.device, non_blocking=True).max()
         return torch.log(top.float() + 1)
 
-    def _state_on(self, device: torch.device) -> Tensor:
-        if self._state is None:
-            self._state = torch.zeros(5, device=device)
-        elif self._state.device != device:
-            self._state = self._state.to(device)
-        return self._state
-
     def state_dict(self) -> dict:
-        return {} if self._state is None else {"estimate": self._state.detach().cpu().clone()}
+        state = self._estimate.state
+        return {} if state is None else {"estimate": state.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("estimate")
-        if saved is None:
-            self._state = None
-            return
-        if not isinstance(saved, Tensor) or saved.shape != (5,):
+        if saved is not None and (not isinstance(saved, Tensor) or saved.shape != (5,)):
             raise ValueError(f"not a state of {type(self).__name__}: {state!r}")
-        if self._state is not None:  # in place: a captured graph keeps reading this buffer
-            self._state.copy_(saved)
-        else:
-            self._state = saved.float().clone()
+        self._estimate.load(saved)
 
     def _repr_options(self) -> str:
         extra = "" if self.classes is None else f", classes={self.classes}"
         return f"{super()._repr_options()}, margin={self.margin:g}{extra}"
+
+
+class _Estimate:
+    """:class:`AutoBand`'s estimate on the device: the committed state (share summed over
+    the window, window steps, running mean, its minimum, started) and the update staged by
+    the current step, one buffer each, made before any capture and updated in place through
+    views (a captured graph keeps reading the same buffers). One estimate may serve two
+    rules (:meth:`AutoBand.share_state`): both stage the same update from the same losses."""
+
+    def __init__(self) -> None:
+        self.state: Tensor | None = None
+        self.staged: Tensor | None = None
+        self.pending = False  # staged by the current step, not yet committed or dropped
+        self._views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+
+    def views(self, device: torch.device) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        if self.state is None or self.state.device != device:
+            self.state = torch.zeros(5, device=device) if self.state is None \
+                else self.state.to(device)
+            self.staged = torch.zeros(5, device=device)
+            self._views = (self.state.unbind(), self.staged.unbind())
+        assert self._views is not None
+        return self._views
+
+    def commit(self, keep: bool | Tensor) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        assert self.state is not None and self.staged is not None
+        if isinstance(keep, Tensor):
+            self.state.copy_(torch.where(keep, self.staged, self.state))
+        elif keep:
+            self.state.copy_(self.staged)
+
+    def load(self, saved: Tensor | None) -> None:
+        self.pending = False
+        if saved is None:
+            self.state = self.staged = self._views = None
+        elif self.state is not None:  # in place: a captured graph keeps reading this buffer
+            self.state.copy_(saved)
+        else:
+            self.state = saved.float().clone()
 
 
 def _check_window(steps: tuple[int, int]) -> tuple[int, int]:

@@ -16,23 +16,35 @@ on the other steps, one pass gives g at w and the step descends with
 The rule is both the perturbation (SAM's, recording the unit ascent direction) and the
 transform. Its vectors live in flat buffers, one per rule, so the dot product and the norms
 are single kernels; the per-parameter tensors are views into them.
+
+Under DistributedDataParallel with a per-rank perturbation each rank's g is its own, and so
+would be its :math:`g_v`; the rule averages :math:`g_v` over the replicas before
+normalizing it (one all-reduce of the flat buffer on each SAM step), so that every rank
+keeps the same v and the replicas stay identical. Under FSDP2 the buffers hold the local
+shards, and the dot product and the norms are summed over all shards.
 """
 
 from __future__ import annotations
 
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .perturbation import _EPS, GradientNormPerturbation, global_norm
+from .perturbation import _EPS, GradientNormPerturbation
+
+if TYPE_CHECKING:
+    from .params import ParameterSet
 
 
 class GradientTransform:
     """Base class of the engine's descent-gradient hook.
 
-    The engine calls :meth:`bind` once with the optimizer's parameters, :meth:`transform_`
-    with the descent gradient of every step (``sharp``: the step ran its ascent pass), and
+    The engine calls :meth:`bind` once with the optimizer's parameters (their local shards
+    under FSDP2), :meth:`transform_` with the descent gradient of every step (``sharp``: the
+    step ran its ascent pass; ``space``, the :class:`ksam.params.ParameterSet`, gives norms
+    and sums over all shards and averages over replicas), and
     :meth:`commit` once the step is known to be applied (``keep``: a bool, or on the fast
     path a 0-d bool device tensor), so a skipped step leaves the rule's state as it was.
     """
@@ -40,7 +52,8 @@ class GradientTransform:
     def bind(self, params: list[Tensor]) -> None:
         """Called once by the engine with the parameters it steps, before any step."""
 
-    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool) -> None:
+    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool,
+                   space: ParameterSet) -> None:
         """Rewrite ``grads`` (the descent gradients of ``params``) in place."""
         raise NotImplementedError
 
@@ -100,11 +113,12 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         return out
 
     # -------------------------------------------------------------- SAM steps: perturbation
-    def perturb_(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    def perturb_(self, params: list[Tensor], grads: list[Tensor],
+                 space: ParameterSet) -> Tensor:
         """SAM's eps (bit-identical to :class:`GradientNormPerturbation`), after recording
         g/|g| for the orthogonal component."""
         assert self._unit is not None, "bind() first"
-        norm = global_norm(grads)
+        norm = space.norm(grads)
         if len(params) != len(self._index):  # parameters without a gradient: zero there
             self._unit.zero_()
         unit = self._views(self._unit, params)
@@ -115,7 +129,8 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         return norm
 
     # --------------------------------------------------------------------------- descent
-    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool) -> None:
+    def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool,
+                   space: ParameterSet) -> None:
         assert self._next is not None and self._v is not None and self._unit is not None
         scratch = self._next
         if sharp:
@@ -123,11 +138,14 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
             if len(params) != len(self._index):
                 scratch.zero_()
             torch._foreach_copy_(self._views(scratch, params), grads)
-            dot = torch.dot(scratch, self._unit)
+            dot = space.sum_over_shards(torch.dot(scratch, self._unit))
             scratch.addcmul_(self._unit, dot, value=-1.0)
-            scratch.div_(torch.linalg.vector_norm(scratch) + _EPS)
+            # Under DDP with a per-rank perturbation u is the rank's own: g_v is averaged
+            # over the replicas, so that every rank keeps the same v and steps alike.
+            space.mean_over_replicas_(scratch)
+            scratch.div_(space.norm([scratch]) + _EPS)
             return
-        norm = global_norm(grads)
+        norm = space.norm(grads)
         torch.mul(self._v, self.alpha * norm, out=scratch)
         torch._foreach_add_(grads, self._views(scratch, params))
 

@@ -1,0 +1,177 @@
+"""The passes layer: "run a pass of the model over these rows of the batch, with or without
+a gradient", and nothing about which rows or why.
+
+What a pass involves, and only here:
+
+- the forward through the model or through ``torch.compile``'s wrapper of it, under
+  ``torch.autocast`` when the engine has an ``autocast_dtype``;
+- the BatchNorm rule (:mod:`ksam.batchnorm`): only the step's first full-batch pass updates
+  the running statistics, every other pass runs with them frozen; the statistics of the step
+  are saved first, so that a skipped or failed step can put them back;
+- chunking (``micro_batch_size``): a pass over more rows runs chunk by chunk, a gradient
+  pass accumulating each chunk's share of the objective, DDP's gradient all-reduce held back
+  (``no_sync``) until the last chunk;
+- the backward, through a GradScaler's scale when there is one; DDP's ``no_sync`` for a pass
+  whose gradient stays on its rank (a per-rank ascent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch import Batch, batch_device, index_batch
+from .batchnorm import BatchNormGuard
+
+__all__ = ["Passes", "StepPasses", "LossFn", "Objective"]
+
+LossFn = Callable[[nn.Module, Batch], Tensor]
+#: what a gradient pass differentiates: a scalar from the pass's per-sample losses, linear in
+#: them (a mean times a scale), so that chunks' gradients add up to the whole pass's
+Objective = Callable[[Tensor], Tensor]
+
+
+class Passes:
+    """Runs the forward and backward passes of an engine's steps (see the module docstring).
+
+    Args:
+        model: the model (or its DDP / FSDP2 wrapper); its ``state_dict`` is never touched.
+        compile_backend: a ``torch.compile`` backend name for the passes' forward, or None.
+        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` for ``torch.autocast``, or
+            None.
+        grad_scaler: a ``torch.amp.GradScaler`` that scales every backward, or None.
+        micro_batch_size: the most rows one forward takes, or None.
+    """
+
+    def __init__(self, model: nn.Module, *, compile_backend: str | None,
+                 autocast_dtype: torch.dtype | None,
+                 grad_scaler: torch.amp.GradScaler | None,
+                 micro_batch_size: int | None) -> None:
+        self.model = model
+        # What the passes call: the model itself, or torch.compile's wrapper of it.
+        self.forward_model = model if compile_backend is None \
+            else torch.compile(model, backend=compile_backend)
+        self.autocast_dtype = autocast_dtype
+        self.grad_scaler = grad_scaler
+        self.micro_batch_size = micro_batch_size
+        self.batchnorm = BatchNormGuard(model)
+        if micro_batch_size is not None:
+            self.batchnorm.check_chunkable(compiled=compile_backend is not None)
+        self._no_sync = getattr(model, "no_sync", None)
+
+    def begin(self, batch: Batch, loss_fn: LossFn, n: int) -> StepPasses:
+        """The passes of one step over ``batch`` (BatchNorm statistics saved first)."""
+        self.batchnorm.save()
+        return StepPasses(self, batch, loss_fn, n)
+
+    def restore_batchnorm(self, where: Tensor | None = None) -> None:
+        """Put the step's saved BatchNorm statistics back (where ``where``, a 0-d bool
+        tensor, is true: on the device, no host sync)."""
+        self.batchnorm.restore(where)
+
+    def local_gradients(self) -> contextlib.AbstractContextManager:
+        """Within the block, DDP keeps gradients on their rank (no all-reduce)."""
+        return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
+
+    def backward(self, objective: Tensor) -> None:
+        if self.grad_scaler is not None:
+            objective = self.grad_scaler.scale(objective)
+        objective.backward()
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # No weight-cast cache: each forward casts a weight once anyway, and the cache does not
+        # survive CUDA graph capture.
+        return torch.autocast(device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+
+class StepPasses:
+    """The passes of one step over one batch of ``n`` rows."""
+
+    def __init__(self, passes: Passes, batch: Batch, loss_fn: LossFn, n: int) -> None:
+        self.passes = passes
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.n = n
+        self.device = batch_device(batch)
+        #: the step's first full-batch pass has not run yet (it updates BatchNorm statistics)
+        self._batchnorm_pending = True
+
+    def chunked(self, rows: int) -> bool:
+        """Whether a pass over ``rows`` rows runs in more than one chunk."""
+        m = self.passes.micro_batch_size
+        return m is not None and rows > m
+
+    def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
+        """Per-sample losses of the rows ``index`` (None: all) in one forward, with their
+        graph when ``grad``."""
+        update = index is None and self._batchnorm_pending
+        expected = self.n if index is None else index.numel()
+        losses = self._call(index_batch(self.batch, index), expected, grad=grad,
+                            freeze=not update)
+        if update:
+            self._batchnorm_pending = False
+        return losses
+
+    def run(self, index: Tensor | None, objective: Objective | None = None) -> Tensor:
+        """A pass over the rows ``index`` (None: all): their detached per-sample losses and,
+        with ``objective``, the backward of ``objective(losses)``.
+
+        In chunks (``micro_batch_size``), chunk c's backward takes ``objective`` of the
+        pass's losses with every other chunk's entries zero: for an objective linear in the
+        losses the chunks' gradients add up to the unchunked one, and each chunk's graph is
+        freed before the next is built."""
+        p = self.passes
+        total = self.n if index is None else index.numel()
+        if not self.chunked(total):
+            losses = self.forward(index, grad=objective is not None)
+            if objective is not None:
+                p.backward(objective(losses))
+            return losses.detach()
+        assert p.micro_batch_size is not None
+        update = index is None and self._batchnorm_pending
+        parts = []
+        with p.batchnorm.accumulated() if update else contextlib.nullcontext():
+            for start in range(0, total, p.micro_batch_size):
+                stop = min(start + p.micro_batch_size, total)
+                rows = slice(start, stop) if index is None else index[start:stop]
+                held = objective is not None and stop < total
+                with p.local_gradients() if held else contextlib.nullcontext():
+                    losses = self._call(index_batch(self.batch, rows), stop - start,
+                                        grad=objective is not None, freeze=True)
+                    if objective is not None:
+                        p.backward(objective(F.pad(losses, (start, total - stop))))
+                parts.append(losses.detach())
+        if update:
+            self._batchnorm_pending = False
+        return torch.cat(parts)
+
+    def _call(self, sub: Batch, expected: int, *, grad: bool, freeze: bool) -> Tensor:
+        p = self.passes
+        with p.batchnorm.frozen(freeze), p.autocast(self.device), torch.set_grad_enabled(grad):
+            losses = self.loss_fn(p.forward_model, sub)
+        check_losses(losses, expected)
+        return losses
+
+
+def check_losses(losses: Any, expected: int) -> None:
+    """TypeError / ValueError unless ``losses`` are ``expected`` floating-point per-sample
+    losses."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"loss_fn must return a tensor of per-sample losses, got {type(losses).__name__}"
+        )
+    if losses.dim() != 1 or losses.shape[0] != expected:
+        hint = " (a scalar: use reduction='none')" if losses.dim() == 0 else ""
+        raise ValueError(
+            f"loss_fn must return per-sample losses of shape [{expected}], "
+            f"got shape {list(losses.shape)}{hint}"
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")

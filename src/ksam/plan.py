@@ -1,0 +1,154 @@
+"""The step plan: a method's rules, and every fact the engine derives from them.
+
+A method of ksam is a choice of rules (see :mod:`ksam.engine`): an *ascent* selection rule
+(or none), a *perturbation* rule, a *descent* selection rule, a *schedule* of sharp steps
+and an optional *transform* of the descent gradient. :class:`StepPlan` holds them, checks
+that they combine, and derives once what the engine and its executors need to know about a
+step: whether a scoring forward runs, which rows a plain step uses, whether the rules read
+labels or draw random numbers on the host, what keys a captured graph. The plan is frozen:
+replacing a rule (:func:`ksam.distributed.use_global_selection`) builds a new plan, so no
+derived fact can go stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .perturbation import PerturbationRule
+from .schedule import Schedule
+from .selection import SelectionRule, WholeBatch
+from .transform import GradientTransform
+
+__all__ = ["StepPlan"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A method's rules (checked to combine) and the facts derived from them.
+
+    ValueError when the rules do not combine: an ascent rule without a perturbation rule,
+    a perturbation that needs an ascent pass without one (or one that takes none with one),
+    a schedule of sharp steps without an ascent pass, a descent rule that
+    reads losses at w+eps without a perturbation.
+    """
+
+    ascent: SelectionRule | None
+    perturbation: PerturbationRule | None
+    descent: SelectionRule
+    schedule: Schedule = field(default_factory=Schedule)
+    transform: GradientTransform | None = None
+
+    #: the rows of a plain step (the schedule's non-sharp steps): the descent rule's, but
+    #: the whole batch for a rule defined only under a perturbation (ESAM's)
+    plain_descent: SelectionRule = field(init=False)
+    #: a sharp step starts with a gradient-free forward over the batch: a rule reads losses
+    #: at w and no full-batch pass at w (ESAM's ascent) gives them first
+    scores_sharp: bool = field(init=False)
+    #: a plain step starts with that forward (its rows are chosen from losses at w)
+    scores_plain: bool = field(init=False)
+    #: a rule reads the batch's class labels
+    needs_labels: bool = field(init=False)
+    #: the perturbation comes from the optimizer's state, with no ascent pass (MSAM)
+    perturbs_from_state: bool = field(init=False)
+    #: why a step draws random numbers on the host (None: it does not)
+    host_randomness: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        ascent, perturbation, descent = self.ascent, self.perturbation, self.descent
+        if ascent is not None and perturbation is None:
+            raise ValueError("an ascent rule needs a perturbation rule")
+        if perturbation is not None and (ascent is None) == perturbation.needs_ascent:
+            raise ValueError(f"{perturbation!r} " + (
+                "needs an ascent rule" if ascent is None else "takes no ascent pass"))
+        if ascent is None and not self.schedule.always:
+            raise ValueError("a schedule of sharpness-aware steps needs a method with an "
+                             "ascent pass")
+        if descent.needs_perturbed_losses and ascent is None:
+            raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
+        plain = WholeBatch() if descent.needs_perturbed_losses else descent
+        ascent_is_full = isinstance(ascent, WholeBatch)
+        rules = [r for r in (ascent, descent) if r is not None]
+        derived = {
+            "plain_descent": plain,
+            "scores_sharp": bool((ascent is not None and ascent.needs_scores)
+                                 or (descent.needs_scores and not ascent_is_full)),
+            "scores_plain": plain.needs_scores,
+            "needs_labels": any(r.needs_labels for r in rules),
+            "perturbs_from_state": perturbation is not None and not perturbation.needs_ascent,
+            "host_randomness": _host_randomness(rules, perturbation),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **rules: object) -> StepPlan:
+        """A new plan with some rules replaced (checked and derived anew)."""
+        return dataclasses.replace(self, **rules)
+
+    # -------------------------------------------------------------------- per step
+    def descent_rule(self, sharp: bool) -> SelectionRule:
+        """The rule of the step's gradient pass: the descent rule, or on a plain step
+        :attr:`plain_descent`."""
+        return self.descent if sharp else self.plain_descent
+
+    def scores_first(self, sharp: bool) -> bool:
+        """Whether the step starts with a gradient-free scoring forward."""
+        return self.scores_sharp if sharp else self.scores_plain
+
+    def rules(self, sharp: bool) -> list[SelectionRule]:
+        """The selection rules a step uses, in order."""
+        if not sharp:
+            return [self.plain_descent]
+        return [self.descent] if self.ascent is None else [self.ascent, self.descent]
+
+    def check_batch(self, n: int) -> None:
+        """ValueError when a batch of ``n`` examples cannot be stepped on."""
+        if n < 1:
+            raise ValueError("the batch is empty")
+        for rule in (self.ascent, self.descent):
+            if rule is not None:
+                rule.check_batch(n)
+
+    def graph_key(self, n: int, step: int, sharp: bool) -> tuple:
+        """What makes step ``step`` on a batch of ``n`` do other work than another step of
+        the same shapes: sharp or plain, the subset sizes (a short last batch, K's warmup)
+        and the rules' phases (:meth:`ksam.selection.SelectionRule.graph_key`)."""
+        rules = self.rules(sharp)
+        return (bool(sharp), tuple(r.size_at(n, step) for r in rules),
+                tuple(r.graph_key(step) for r in rules))
+
+    def commit(self, keep: bool | Tensor, sharp: bool) -> None:
+        """The rules' updates staged by the step become their state where ``keep`` (the
+        step was applied): the selection rules' and the transform's."""
+        for rule in (self.ascent, self.descent):
+            if rule is not None:
+                rule.commit(keep)
+        if self.transform is not None:
+            self.transform.commit(keep, sharp)
+
+    def identity(self) -> dict[str, str | None]:
+        """The kinds of the rules, as a state records them."""
+        return {"ascent": _kind(self.ascent), "perturbation": _kind(self.perturbation),
+                "descent": _kind(self.descent)}
+
+    def __repr__(self) -> str:
+        extra = "" if self.schedule.always else f", schedule={self.schedule!r}"
+        extra += "" if self.transform is None else f", transform={self.transform!r}"
+        return (f"StepPlan(ascent={self.ascent!r}, perturbation={self.perturbation!r}, "
+                f"descent={self.descent!r}{extra})")
+
+
+def _host_randomness(rules: list[SelectionRule],
+                     perturbation: PerturbationRule | None) -> str | None:
+    for rule in rules:
+        if rule.draws_on_host:
+            return f"{rule!r} draws its rows on the host"
+    if perturbation is not None and perturbation.draws_on_host:
+        return f"{perturbation!r} draws its mask on the host"
+    return None
+
+
+def _kind(rule: object) -> str | None:
+    return None if rule is None else type(rule).__name__
