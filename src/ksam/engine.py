@@ -341,7 +341,8 @@ class SharpnessAwareOptimizer:
         mine = self.identity()
         for key in ("method", "rules", "optimizer_class"):  # older states may lack them
             if key in state and state[key] != mine[key]:
-                raise ValueError(f"this state_dict is of another method: {key} "
+                what = "optimizer" if key == "optimizer_class" else "method"
+                raise ValueError(f"this state_dict is of another {what}: {key} "
                                  f"{state[key]!r}, this engine has {mine[key]!r}")
         if "fast_path" in state and bool(state["fast_path"]) != self.fast_path:
             raise ValueError(f"this state_dict was saved with fast_path={state['fast_path']}, "
