@@ -150,14 +150,14 @@ def test_an_explicit_flag_wins_even_when_it_equals_the_default():
     """Old presets filled every field still at the parser's default, so `--schedule cosine`
     (the default) lost to a preset's `constant`; layers keep what the user typed."""
     preset = register_preset(Preset("test-constant", "a preset with a constant schedule",
-                                    {"schedule": "constant", "label_noise": 0.2,
+                                    {"lr_schedule": "constant", "label_noise": 0.2,
                                      "seeds": "5", "methods": ["sgd", "sam:rho=0.1"]}))
     try:
         args = _resolved(preset.name, "--schedule", "cosine", "--label-noise", "0",
                          "--seeds", "3")
-        assert (args.schedule, args.label_noise, args.seeds) == ("cosine", 0.0, [0, 1, 2])
+        assert (args.lr_schedule, args.label_noise, args.seeds) == ("cosine", 0.0, [0, 1, 2])
         args = _resolved(preset.name)
-        assert (args.schedule, args.label_noise, args.seeds) == ("constant", 0.2,
+        assert (args.lr_schedule, args.label_noise, args.seeds) == ("constant", 0.2,
                                                                  [0, 1, 2, 3, 4])
         with pytest.raises(ValueError, match="already registered"):
             register_preset(preset)

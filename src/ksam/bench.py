@@ -233,7 +233,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
                 # Scheduled methods alternate sharp and plain steps here, so that any
                 # number of timed steps times both kinds; the row weights the two medians
                 # by the method's own fraction of sharp steps.
-                engine.schedule = Schedule(interval=2)
+                engine.use_rules(schedule=Schedule(interval=2))
             entries.append({"label": label, "engine": engine, "times": [], "sharp": [],
                             "fraction": fraction,
                             "mode": ("fast" if fast else "eager")
@@ -252,19 +252,18 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
             e["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(steps):
         for e in entries:
-            sharp_before = e["engine"].schedule.sharp_steps
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
-                e["engine"].step((x, y), ce)
+                result = e["engine"].step((x, y), ce)
                 end.record()
                 end.synchronize()
                 e["times"].append(start.elapsed_time(end) / 1000)
             else:
                 t0 = time.perf_counter()
-                e["engine"].step((x, y), ce)
+                result = e["engine"].step((x, y), ce)
                 e["times"].append(time.perf_counter() - t0)
-            e["sharp"].append(e["engine"].schedule.sharp_steps > sharp_before)
+            e["sharp"].append(bool(result.sharp))
     if profile:  # after the timed steps, so the profiler's overhead is not timed
         for e in entries:
             e["profile"] = profile_step(lambda e=e: e["engine"].step((x, y), ce), cuda)

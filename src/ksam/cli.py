@@ -1,6 +1,7 @@
 """The ``ksam`` command: ``compare``, ``train``, ``bench``, ``tasks``.
 
-Bad input gives one ``ksam: error: ...`` line and exit code 2, before anything is written.
+Bad input gives one ``ksam: error: ...`` line and exit code 2, before anything is written
+(:data:`USER_ERRORS`); any other error is a bug and shows its traceback.
 The flags of ``compare`` and ``train`` have no argparse defaults: the parsed namespace holds
 exactly what the user typed, which is merged over a preset and the command's defaults into
 one :class:`ksam.config.CliConfig` (:func:`config_from_args`).
@@ -18,9 +19,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_SWEEP_SPLIT, CliConfig, MethodSpec, parse_seeds, parse_value
+from .config import (
+    DEFAULT_SWEEP_SPLIT,
+    LR_SCHEDULES,
+    SELECTION_SCOPES,
+    CliConfig,
+    MethodSpec,
+    parse_seeds,
+    parse_value,
+)
 from .methods import METHODS
 from .presets import PRESETS, preset_layer
+from .tasks.data import MissingDependencyError
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_seeds"]
 
@@ -58,6 +68,9 @@ def _number(text: str) -> int | float:
 
 
 _FLOAT, _NUMBER = _typed(_finite), _typed(_number)
+#: Errors that are the user's (a bad value, a missing or unusable path, a missing optional
+#: package): one ``ksam: error:`` line. Any other error is a bug and shows its traceback.
+USER_ERRORS = (ValueError, OSError, MissingDependencyError, argparse.ArgumentTypeError)
 _SPEC, _SEEDS = _typed(MethodSpec.parse), _typed(parse_seeds)
 
 
@@ -87,12 +100,16 @@ def _add_task(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_NUMBER, help="K-SAM / Ordered SGD subset: fraction or count")
     p.add_argument("--rho", type=_FLOAT, help="perturbation radius")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=_FLOAT)
-    p.add_argument("--momentum", type=_FLOAT)
-    p.add_argument("--weight-decay", type=_FLOAT)
-    p.add_argument("--schedule", choices=["cosine", "constant"], help="default cosine")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the task's)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: the task's)")
+    p.add_argument("--lr", type=_FLOAT,
+                   help="one learning rate for every method (default: the task's; "
+                        "compare without it sweeps each method's lr)")
+    p.add_argument("--momentum", type=_FLOAT, help="SGD momentum in [0, 1) (default: the "
+                                                   "task's)")
+    p.add_argument("--weight-decay", type=_FLOAT, help="default: the task's")
+    p.add_argument("--schedule", dest="lr_schedule", choices=LR_SCHEDULES,
+                   help="learning-rate schedule, default cosine")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
     fast = p.add_mutually_exclusive_group()
@@ -102,7 +119,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run the forward passes through torch.compile (default backend "
                         "inductor); compile time counts in the first epoch")
-    p.add_argument("--selection", choices=["local", "global"],
+    p.add_argument("--selection", dest="selection_scope", choices=SELECTION_SCOPES,
                    help="under torchrun: each rank's own top-K (default) or the global top-K")
     p.add_argument("--sync-perturbation", action="store_true",
                    help="under torchrun: average the ascent gradient across ranks")
@@ -125,7 +142,8 @@ def _add_output(p: argparse.ArgumentParser, resume_help: str) -> None:
     again.add_argument("--resume", action="store_true", help=resume_help)
     again.add_argument("--overwrite", action="store_true",
                        help="replace the results already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else one line per finished run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,10 +198,13 @@ def _task_options(items: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not eq:
             raise ValueError(f"--task-option {item!r} is not of the form key=value")
+        if not key:
+            raise ValueError(f"--task-option {item!r} names no option (key=value)")
         try:
-            opts[key.strip().replace("-", "_")] = parse_value(value.strip())
+            opts[key] = parse_value(value.strip())
         except ValueError as exc:
             raise ValueError(f"--task-option {item!r}: {exc}") from None
     return opts
@@ -203,38 +224,33 @@ def config_from_args(args: argparse.Namespace) -> CliConfig:
     return CliConfig.from_layers(*layers, user)
 
 
-def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """ValueError unless ``out`` can take a new run's results: a new or empty folder, or
-    one with results under ``resume``/``overwrite``; never a file; writable."""
+def check_out_dir(out: Path, command: str, *, resume: bool, overwrite: bool) -> None:
+    """ValueError unless ``out`` can take ``command``'s results: a new or empty folder, or
+    one with results under ``resume``/``overwrite`` (not another command's); never a file;
+    writable."""
+    from .train import check_folder_command
+
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, not a folder")
-    if existing == out and any(out.iterdir()) and not (resume or overwrite):
-        raise ValueError(f"--out {out} is not empty; give --resume to continue the results "
-                         "there or --overwrite to replace them")
+    if existing == out and any(out.iterdir()):
+        if not (resume or overwrite):
+            raise ValueError(f"--out {out} is not empty; give --resume to continue the "
+                             "results there or --overwrite to replace them")
+        check_folder_command(out, command)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
-
-
-def _clear_outputs(out: Path, names: tuple[str, ...]) -> None:
-    """Remove what an earlier ksam command wrote in ``out`` (only those files and folders)."""
-    import shutil
-
-    for name in names:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
 
 
 # --------------------------------------------------------------------------- commands
 
 class _Progress:
-    """A tqdm bar over epochs of all runs; off with --quiet or when stdout is no terminal."""
+    """Progress over all runs' epochs: a tqdm bar on a terminal, else one line per finished
+    run; nothing with --quiet."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.bar = None
+    def __init__(self, total: int, epochs: int, quiet: bool) -> None:
+        self.bar, self.quiet, self.epochs = None, quiet, epochs
+        self.runs, self.done = max(1, total // max(1, epochs)), 0
         if not quiet and sys.stdout.isatty():
             try:
                 from tqdm import tqdm
@@ -244,20 +260,42 @@ class _Progress:
                 pass
 
     def __call__(self, label: str, row: dict[str, Any]) -> None:
+        acc = "-" if row["test_acc"] is None else f"{row['test_acc']:.2f}"
         if self.bar is not None:
             self.bar.set_description(label)
-            acc = "-" if row["test_acc"] is None else f"{row['test_acc']:.2f}"
             self.bar.set_postfix(acc=acc, loss=f"{row['train_loss']:.3f}")
             self.bar.update(1)
+        elif not self.quiet and row["epoch"] == self.epochs:
+            self.done += 1
+            print(f"run {self.done}/{self.runs} done: {label}: accuracy {acc} %, train loss "
+                  f"{row['train_loss']:.4f}, {row['train_time']:.1f} s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _dist():
-    """torchrun sets WORLD_SIZE; then every rank joins the process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def _world_size() -> int:
+    """The number of processes torchrun says there are (1 without torchrun)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={text!r} is not a number of processes") from None
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world}: need at least one process")
+    if world > 1:
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start "
+                             "the processes with torchrun (which sets them all), or unset "
+                             "WORLD_SIZE for one process")
+    return world
+
+
+def _dist(world: int):
+    """Under torchrun (``world`` > 1) every rank joins the process group."""
+    if world <= 1:
         return None
     from . import distributed
 
@@ -267,7 +305,7 @@ def _dist():
 def cmd_compare(cfg: CliConfig) -> int:
     from . import compare as cmp
     from .tasks import get_task
-    from .train import resolve_device
+    from .train import open_output, resolve_device
 
     sweep = cfg.sweep_lrs
     if sweep and cfg.lr is not None:
@@ -275,28 +313,29 @@ def cmd_compare(cfg: CliConfig) -> int:
     if cfg.resume and cfg.out is None:
         raise ValueError("--resume needs --out: the comparison to continue")
     out = cfg.out or Path("runs") / f"compare-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
-    check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_out_dir(out, "compare", resume=cfg.resume, overwrite=cfg.overwrite)
     # The held-out split is for the sweep; the final comparison uses the test set.
     base = cfg.train_config(with_validation=not sweep)
-    base.validate()
     if sweep:
         cmp.check_sweep(base, cfg.methods, sweep)
-    dist_info = _dist()
-    if dist_info is not None:
-        base.device = str(dist_info.device)
+    world = _world_size()
+    base.check_processes(world)
     task = get_task(base.task, device=resolve_device(base.device), seed=cfg.seeds[0],
                     **base.task_options)
     cmp.check_methods(base.resolved(task.defaults), cfg.methods, cfg.shared, task)
+    dist_info = _dist(world)
+    if dist_info is not None:
+        base.device = str(dist_info.device)
     is_main = dist_info is None or dist_info.rank == 0
-    if cfg.overwrite and is_main and out.is_dir():
-        _clear_outputs(out, cmp.OUTPUTS)
     epochs = base.resolved(task.defaults).epochs
     rounds = 1 + (len(sweep) if sweep else 0)
-    progress = _Progress(len(cfg.methods) * len(cfg.seeds) * epochs * rounds,
+    progress = _Progress(len(cfg.methods) * len(cfg.seeds) * epochs * rounds, epochs,
                          cfg.quiet or not is_main)
     common = dict(shared=cfg.shared, progress=progress, is_main=is_main, dist_info=dist_info,
-                  resume=cfg.resume)
+                  resume=cfg.resume, overwrite=cfg.overwrite)
     specs, lr_choice = cfg.methods, cmp.describe_lrs(base, cfg.methods)
+    folder = open_output(out, "compare", resume=cfg.resume, overwrite=cfg.overwrite) \
+        if is_main else None
     try:
         if sweep:
             held_out = cfg.validation_split or DEFAULT_SWEEP_SPLIT
@@ -307,6 +346,8 @@ def cmd_compare(cfg: CliConfig) -> int:
                              **common)
     finally:
         progress.close()
+        if folder is not None:
+            folder.close()
     if is_main:
         if sweep:
             print(f"lr per method (validation accuracy, {held_out:g} of the training set held "
@@ -314,23 +355,25 @@ def cmd_compare(cfg: CliConfig) -> int:
         print(f"{base.task}: {len(cfg.seeds)} seeds x {len(specs)} methods, {lr_choice['text']}"
               f"; results in {out}")
         print(report["table"])
+        print(report["notes"])
     return 0
 
 
 def cmd_train(cfg: CliConfig) -> int:
-    from .train import TRAIN_OUTPUTS, checkpoint_path, train
+    from .train import resume_point, train
 
     spec = cfg.methods[0]
     base = cfg.train_config()
     base.method, base.method_options = spec.name, spec.method_options(cfg.shared)
-    base.seed = cfg.seed
     if spec.lr is not None:
         base.lr = spec.lr
     out = cfg.out or Path("runs") / f"train-{base.task}-{spec.name}-seed{cfg.seed}"
-    check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
-    if cfg.resume and not checkpoint_path(out).exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path(out)}")
-    dist_info = _dist()
+    check_out_dir(out, "train", resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:
+        resume_point(out)
+    world = _world_size()
+    base.check_processes(world)
+    dist_info = _dist(world)
     if dist_info is not None:
         base.device = str(dist_info.device)
     is_main = dist_info is None or dist_info.rank == 0
@@ -342,11 +385,9 @@ def cmd_train(cfg: CliConfig) -> int:
                   f"test acc {acc}%  epoch {row['epoch_time']:.2f}s  "
                   f"step {1000 * row['step_time_median']:.2f} ms", flush=True)
 
-    clear = (lambda: _clear_outputs(out, TRAIN_OUTPUTS)) if cfg.overwrite and is_main \
-        else None
     try:
-        result = train(base, out_dir=out, resume=cfg.resume, on_epoch=report,
-                       dist_info=dist_info, before_write=clear)
+        result = train(base, out_dir=out, resume=cfg.resume, overwrite=cfg.overwrite,
+                       on_epoch=report, dist_info=dist_info)
     finally:
         if dist_info is not None:  # FSDP's process group aborts the process if left open
             from . import distributed
@@ -386,9 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return _run(args)
-    except (ValueError, OSError, ImportError, KeyError, argparse.ArgumentTypeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"ksam: error: {message}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"ksam: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ksam: interrupted", file=sys.stderr)

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from .config import MethodSpec
-from .train import TrainConfig, atomic_write_bytes, atomic_write_text, train
+from .train import TrainConfig, atomic_write_bytes, train
 
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
-#: What ``ksam compare --out D`` writes in D (``--overwrite`` removes these only).
-OUTPUTS = ("config.json", "summary.md", "summary.json", "metrics.csv", "accuracy_vs_time.png",
-           "accuracy_vs_cost.png", "lr_sweep.md", "lr_sweep.json", "runs", "lr-sweep")
+#: The caption of accuracy_vs_cost.png.
+FRONTIER_CAPTION = ("filled, '(frontier)': no other method is both faster and more accurate; "
+                    "error bars: std over seeds")
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -137,6 +137,20 @@ def _save_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | None, str]:
+    """The accuracy-vs-time plot's y range (from 10 points below the lowest final accuracy,
+    so that the final accuracies are told apart) and its label, which says where the axis
+    starts when that cuts off lower (early) accuracies."""
+    finals = [e["test_acc"] for r in runs for e in r["epochs"][-1:] if e["test_acc"] is not None]
+    if not finals:
+        return None, None, "test accuracy (%)"
+    low, high = max(0.0, min(finals) - 10), min(100.0, max(finals) + 2)
+    every = [e["test_acc"] for r in runs for e in r["epochs"] if e["test_acc"] is not None]
+    if min(every) >= low:
+        return low, high, "test accuracy (%)"
+    return low, high, f"test accuracy (%); the axis starts at {low:.0f} %, lower points cut off"
+
+
 def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Test accuracy against training wall-clock: per method the mean over seeds and the
     min-max band.
@@ -162,11 +176,11 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
             ax.fill_between(ts, [min(a) for a in accs], [max(a) for a in accs],
                             color=colour, alpha=0.15, lw=0)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy (%)")
+    low, high, label = accuracy_axis(runs)
+    ax.set_ylabel(label)
     ax.set_title(title)
-    finals = [e["test_acc"] for r in runs for e in r["epochs"][-1:]]
-    if finals:
-        ax.set_ylim(max(0.0, min(finals) - 10), min(100.0, max(finals) + 2))
+    if low is not None:
+        ax.set_ylim(low, high)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -195,7 +209,8 @@ def plot_accuracy_vs_cost(points: list[dict[str, Any]], reference: str, path: Pa
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, FRONTIER_CAPTION, fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save_png(fig, path)
     return True
 
@@ -257,41 +272,67 @@ def _run_config(cfg: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | Non
                    seed=seed, lr=cfg.lr if spec.lr is None else spec.lr)
 
 
-def _run_dir(out_dir: Path | None, spec: MethodSpec, seed: int) -> Path | None:
-    return out_dir / "runs" / f"{_slug(spec.label)}-seed{seed}" if out_dir else None
+def _run_name(spec: MethodSpec, seed: int) -> str:
+    """The folder of one run, relative to the comparison's."""
+    return f"runs/{_slug(spec.label)}-seed{seed}"
 
 
-def _check_checkpoints(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
-                       seeds: list[int], out_dir: Path | None) -> None:
-    """Every checkpoint in ``out_dir`` is sound and continues its run (else ValueError)."""
-    from .train import check_resumable, checkpoint_path, load_checkpoint
+def _resumable(run_dir: Path) -> bool:
+    """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew)."""
+    from .train import checkpoint_path
+
+    return checkpoint_path(run_dir).exists() or (run_dir / "config.json").exists()
+
+
+def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
+                seeds: list[int], out_dir: Path | None) -> None:
+    """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
+    ``config.json`` of a run interrupted before its first one) is sound and continues its
+    run (else ValueError)."""
+    from .train import (
+        _saved_run_config,
+        check_folder_command,
+        check_resumable,
+        load_checkpoint,
+        resume_point,
+    )
 
     if out_dir is None or not out_dir.is_dir():
         raise ValueError(f"resume: no earlier comparison in {out_dir}")
+    check_folder_command(out_dir, "compare")
     for seed in seeds:
         for spec in specs:
-            path = checkpoint_path(_run_dir(out_dir, spec, seed))
-            if path.exists():
-                check_resumable(_run_config(cfg, spec, shared, seed),
-                                load_checkpoint(path)["config"], path)
+            run_dir = out_dir / _run_name(spec, seed)
+            if not _resumable(run_dir):
+                continue
+            check_folder_command(run_dir, "train")
+            point = resume_point(run_dir)
+            saved = load_checkpoint(point)["config"] if point.suffix == ".pt" \
+                else _saved_run_config(point)
+            check_resumable(_run_config(cfg, spec, shared, seed), saved, point)
 
 
 def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
             out_dir: Path | None, *, shared: dict[str, Any] | None = None, task: Any = None,
             progress: Callable[[str, dict[str, Any]], None] | None = None,
             is_main: bool = True, dist_info: Any = None, resume: bool = False,
-            lr_choice: dict[str, Any] | None = None) -> dict[str, Any]:
+            overwrite: bool = False, lr_choice: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
     """Train every method spec with every seed; write the report to ``out_dir``.
 
     Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
-    Everything is validated before the first file is written. ``resume``: a run whose
-    checkpoint is in ``out_dir`` continues from it (a finished one is only re-read), after
-    every checkpoint is verified and its configuration checked against this one.
-    ``lr_choice`` (see :func:`describe_lrs`) says in the report how the lrs were set.
+    Everything is validated before the first file is written; ``out_dir`` is locked while
+    the comparison writes there (:func:`ksam.train.open_output`) and refused if it holds
+    results, unless ``resume`` or ``overwrite`` (which first removes what ksam wrote there).
+    ``resume``: a run whose checkpoint is in ``out_dir`` continues from it (a finished one
+    is only re-read), after every checkpoint is verified and its configuration checked
+    against this one. ``progress(label, row)`` is called after every epoch, the label
+    naming the method spec and the seed. ``lr_choice`` (see :func:`describe_lrs`) says in
+    the report how the lrs were set.
     """
     from .config import parse_seeds
     from .tasks import get_task
-    from .train import checkpoint_path, resolve_device
+    from .train import open_output, resolve_device
 
     base.validate()
     parsed = [MethodSpec.parse(spec) for spec in specs]
@@ -304,44 +345,65 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     resolved = base.resolved(task.defaults)
     check_methods(resolved, parsed, shared, task)
     if resume:  # every checkpoint is checked before any run continues
-        _check_checkpoints(resolved, parsed, shared, seeds, out_dir)
+        _check_runs(resolved, parsed, shared, seeds, out_dir)
     lr_choice = lr_choice or describe_lrs(base, parsed)
     labels = [spec.label for spec in parsed]
-    if out_dir is not None and is_main:
-        config_text = json.dumps({
-            "base": resolved.to_dict(), "methods": labels, "seeds": seeds,
-            "lr_choice": lr_choice, "environment": environment(),
-            "task": task.description}, indent=2)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", config_text)
+    folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
+        if out_dir is not None and is_main else None
+    try:
+        if folder is not None:
+            folder.write_text("config.json", json.dumps({
+                "base": resolved.to_dict(), "methods": labels, "seeds": seeds,
+                "lr_choice": lr_choice, "environment": environment(),
+                "task": task.description}, indent=2))
+        runs = []
+        for seed in seeds:
+            for spec in parsed:
+                runs.append(_one_run(base, spec, shared, seed, out_dir, folder, task=task,
+                                     dist_info=dist_info, resume=resume, overwrite=overwrite,
+                                     progress=progress))
+        report = _report(runs, parsed, resolved, task, lr_choice, base)
+        if folder is not None:
+            _write_report(folder, report, task.description, seeds)
+    finally:
+        if folder is not None:
+            folder.close()
+    return report
 
-    runs = []
-    for seed in seeds:
-        for spec in parsed:
-            run_dir = _run_dir(out_dir, spec, seed)
-            again = resume and run_dir is not None and checkpoint_path(run_dir).exists()
-            result = train(_run_config(base, spec, shared, seed), out_dir=run_dir, task=task,
-                           dist_info=dist_info, resume=again,
-                           on_epoch=(lambda row, s=spec.label: progress(s, row))
-                           if progress else None)
-            result.pop("model")
-            result["label"] = spec.label
-            result["seed"] = seed
-            runs.append(result)
 
+def _one_run(base: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None, seed: int,
+             out_dir: Path | None, folder: Any, *, task: Any, dist_info: Any, resume: bool,
+             overwrite: bool, progress: Callable[[str, dict[str, Any]], None] | None
+             ) -> dict[str, Any]:
+    """Train (or continue, or re-read) one run of the comparison."""
+    run_dir = None if out_dir is None else out_dir / _run_name(spec, seed)
+    if folder is not None:
+        folder.record(_run_name(spec, seed))
+    label = f"{spec.label} seed {seed}"
+    result = train(_run_config(base, spec, shared, seed), out_dir=run_dir, task=task,
+                   dist_info=dist_info,
+                   resume=resume and run_dir is not None and _resumable(run_dir),
+                   overwrite=overwrite,
+                   on_epoch=(lambda row: progress(label, row)) if progress else None)
+    result.pop("model")
+    result["label"] = spec.label
+    result["seed"] = seed
+    return result
+
+
+def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: TrainConfig,
+            task: Any, lr_choice: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
+    labels = [spec.label for spec in parsed]
     # SGD is the reference: the plain "sgd" spec, else the first SGD spec (e.g. at its own
     # lr after a sweep), else the first method.
     reference = "sgd" if "sgd" in labels else next(
         (spec.label for spec in parsed if spec.name == "sgd"), labels[0])
     rows = summarize(runs, reference)
-    report = {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
-              "runs": runs, "task_name": task.name, "lr_choice": lr_choice,
-              "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
-              "split": "validation" if base.task_options.get("validation_split") else "test",
-              "config": resolved.to_dict(), "environment": environment()}
-    if out_dir is not None and is_main:
-        _write_report(out_dir, report, task.description, seeds)
-    return report
+    return {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
+            "notes": table_notes(reference), "runs": runs, "task_name": task.name,
+            "lr_choice": lr_choice, "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
+            "split": "validation" if base.task_options.get("validation_split") else "test",
+            "config": resolved.to_dict(), "environment": environment()}
 
 
 def _slug(spec: str) -> str:
@@ -353,7 +415,7 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
     return (
         f"# ksam compare: {report['task_name']}\n\n{description}\n\n"
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {cfg['epochs']} epochs, "
-        f"batch {cfg['batch_size']} ({cfg['schedule']} lr schedule), momentum "
+        f"batch {cfg['batch_size']} ({cfg['lr_schedule']} lr schedule), momentum "
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"
@@ -361,8 +423,7 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
         f"Learning rate: {report['lr_choice']['text']} (the 'lr' column).\n\n"
         f"{report['split'].capitalize()} accuracy at the end of training (the 'test acc' "
         f"column); train time is the wall-clock of the training "
-        f"steps only (evaluation excluded), mean over seeds; 'collapsed' counts runs ending "
-        f"more than {COLLAPSE_MARGIN:.0f} points below {report['reference']}'s mean.\n\n"
+        f"steps only (evaluation excluded), mean over seeds.\n\n"
     )
 
 
@@ -379,27 +440,32 @@ def _metrics_csv(runs: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_report(out_dir: Path, report: dict[str, Any], description: str,
+def table_notes(reference: str) -> str:
+    """What the table's 'collapsed' column and the cost plot's '(frontier)' mean."""
+    return (f"'collapsed' counts runs ending more than {COLLAPSE_MARGIN:.0f} points of test "
+            f"accuracy below {reference}'s mean.\n"
+            "'(frontier)' in accuracy_vs_cost.png marks the methods no other method beats "
+            "on both time and accuracy (at most the time and at least the accuracy).")
+
+
+def _write_report(folder: Any, report: dict[str, Any], description: str,
                   seeds: list[int]) -> None:
+    """summary.md, summary.json, metrics.csv and the plots, into the comparison's
+    :class:`ksam.train.OutputFolder`."""
     cfg = report["config"]
     title = f"{cfg['task']}: final test accuracy vs training cost"
     drawn = plot_accuracy_vs_cost(report["accuracy_vs_cost"], report["reference"],
-                                  out_dir / "accuracy_vs_cost.png", title)
+                                  folder.record("accuracy_vs_cost.png"), title)
     note = "" if drawn else ("\n(matplotlib is not installed: no plots; the accuracy-vs-cost "
                              "points are in summary.json.)\n")
-    atomic_write_text(out_dir / "summary.md", _report_header(report, description, seeds)
-                      + report["table"] + "\n" + note)
+    folder.write_text("summary.md", _report_header(report, description, seeds)
+                      + report["table"] + "\n\n" + report["notes"] + "\n" + note)
     slim = {k: v for k, v in report.items() if k != "runs"}
     slim["runs"] = [{k: r[k] for k in ("label", "seed", "final")} for r in report["runs"]]
-    atomic_write_text(out_dir / "summary.json", json.dumps(slim, indent=2, default=str))
-    atomic_write_text(out_dir / "metrics.csv", _metrics_csv(report["runs"]))
-    plot_accuracy_vs_time(report["runs"], out_dir / "accuracy_vs_time.png",
+    folder.write_text("summary.json", json.dumps(slim, indent=2, default=str))
+    folder.write_text("metrics.csv", _metrics_csv(report["runs"]))
+    plot_accuracy_vs_time(report["runs"], folder.record("accuracy_vs_time.png"),
                           f"{cfg['task']}: test accuracy vs training time")
-
-
-def with_lr(spec: str | MethodSpec, lr: float) -> str:
-    """``spec`` with ``lr=`` appended: ``ksam:k=32`` -> ``ksam:k=32,lr=0.2``."""
-    return MethodSpec.parse(spec).with_lr(lr).label
 
 
 def check_sweep(base: TrainConfig, specs: list[MethodSpec], lrs: list[float]) -> None:
@@ -435,7 +501,7 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
              shared: dict[str, Any] | None = None,
              progress: Callable[[str, dict[str, Any]], None] | None = None,
              is_main: bool = True, dist_info: Any = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Each method's learning rate, chosen on a held-out split of the training set.
 
     For every lr in ``lrs``: :func:`compare` of all ``specs`` with ``validation_split`` of
@@ -443,7 +509,8 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     method's lr is the one with the best mean final validation accuracy (the first one on a
     tie). Returns ``{"chosen": {label: lr}, "specs": [MethodSpec with lr], "table":
     markdown, "validation": {label: {lr: mean acc}}, "lrs", "validation_split"}`` and writes
-    each sweep run under ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``.
+    each sweep run under ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``
+    (``out_dir`` locked and checked as by :func:`compare`).
     """
     parsed = [MethodSpec.parse(spec) for spec in specs]
     check_sweep(base, parsed, lrs)
@@ -452,27 +519,50 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     held_out.validate()
     scores: dict[str, dict[float, float]] = {spec.label: {} for spec in parsed}
     collapsed: dict[str, dict[float, int]] = {spec.label: {} for spec in parsed}
-    for lr in lrs:
-        sub = out_dir / "lr-sweep" / f"lr-{lr:g}" if out_dir is not None else None
-        report = compare(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
-                         progress=progress, is_main=is_main, dist_info=dist_info,
-                         resume=resume and sub is not None and sub.is_dir())
-        for row in report["rows"]:
-            scores[row["method"]][lr] = row["test_acc_mean"]
-            collapsed[row["method"]][lr] = row["collapsed"] or 0
+    from .train import open_output
+
+    folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
+        if out_dir is not None and is_main else None
+    try:
+        for lr in lrs:
+            name = f"lr-sweep/lr-{lr:g}"
+            sub = out_dir / name if out_dir is not None else None
+            if folder is not None:
+                folder.record(name)
+            report = compare(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
+                             progress=(lambda label, row, lr=lr: progress(
+                                 f"lr {lr:g} (held out) {label}", row)) if progress else None,
+                             is_main=is_main, dist_info=dist_info, overwrite=overwrite,
+                             resume=resume and sub is not None and sub.is_dir())
+            for row in report["rows"]:
+                scores[row["method"]][lr] = row["test_acc_mean"]
+                collapsed[row["method"]][lr] = row["collapsed"] or 0
+        result = _sweep_result(parsed, lrs, scores, collapsed, len(seeds), validation_split)
+        if folder is not None:
+            _write_sweep(folder, result, len(seeds))
+    finally:
+        if folder is not None:
+            folder.close()
+    return result
+
+
+def _sweep_result(parsed: list[MethodSpec], lrs: list[float], scores: dict[str, dict],
+                  collapsed: dict[str, dict], n_seeds: int,
+                  validation_split: float) -> dict[str, Any]:
     chosen = {spec.label: max(lrs, key=lambda lr, s=spec.label: (scores[s][lr], -lrs.index(lr)))
               for spec in parsed}
-    table = _sweep_table(parsed, lrs, scores, collapsed, chosen, len(seeds))
-    result = {"chosen": chosen, "specs": [s.with_lr(chosen[s.label]) for s in parsed],
-              "table": table, "validation": scores, "validation_split": validation_split,
-              "lrs": list(lrs)}
-    if out_dir is not None and is_main:
-        text = (f"# Learning rate per method, chosen on a held-out split\n\n"
-                f"Final validation accuracy % (mean over {len(seeds)} seeds) with "
-                f"{validation_split:g} of the training set held out; the test set is not "
-                f"used. Each method then runs on the test set at its chosen lr.\n\n"
-                f"{table}\n")
-        atomic_write_text(out_dir / "lr_sweep.md", text)
-        atomic_write_text(out_dir / "lr_sweep.json", json.dumps(
-            {**result, "specs": [s.label for s in result["specs"]]}, indent=2))
-    return result
+    table = _sweep_table(parsed, lrs, scores, collapsed, chosen, n_seeds)
+    return {"chosen": chosen, "specs": [s.with_lr(chosen[s.label]) for s in parsed],
+            "table": table, "validation": scores, "validation_split": validation_split,
+            "lrs": list(lrs)}
+
+
+def _write_sweep(folder: Any, result: dict[str, Any], n_seeds: int) -> None:
+    text = (f"# Learning rate per method, chosen on a held-out split\n\n"
+            f"Final validation accuracy % (mean over {n_seeds} seeds) with "
+            f"{result['validation_split']:g} of the training set held out; the test set is "
+            f"not used. Each method then runs on the test set at its chosen lr.\n\n"
+            f"{result['table']}\n")
+    folder.write_text("lr_sweep.md", text)
+    folder.write_text("lr_sweep.json", json.dumps(
+        {**result, "specs": [s.label for s in result["specs"]]}, indent=2))

@@ -1,4 +1,9 @@
-"""The command line's configuration: where method specs, presets and flags meet.
+"""The run configuration (:class:`RunConfig`) and the command line's (:class:`CliConfig`).
+
+:class:`RunConfig` is the one definition of what every run of a command shares (task,
+training hyper-parameters, how it executes) and the one place its values are checked
+(:meth:`RunConfig.validate`). :class:`ksam.train.TrainConfig` adds the method of one run;
+:class:`CliConfig` adds the command line's own fields (method specs, seeds, output folder).
 
 A :class:`CliConfig` is built from layers of *partial* configurations (mappings from field
 names to values), later layers winning: the command's defaults, then a preset
@@ -18,15 +23,30 @@ import dataclasses
 import inspect
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .methods import METHODS
 
-__all__ = ["CliConfig", "MethodSpec", "RUN_OPTIONS", "method_options", "parse_seeds",
-           "parse_value"]
+__all__ = ["MAX_SEED", "PRECISIONS", "RENAMED_FIELDS", "CliConfig", "MethodSpec",
+           "RUN_OPTIONS", "RunConfig", "method_options", "parse_seeds", "parse_value"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The largest seed: ``torch.manual_seed`` takes 64 bits, and a run's data order is seeded
+#: with ``seed + 1``.
+MAX_SEED = 2**64 - 2
+#: Configuration fields under their earlier names, as saved ``config.json`` files and
+#: presets may still spell them: the lr schedule was ``schedule`` (the engine's sharp-step
+#: :class:`ksam.schedule.Schedule` is another thing), the DDP selection scope ``selection``
+#: (the selection rule is the method option ``select``).
+RENAMED_FIELDS = {"schedule": "lr_schedule", "selection": "selection_scope"}
+#: Task options that are run options of their own (``--seed``, ``--device``, ``--task``).
+_NOT_TASK_OPTIONS = ("name", "seed", "device")
 
 #: Engine options set by the run, never by a spec (an option relative to the run's length,
 #: ``start=0.8``, is turned into steps by :func:`ksam.schedule.schedule_options`).
@@ -151,36 +171,62 @@ class MethodSpec:
         return out
 
 
+#: The most seeds one command takes (each is one run per method).
+MAX_SEEDS = 10_000
+
+
+def _seed_list(text: str) -> list[int]:
+    """The seeds ``text`` names; bounds are checked before a count or a range is expanded."""
+    bad = ValueError(f"seeds must be a count (3), a list (0,1,2) or a range (0-4), got {text!r}")
+    try:
+        if text.isdigit():
+            lo, hi = 0, int(text) - 1
+            if hi < lo:
+                raise bad
+        elif "-" in text and "," not in text:
+            lo, hi = (int(v) for v in text.split("-"))
+            if hi < lo:
+                raise bad
+        else:
+            return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise bad from None
+    _check_seeds(lo, hi, hi - lo + 1)
+    return list(range(lo, hi + 1))
+
+
+def _check_seeds(lo: int, hi: int, count: int) -> None:
+    """ValueError unless ``count`` seeds between ``lo`` and ``hi`` are all usable."""
+    if lo < 0:
+        raise ValueError(f"seeds must be >= 0, got {lo}")
+    if count > MAX_SEEDS:
+        raise ValueError(f"{count} seeds asked for; at most {MAX_SEEDS} (each is one run per "
+                         "method)")
+    if hi > MAX_SEED:
+        raise ValueError(f"seed {hi} is too large: a seed is at most {MAX_SEED} "
+                         "(torch.manual_seed takes 64 bits; the data order uses seed + 1)")
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an int in [0, :data:`MAX_SEED`], else ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_seeds(seed, seed, 1)
+    return seed
+
+
 def parse_seeds(value: str | int | Iterable[int]) -> list[int]:
     """A count (``3`` = seeds 0, 1, 2), a list (``0,4,7``) or a range (``0-4``).
-    ValueError for anything else, a negative seed or a seed given twice."""
+    ValueError for anything else, a seed outside [0, :data:`MAX_SEED`] or given twice: every
+    seed is checked before any run."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str):
-        seeds = [int(v) for v in value]
-    else:
-        text = value.strip()
-        bad = ValueError(f"seeds must be a count (3), a list (0,1,2) or a range (0-4), "
-                         f"got {text!r}")
-        try:
-            if text.isdigit():
-                if int(text) < 1:
-                    raise bad
-                seeds = list(range(int(text)))
-            elif "-" in text and "," not in text:
-                lo, hi = (int(v) for v in text.split("-"))
-                if hi < lo:
-                    raise bad
-                seeds = list(range(lo, hi + 1))
-            else:
-                seeds = [int(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            raise bad from None
+    seeds = _seed_list(value.strip()) if isinstance(value, str) else [int(v) for v in value]
     if not seeds:
         raise ValueError("give at least one seed")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be >= 0, got {seeds}")
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    _check_seeds(min(seeds), max(seeds), len(seeds))
+    counts = Counter(seeds)
+    twice = sorted(s for s, n in counts.items() if n > 1)
     if twice:
         raise ValueError(f"seed {', '.join(map(str, twice))} given twice: each seed is one run "
                          "per method, and repeating it would count the same run twice")
@@ -196,46 +242,139 @@ DEFAULT_METHODS = ("sgd", "sam", "ksam")
 DEFAULT_LR_SWEEP = (0.1, 0.2, 0.4)
 #: Held-out fraction of the training set the lr sweep scores on.
 DEFAULT_SWEEP_SPLIT = 0.2
+LR_SCHEDULES = ("cosine", "constant")
+SELECTION_SCOPES = ("local", "global")
+
+
+def check_count(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is None or an integer >= 1 (``name`` names it)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, above: bool = False,
+                  below: float | None = None) -> None:
+    """ValueError unless ``value`` is None or a finite number >= ``low`` (> with ``above``)
+    and < ``below``."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value > low if above else value >= low) \
+        and (below is None or value < below)
+    if not ok:
+        bound = f"{'>' if above else '>='} {low:g}" if below is None \
+            else f"in [{low:g}, {below:g})"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass
-class CliConfig:
-    """Everything a ``ksam compare`` or ``ksam train`` command runs with.
+class RunConfig:
+    """What every run of a command shares. ``None`` for a training hyper-parameter means
+    the task's default.
 
-    ``None`` for a training hyper-parameter means the task's default. ``lr_sweep`` is the
-    list of learning rates each method's lr is chosen from; ``None`` means: see
-    :attr:`sweep_lrs`.
+    ``selection_scope``, ``sync_perturbation`` and ``fsdp`` are for several processes
+    (docs/distributed.md: each rank's own top-K or the global one, per-rank or synchronized
+    perturbation, FSDP2 instead of DDP); a single process refuses them
+    (:meth:`check_processes`).
     """
 
     task: str = "mnist1d"
-    data_dir: str | None = None
-    model: str | None = None
-    train_subset: int | None = None
-    label_noise: float = 0.0
-    validation_split: float = 0.0
     task_options: dict[str, Any] = field(default_factory=dict)
-    k: int | float | None = None
-    rho: float | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
-    schedule: str = "cosine"
+    lr_schedule: str = "cosine"
+    seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
     fast: bool | None = None
+    # torch.compile backend of the forward passes ("inductor", "aot_eager", ...); None: off.
     compile: str | None = None
-    selection: str = "local"
+    selection_scope: str = "local"
     sync_perturbation: bool = False
+    # FSDP2 (fully_shard) instead of DDP; its ascent gradient is always synchronized.
+    fsdp: bool = False
+    # Engine options: forwards in chunks of at most this many rows; descent-gradient clip.
     micro_batch_size: int | None = None
     max_grad_norm: float | None = None
-    fsdp: bool = False
+    # Evaluate after every N-th epoch and after the last; the other epochs' rows carry
+    # test_loss / test_acc None. Evaluation is outside the training clock and changes
+    # nothing in training, so the final accuracy does not depend on it.
     eval_every: int = 1
+
+    def validate(self) -> None:
+        """ValueError for the first bad value, naming it (the one check of every field)."""
+        for name in ("epochs", "batch_size", "micro_batch_size", "eval_every"):
+            check_count(name, getattr(self, name))
+        _check_number("lr", self.lr)
+        _check_number("momentum", self.momentum, below=1.0)
+        _check_number("weight_decay", self.weight_decay)
+        _check_number("max_grad_norm", self.max_grad_norm, above=True)
+        check_seed(self.seed)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("lr_schedule (--schedule)", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("selection_scope (--selection)", self.selection_scope, SELECTION_SCOPES)
+        if not isinstance(self.device, str) or (
+                self.device not in ("auto", "cpu") and not self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.compile is not None:
+            from .engine import compile_backend
+
+            compile_backend(self.compile)
+        self._check_task_options()
+
+    def _check_task_options(self) -> None:
+        for key, value in self.task_options.items():
+            if not key:
+                raise ValueError("a task option has an empty name")
+            if key in _NOT_TASK_OPTIONS:
+                raise ValueError(f"{key!r} is not a task option: give --{key} (or the "
+                                 "configuration's own field)")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"task option {key} must be a finite number, got {value}")
+
+    def check_processes(self, world_size: int) -> None:
+        """ValueError for an option of several processes in a run of one."""
+        if world_size > 1:
+            return
+        given = [flag for flag, on in (("--fsdp", self.fsdp),
+                                       ("--selection global", self.selection_scope == "global"),
+                                       ("--sync-perturbation", self.sync_perturbation)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} need several processes (torchrun, "
+                             "WORLD_SIZE > 1); this is one process")
+
+
+@dataclass
+class CliConfig(RunConfig):
+    """Everything a ``ksam compare`` or ``ksam train`` command runs with: the
+    :class:`RunConfig` every run shares, and the command line's own fields.
+
+    The task options given as flags of their own (``data_dir``, ``model``,
+    ``train_subset``, ``label_noise``, ``validation_split``) join ``task_options`` in
+    :meth:`task_kwargs`. ``lr_sweep`` is the list of learning rates each method's lr is
+    chosen from; ``None`` means: see :attr:`sweep_lrs`.
+    """
+
+    data_dir: str | None = None
+    model: str | None = None
+    train_subset: int | None = None
+    label_noise: float = 0.0
+    validation_split: float = 0.0
+    k: int | float | None = None
+    rho: float | None = None
     methods: list[MethodSpec] = field(default_factory=lambda: [
         MethodSpec.parse(m) for m in DEFAULT_METHODS])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    seed: int = 0
     lr_sweep: list[float] | None = None
     no_lr_sweep: bool = False
     resume: bool = False
@@ -247,12 +386,14 @@ class CliConfig:
     @classmethod
     def from_layers(cls, *layers: Mapping[str, Any]) -> CliConfig:
         """Merge partial configurations, later ones winning; ``task_options`` merge key by
-        key. Values are normalized on the way in (specs parsed, seeds expanded, paths
-        made strings). ValueError for an unknown field or a bad value."""
+        key; a field's earlier name (:data:`RENAMED_FIELDS`) is read as its name. Values are
+        normalized on the way in (specs parsed, seeds expanded, paths made strings) and
+        validated. ValueError for an unknown field or a bad value."""
         names = {f.name for f in dataclasses.fields(cls)}
         merged: dict[str, Any] = {}
         task_options: dict[str, Any] = {}
         for layer in layers:
+            layer = {RENAMED_FIELDS.get(key, key): value for key, value in layer.items()}
             unknown = sorted(set(layer) - names)
             if unknown:
                 raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
@@ -264,6 +405,7 @@ class CliConfig:
         merged["task_options"] = task_options
         cfg = cls(**merged)
         cfg._normalize()
+        cfg.validate()
         return cfg
 
     def _normalize(self) -> None:
@@ -279,15 +421,15 @@ class CliConfig:
             self.out = Path(self.out)
         if self.lr_sweep is not None:
             self.lr_sweep = [float(x) for x in self.lr_sweep]
-        for name in ("k", "rho", "lr", "momentum", "weight_decay", "label_noise",
-                     "validation_split", "max_grad_norm"):
+
+    def validate(self) -> None:
+        """:meth:`RunConfig.validate`, and the command line's own numbers finite."""
+        super().validate()
+        for name in ("k", "rho", "label_noise", "validation_split"):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number, "
                                  f"got {value}")
-        for key, value in self.task_options.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"task option {key} must be a finite number, got {value}")
 
     @property
     def shared(self) -> dict[str, Any]:
@@ -322,16 +464,15 @@ class CliConfig:
             opts["validation_split"] = self.validation_split
         return opts
 
+    def run_config(self, *, with_validation: bool = True) -> RunConfig:
+        """The :class:`RunConfig` part, its task options from :meth:`task_kwargs`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
+        values["task_options"] = self.task_kwargs(with_validation=with_validation)
+        return RunConfig(**values)
+
     def train_config(self, *, with_validation: bool = True) -> Any:
         """The :class:`ksam.train.TrainConfig` shared by every run of the command (method
-        and seed still at their defaults)."""
+        still at its default)."""
         from .train import TrainConfig
 
-        return TrainConfig(
-            task=self.task, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
-            device=self.device, precision=self.precision, fast=self.fast,
-            compile=self.compile, task_options=self.task_kwargs(with_validation=with_validation),
-            selection=self.selection, sync_perturbation=self.sync_perturbation,
-            micro_batch_size=self.micro_batch_size, max_grad_norm=self.max_grad_norm,
-            fsdp=self.fsdp, eval_every=self.eval_every)
+        return TrainConfig.of(self.run_config(with_validation=with_validation))

@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import MethodSpec
 
-__all__ = ["PRESETS", "Preset", "preset_layer", "preset_names", "register_preset"]
+__all__ = ["PRESETS", "Preset", "preset_layer", "register_preset"]
 
 # rho for SAM-family methods, chosen on MNIST-1D with --validation-split 0.2 (docs/results.md):
 # sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best validation accuracy per method.
@@ -122,7 +122,7 @@ _MNIST1D = {
     "lr": 0.1,
     "momentum": 0.9,
     "weight_decay": 5e-4,
-    "schedule": "cosine",
+    "lr_schedule": "cosine",
     "seeds": "5",
     "device": "cpu",
     "precision": "fp32",
@@ -133,7 +133,7 @@ _FASHION = {
     "task": "fashion-mnist",
     "momentum": 0.9,
     "weight_decay": 5e-4,
-    "schedule": "cosine",
+    "lr_schedule": "cosine",
     "precision": "fp32",
 }
 
@@ -222,10 +222,6 @@ for _preset in [
 ]:
     register_preset(_preset)
 del _preset
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
 
 
 def preset_layer(name: str, user: Mapping[str, Any]) -> dict[str, Any]:

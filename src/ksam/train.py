@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -29,51 +28,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import PRECISIONS, RENAMED_FIELDS, RunConfig
 from .engine import SharpnessAwareOptimizer
 from .methods import create
 from .schedule import schedule_options
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: Config fields a resumed run may change: how it executes, not what it computes.
-RESUME_MAY_CHANGE = {"fast", "compile", "eval_every"}
+#: Config fields a resumed run may change: how it executes, not what it computes. Not
+#: ``fast``: the fast path's fused optimizer kernel rounds differently, and the engine refuses
+#: a state saved with the other ``fast_path`` setting.
+RESUME_MAY_CHANGE = {"compile", "eval_every"}
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a run. ``None`` means: the task's default."""
+class TrainConfig(RunConfig):
+    """Everything that defines one run: the :class:`ksam.config.RunConfig` and the method
+    with its options. ``None`` means: the task's default."""
 
-    task: str = "mnist1d"
     method: str = "ksam"
     method_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    fast: bool | None = None
-    # torch.compile backend of the forward passes ("inductor", "aot_eager", ...); None: off.
-    compile: str | None = None
-    task_options: dict[str, Any] = field(default_factory=dict)
-    # DistributedDataParallel (docs/distributed.md): local or global top-K, per-rank or
-    # synchronized perturbation. Ignored in a single process.
-    selection: str = "local"
-    sync_perturbation: bool = False
-    # FSDP2 (fully_shard) instead of DDP; its ascent gradient is always synchronized.
-    fsdp: bool = False
-    # Engine options: forwards in chunks of at most this many rows; descent-gradient clip.
-    micro_batch_size: int | None = None
-    max_grad_norm: float | None = None
-    # Evaluate after every N-th epoch and after the last; the other epochs' rows carry
-    # test_loss / test_acc None. Evaluation is outside the training clock and changes
-    # nothing in training, so the final accuracy does not depend on it.
-    eval_every: int = 1
+
+    @classmethod
+    def of(cls, run: RunConfig, **changes: Any) -> TrainConfig:
+        """The run configuration ``run`` (a copy) with the method fields ``changes``."""
+        values = {f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)}
+        return cls(**values, **changes)
 
     def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
-        """A copy with the task's defaults filled in."""
+        """A copy with the task's defaults filled in (and the device resolved: ValueError
+        for a CUDA device on a machine without one)."""
         # Paths as strings: the configuration is written as JSON and compared on resume.
         task_options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
                         for k, v in self.task_options.items()}
@@ -87,62 +69,44 @@ class TrainConfig:
             out.fast = out.device.startswith("cuda")
         return out
 
-    def validate(self) -> None:
-        def positive(name: str, integer: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None:
-                return
-            if integer and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-            if not integer and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                    and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-        positive("epochs", integer=True)
-        positive("batch_size", integer=True)
-        positive("micro_batch_size", integer=True)
-        positive("eval_every", integer=True)
-        if self.max_grad_norm is not None and not (
-                isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
-                and math.isfinite(self.max_grad_norm)):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, "
-                             f"got {self.max_grad_norm!r}")
-        for name in ("lr", "momentum", "weight_decay"):
-            positive(name)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.precision!r}")
-        if self.compile is not None:
-            from .engine import compile_backend
-
-            compile_backend(self.compile)
-        if self.selection not in ("local", "global"):
-            raise ValueError(f"selection must be 'local' or 'global', got {self.selection!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A configuration read from a checkpoint or ``config.json``, its fields under their
+    names (an earlier name, :data:`ksam.config.RENAMED_FIELDS`, read as the name)."""
+    out = dict(saved)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def resolve_device(name: str) -> str:
-    """``auto`` is the GPU when there is one."""
+    """``auto`` is the GPU when there is one. ValueError for CUDA on a machine without."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return name
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
-    half-written one (write to a temporary file in the same folder, fsync, rename)."""
+    half-written one (write to a temporary file in the same folder, fsync, rename). The file
+    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -160,7 +124,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 #: the payload (``torch.save`` of the state). The digest makes a garbled, truncated or foreign
 #: file an error on read instead of NaN weights.
 CHECKPOINT_MAGIC = b"KSAM-CHECKPOINT-1\n"
-#: What ``train(out_dir=...)`` writes in its folder (``--overwrite`` removes these only).
+#: What ``train(out_dir=...)`` writes in its folder.
 TRAIN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt")
 
 
@@ -207,19 +171,210 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+# --------------------------------------------------------------------------- output folders
+
+#: The manifest ksam keeps in each output folder: the command that writes there and every
+#: path (relative to the folder) it wrote. ``overwrite`` removes these paths and nothing else.
+MANIFEST = ".ksam-manifest.json"
+#: The files each command writes in its folder, and its sub-folders that hold folders of
+#: other commands (a comparison's runs, its lr sweep's comparisons). A folder written before
+#: ksam kept a manifest is read as holding these.
+COMMAND_OUTPUTS = {
+    "train": TRAIN_OUTPUTS,
+    "compare": ("config.json", "summary.md", "summary.json", "metrics.csv",
+                "accuracy_vs_time.png", "accuracy_vs_cost.png", "lr_sweep.md",
+                "lr_sweep.json"),
+}
+COMMAND_SUBFOLDERS = {"train": {}, "compare": {"runs": "train", "lr-sweep": "compare"}}
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("command") in COMMAND_OUTPUTS
+            and isinstance(manifest.get("paths"), list)):
+        raise ValueError(f"{path} is damaged: not the manifest of a ksam command")
+    return manifest
+
+
+def folder_contents(folder: Path) -> tuple[str | None, list[str]]:
+    """(the command whose results ``folder`` holds, or None; the paths it wrote there):
+    from its manifest, else (a folder older than manifests) from its ``config.json`` and
+    the files of that command that are there."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is not None:
+        return manifest["command"], [str(p) for p in manifest["paths"]]
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, []
+    command = "compare" if isinstance(saved, dict) and "base" in saved else \
+        "train" if isinstance(saved, dict) and "method" in saved else None
+    if command is None:
+        return None, []
+    paths = [name for name in COMMAND_OUTPUTS[command] if (folder / name).exists()]
+    for sub, inner in COMMAND_SUBFOLDERS[command].items():
+        if (folder / sub).is_dir():
+            paths += [f"{sub}/{d.name}" for d in sorted((folder / sub).iterdir())
+                      if d.is_dir() and folder_contents(d)[0] == inner]
+    return command, paths
+
+
+def check_folder_command(folder: Path, command: str) -> None:
+    """ValueError if ``folder`` holds the results of another ksam command: a command
+    neither continues nor replaces another's results."""
+    held, _ = folder_contents(folder)
+    if held is not None and held != command:
+        raise ValueError(f"{folder} holds the results of a `ksam {held}`, which "
+                         f"`ksam {command}` neither resumes nor replaces; choose another --out")
+
+
+def _clear(folder: Path) -> None:
+    """Remove what ksam wrote in ``folder`` (recursively through its sub-folders' own
+    manifests), then the folders it made that are left empty; nothing else."""
+    _, paths = folder_contents(folder)
+    for name in paths:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            _clear(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        while target != folder:
+            if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+                target.rmdir()
+            target = target.parent
+    (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def _remove_empty(path: Path, top: Path | None) -> None:
+    """Remove the empty folders from ``path`` up to ``top`` (the first one made)."""
+    if top is None:
+        return
+    while path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        if path == top:
+            return
+        path = path.parent
+
+
+def _has_results(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name != MANIFEST for p in folder.iterdir())
+
+
+class OutputFolder:
+    """The output folder of one ksam command while it writes there.
+
+    :func:`open_output` makes it, takes its lock (an exclusive ``flock`` on the folder, held
+    until :meth:`close`; released by the system if the process dies) and checks it;
+    :meth:`write_text` / :meth:`write_bytes` / :meth:`record` add each path to the
+    folder's manifest before it is written.
+    """
+
+    _open: dict[str, OutputFolder] = {}  # folders this process holds, by resolved path
+
+    def __init__(self, path: Path, command: str, fd: int | None) -> None:
+        self.path, self.command, self._fd, self._users = path, command, fd, 1
+        manifest = _read_manifest(path)
+        self.paths: list[str] = list(manifest["paths"]) if manifest else \
+            folder_contents(path)[1]
+
+    def record(self, name: str) -> Path:
+        """Add ``name`` (a path relative to the folder) to the manifest; returns its path."""
+        if name not in self.paths:
+            self.paths.append(name)
+            atomic_write_text(self.path / MANIFEST, json.dumps(
+                {"command": self.command, "paths": self.paths}, indent=1))
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.record(name), text)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.record(name), data)
+
+    def close(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            OutputFolder._open.pop(str(self.path.resolve()), None)
+            if self._fd is not None:
+                os.close(self._fd)  # releases the lock
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock; ValueError if another
+    process holds it. None where the system has no ``flock`` (no lock is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--out {path} is in use: another ksam command holds its lock (an "
+                         f"exclusive flock on the folder {path}); wait for it to end or "
+                         "choose another --out") from None
+    return fd
+
+
+def open_output(path: Path, command: str, *, resume: bool = False,
+                overwrite: bool = False) -> OutputFolder:
+    """Make ``path``, lock it and check it for ``command``: ValueError if another command
+    holds the lock, if it holds another command's results, or if it holds results and
+    neither ``resume`` nor ``overwrite`` is given; ``overwrite`` then removes what ksam
+    wrote there (nothing else). A folder this process holds already is returned as it is."""
+    path = Path(path)
+    held = OutputFolder._open.get(str(path.resolve()))
+    if held is not None:
+        held._users += 1
+        return held
+    new = next((p for p in (*reversed(path.absolute().parents), path.absolute())
+                if not p.exists()), None)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = _lock(path)
+    try:
+        check_folder_command(path, command)
+        if _has_results(path) and not (resume or overwrite):
+            raise ValueError(f"--out {path} is not empty; give --resume to continue the "
+                             "results there or --overwrite to replace them")
+        if overwrite:
+            _clear(path)
+        folder = OutputFolder(path, command, fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        _remove_empty(path.absolute(), new)
+        raise
+    OutputFolder._open[str(path.resolve())] = folder
+    return folder
+
+
 def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
-    """ValueError unless a checkpoint saved with config ``saved`` continues run ``cfg``
-    (resolved): everything that changes the run's math must match; how it executes
-    (:data:`RESUME_MAY_CHANGE`) may differ."""
-    now = cfg.to_dict()
+    """ValueError unless a run saved (in the checkpoint or ``config.json`` ``path``) with
+    config ``saved`` continues run ``cfg`` (resolved): everything that changes the run's
+    math must match; how it executes (:data:`RESUME_MAY_CHANGE`) may differ."""
+    now, saved = cfg.to_dict(), saved_config(saved)
     if {k: saved.get(k) for k in ("task", "method", "seed")} != \
             {k: now[k] for k in ("task", "method", "seed")}:
-        raise ValueError(f"checkpoint {path} is of another run ({saved.get('task')}/"
+        raise ValueError(f"{path} is of another run ({saved.get('task')}/"
                          f"{saved.get('method')}/seed {saved.get('seed')})")
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved
                and saved[k] != now[k]]
     if changed:
-        raise ValueError(f"checkpoint {path} was made with " + ", ".join(
+        raise ValueError(f"{path} was made with " + ", ".join(
             f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed))
 
 
@@ -228,7 +383,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
     """The base optimizer (momentum SGD), the LR schedule and the method around them."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=False)
-    if cfg.schedule == "cosine":
+    if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps_total))
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -243,7 +398,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
 
     if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
         sync = True if cfg.fsdp else cfg.sync_perturbation
-        engine = distributed.create(method, model, optimizer, selection=cfg.selection,
+        engine = distributed.create(method, model, optimizer, selection=cfg.selection_scope,
                                     sync_perturbation=sync, **options)
     else:
         engine = create(method, model, optimizer, **options)
@@ -327,11 +482,11 @@ class _Run:
 def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
     """Resolve ``cfg`` against the task, then build the model (seeded: the same initial
     weights for every method), the engine and the data generator. Writes nothing."""
-    cfg.validate()
     cfg = cfg.resolved(task.defaults)
-    cfg.validate()
-    device = torch.device(cfg.device)
+    cfg.validate()  # the task's defaults too
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    cfg.check_processes(world)
+    device = torch.device(cfg.device)
     train_x, train_y = task.train_x.to(device), task.train_y.to(device)
     steps_per_epoch = (len(train_x) // world) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -456,42 +611,88 @@ def _checkpoint_state(run: _Run, history: list[dict[str, Any]],
     }
 
 
+def resume_point(out_dir: Path) -> Path:
+    """What a resumed run in ``out_dir`` starts from: its checkpoint, else the
+    ``config.json`` of a run interrupted before its first checkpoint (which then starts
+    from scratch). FileNotFoundError when there is neither."""
+    ckpt, config = checkpoint_path(out_dir), Path(out_dir) / "config.json"
+    if ckpt.exists():
+        return ckpt
+    if config.exists():
+        return config
+    raise FileNotFoundError(f"no checkpoint to resume from at {ckpt} (nor the config.json "
+                            "of a run interrupted before its first checkpoint)")
+
+
+def _saved_run_config(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(Path(path).read_text())
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is damaged: not the configuration of a ksam run")
+    return saved
+
+
+def _resume(run: _Run, out_dir: Path) -> list[dict[str, Any]]:
+    """Check what ``out_dir`` holds against the run and restore it; the history so far."""
+    check_folder_command(Path(out_dir), "train")
+    point = resume_point(out_dir)
+    if point.name == "config.json":  # no checkpoint yet: the same run starts from scratch
+        check_resumable(run.cfg, _saved_run_config(point), point)
+        return []
+    ckpt = load_checkpoint(point)
+    check_resumable(run.cfg, ckpt["config"], point)
+    _restore(run, ckpt)
+    return ckpt["history"]
+
+
 def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False,
-          task: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          dist_info: Any = None,
-          before_write: Callable[[], None] | None = None) -> dict[str, Any]:
+          overwrite: bool = False, task: Any = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          dist_info: Any = None) -> dict[str, Any]:
     """Train one run. Returns ``{"config", "epochs": [per-epoch metrics], "final": {...}}``.
 
-    With ``out_dir``, writes ``metrics.jsonl`` (one line per epoch) and, at the end of every
-    epoch, a checksummed ``checkpoint.pt`` atomically; ``resume=True`` continues from that
-    checkpoint (verified first) and ends with the same weights as an uninterrupted run on
-    the same device. Everything (data, configuration, checkpoint) is checked before the first
-    write; ``before_write`` is called just before it (e.g. to clear old results).
+    With ``out_dir``, writes ``config.json``, ``metrics.jsonl`` (one line per epoch) and, at
+    the end of every epoch, a checksummed ``checkpoint.pt``, all atomically, holding the
+    folder's lock meanwhile (:func:`open_output`). A folder with results is refused unless
+    ``resume`` or ``overwrite`` (which removes what ksam wrote there first). ``resume=True``
+    continues from the checkpoint (verified first) and ends with the same weights as an
+    uninterrupted run on the same device; a run interrupted before its first checkpoint
+    (its folder holds only its ``config.json``) starts from scratch. Resuming refuses
+    another configuration, ``fast`` included (the engine refuses a state saved with the
+    other ``fast_path``). Everything (data, configuration, checkpoint) is checked before the
+    first write.
     """
     from .tasks import get_task
 
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     cfg.validate()
     if task is None:
         task = get_task(cfg.task, device=resolve_device(cfg.device), seed=cfg.seed,
                         **cfg.task_options)
     run = _setup(cfg, task, dist_info)
-    is_main = run.rank == 0
-    history: list[dict[str, Any]] = []
-    ckpt_path = checkpoint_path(out_dir) if out_dir is not None else None
-    if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(run.cfg, ckpt["config"], ckpt_path)
-        _restore(run, ckpt)
-        history = ckpt["history"]
-    elif out_dir is not None and is_main:
-        config_text = json.dumps(run.cfg.to_dict(), indent=2)
-        if before_write is not None:
-            before_write()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out_dir) / "config.json", config_text)
+    history = _resume(run, out_dir) if resume and out_dir is not None else []
+    folder = open_output(out_dir, "train", resume=resume, overwrite=overwrite) \
+        if out_dir is not None and run.rank == 0 else None
+    try:
+        if folder is not None and not history:
+            folder.write_text("config.json", json.dumps(run.cfg.to_dict(), indent=2))
+        _train_epochs(run, history, folder, on_epoch, saving=out_dir is not None)
+    finally:
+        if folder is not None:
+            folder.close()
+    final = dict(history[-1]) if history else {}
+    final["fast_path"] = run.engine.fast_path_active
+    return {"config": run.cfg.to_dict(), "epochs": history, "final": final,
+            "model": run.model}
 
+
+def _train_epochs(run: _Run, history: list[dict[str, Any]], folder: OutputFolder | None,
+                  on_epoch: Callable[[dict[str, Any]], None] | None, *, saving: bool) -> None:
+    """The epochs after ``history`` (appended to it), written to ``folder`` (rank 0's) after
+    each when ``saving``."""
     timer = StepTimer(run.device)
     train_time = history[-1]["train_time"] if history else 0.0
     for epoch in range(len(history), run.cfg.epochs):
@@ -499,14 +700,10 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
         train_time += epoch_time
         history.append(_epoch_row(run, epoch, loss_sum, epoch_time, train_time, steps))
         # FSDP2: every rank takes part in gathering the shards; rank 0 writes them.
-        sharded = _gathered_state(run) if out_dir is not None else None
-        if out_dir is not None and is_main:
-            atomic_write_text(Path(out_dir) / "metrics.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in history))
-            save_checkpoint(_checkpoint_state(run, history, sharded), ckpt_path)
+        sharded = _gathered_state(run) if saving else None
+        if folder is not None:
+            folder.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            save_checkpoint(_checkpoint_state(run, history, sharded),
+                            folder.record("checkpoint.pt"))
         if on_epoch is not None:
             on_epoch(history[-1])
-    final = dict(history[-1]) if history else {}
-    final["fast_path"] = run.engine.fast_path_active
-    return {"config": run.cfg.to_dict(), "epochs": history, "final": final,
-            "model": run.model}

@@ -187,7 +187,7 @@ def _check_arguments(spec: TaskSpec, train_subset: Any, label_noise: Any, seed: 
         accepted = ", ".join(sorted(spec.options)) or "none"
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for task {spec.name!r}; accepted options: "
-            f"{accepted}"
+            f"{accepted}; and for every task: {', '.join(COMMON_OPTIONS)}"
         )
     return (_check_fraction("label_noise", label_noise),
             _check_fraction("validation_split", validation_split))
@@ -260,6 +260,11 @@ def _noisy_labels(train_y: np.ndarray, label_noise: float, kind: str, num_classe
         _add_label_noise(held_out, label_noise, kind, num_classes,
                          _rng(seed, _STREAM_VALIDATION_NOISE))
     return mask
+
+
+#: The options of :func:`get_task` that every task takes (besides its own, device and seed).
+COMMON_OPTIONS = ("data_dir", "train_subset", "label_noise", "validation_split",
+                  "label_noise_type", "noisy_validation")
 
 
 def get_task(

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "MissingDependencyError",
     "CIFAR_SOURCES",
     "DEFAULT_DATA_DIR",
     "DEFAULT_FASHION_MNIST_DIR",
@@ -35,6 +36,12 @@ __all__ = [
     "load_idx",
     "make_mnist1d",
 ]
+
+
+class MissingDependencyError(ImportError):
+    """A task needs an optional package that is not installed (the message says which and
+    how to install it)."""
+
 
 _log = logging.getLogger(__name__)
 
@@ -291,7 +298,8 @@ def load_cifar(
             raise FileNotFoundError(
                 f"CIFAR-{num_classes} not found: looked for {', '.join(train + test)} in {root} "
                 f"and in {root / src['folder']}. Pass the option download=True "
-                f"(CLI: --download) to fetch {src['url']} into {root}, or extract it there."
+                f"(CLI: --task-option download=true) to fetch {src['url']} into {root}, or "
+                "extract it there."
             )
         folder = download_cifar(root, num_classes)
 
@@ -325,7 +333,7 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42) -> RawSplits:
         try:
             import mnist1d.data as mdata
         except ImportError as e:
-            raise ImportError(
+            raise MissingDependencyError(
                 'the "mnist1d" task needs the mnist1d package: pip install "ksam[cli]" '
                 "(or pip install mnist1d)"
             ) from e

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import TaskData
-from .data import RawSplits
+from .data import MissingDependencyError, RawSplits
 
 __all__ = [
     "CLS_ID",
@@ -251,7 +251,7 @@ def _import(module: str, option: str) -> Any:
     try:
         return __import__(module)
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the text task's {option} option needs the {module!r} package: "
             f"pip install {module}" + (" (or ksam[transformers])" if module == "transformers"
                                        else "")
