@@ -7,7 +7,7 @@ K-SAM and the methods it is measured against, all on one two-pass step engine::
     result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
 """
 
-from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult
+from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult, Verdict
 from .methods import (
     ESAM,
     KSAM,
@@ -27,6 +27,7 @@ from .perturbation import (
     PerturbationRule,
     StochasticWeightPerturbation,
 )
+from .plan import StepPlan
 from .schedule import Schedule
 from .selection import (
     LargestLossIncrease,
@@ -42,7 +43,8 @@ from .transform import GradientTransform, LookSAMRule
 __version__ = "0.1.0"
 
 __all__ = [
-    "SharpnessAwareOptimizer", "StepResult", "ComputedStep", "create", "METHODS",
+    "SharpnessAwareOptimizer", "StepPlan", "StepResult", "ComputedStep", "Verdict", "create",
+    "METHODS",
     "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD", "MSAM", "LookSAM",
     "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
     "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
