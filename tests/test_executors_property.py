@@ -15,7 +15,7 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ce
 from torch import nn
 
 import ksam
@@ -27,11 +27,6 @@ METHODS = {
     "ksam": {"k": 0.5, "k_warmup": 1},
     "osgd": {"k": 0.5},
 }
-
-
-def ce(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
 
 
 def net() -> nn.Module:

@@ -10,17 +10,12 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ce
 from torch import nn
 
 import ksam
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def ce(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x).float(), y, reduction="none")
 
 
 def net() -> nn.Module:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ce
 from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
@@ -17,11 +17,6 @@ import ksam  # noqa: E402
 from ksam.integrations.lightning import KSAMMixin  # noqa: E402
 
 BATCH = 8
-
-
-def ce(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
 
 
 def net(seed: int = 0) -> nn.Module:

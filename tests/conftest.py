@@ -1,0 +1,141 @@
+"""Models, data, loss functions and comparisons shared by the test modules.
+
+The test modules import them as plain functions (``from conftest import ce, mlp``): pytest
+puts this directory on ``sys.path`` and imports this file as the module ``conftest``.
+Everything here is deterministic: a model from its seed, a batch from its seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ksam
+from ksam.selection import SelectionContext
+
+
+# ------------------------------------------------------------------- loss, models, data
+def ce(model: nn.Module, batch) -> torch.Tensor:
+    """Per-sample cross-entropy of an ``(inputs, labels)`` batch, in float32 also when the
+    forward ran in a lower precision."""
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    """6 inputs, 4 classes, no BatchNorm."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def bn_net(seed: int = 0, momentum: float | None = 0.1, sync: bool = False) -> nn.Module:
+    """6 inputs, 4 classes, one BatchNorm layer on the first Linear's output (no BatchNorm
+    before it); ``sync=True`` makes it a SyncBatchNorm."""
+    torch.manual_seed(seed)
+    norm = nn.SyncBatchNorm if sync else nn.BatchNorm1d
+    return nn.Sequential(nn.Linear(6, 16), norm(16, momentum=momentum), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def data(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``n`` rows for :func:`mlp` and :func:`bn_net`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def batches(steps: int, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches, the s-th from seed s."""
+    return [data(n, seed=s) for s in range(steps)]
+
+
+def sgd(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, **kw) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, **kw)
+
+
+def ctx(scores, step: int = 0, labels=None) -> SelectionContext:
+    """The selection context of one step with these per-sample losses (and labels)."""
+    return SelectionContext(batch_size=len(scores), device=torch.device("cpu"),
+                            scores=torch.as_tensor(scores, dtype=torch.float32), step=step,
+                            labels=None if labels is None else torch.as_tensor(labels))
+
+
+def run(method: str, model: nn.Module, batches_: list | None = None, *, steps: int = 3,
+        seed: int = 0, opt: torch.optim.Optimizer | None = None, **kw):
+    """``ksam.create(method, ...)`` stepped with :func:`ce` over ``batches_`` (default:
+    :func:`batches` of ``steps``); returns the engine and its step results."""
+    eng = ksam.create(method, model, opt or sgd(model), seed=seed, **kw)
+    results = [eng.step(b, ce) for b in (batches(steps) if batches_ is None else batches_)]
+    return eng, results
+
+
+# ------------------------------------------------------------------------- comparisons
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b, atol: float = 0.0) -> None:
+    """Two sequences of tensors of the same length: equal bit for bit, or within ``atol``."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if atol == 0:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def assert_tree_equal(a, b) -> None:
+    """Nested dicts / lists / tuples of tensors and plain values, equal exactly."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_tree_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert a == b
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer):
+    """Weights, BatchNorm buffers and momentum buffers, copied."""
+    momentum = [s["momentum_buffer"].clone() for s in opt.state.values()
+                if s.get("momentum_buffer") is not None]
+    return [t.detach().clone() for t in model.state_dict().values()], momentum
+
+
+def assert_unchanged(before, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Nothing in :func:`snapshot` changed since ``before`` was taken."""
+    after = snapshot(model, opt)
+    assert len(before[0]) == len(after[0]) and len(before[1]) == len(after[1])
+    for a, b in zip(before[0] + before[1], after[0] + after[1]):
+        assert torch.equal(a, b)
+
+
+def bn_update_pattern(bn: nn.Module, step) -> list[bool]:
+    """Runs ``step()`` and returns, per forward through ``bn`` in order, whether that pass
+    changed one of its buffers."""
+    log: list = []
+    pre = bn.register_forward_pre_hook(
+        lambda m, i: log.append([b.clone() for b in m.buffers()]))
+
+    def after(m, i, o):
+        old = log.pop()
+        log.append(not all(torch.equal(a, b) for a, b in zip(old, m.buffers())))
+
+    post = bn.register_forward_hook(after)
+    try:
+        step()
+    finally:
+        pre.remove()
+        post.remove()
+    return log
