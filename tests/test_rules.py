@@ -679,3 +679,23 @@ def test_ksam_ascent_and_descent_keep_one_auto_estimate():
     assert 0 < eng.sharp_steps < AUTO_STOP + 20
     assert eng.descent.estimate() is not None
     assert eng.ascent.estimate() == eng.descent.estimate()
+
+
+class _NaNEverywhere:
+    """``ce``, but NaN losses and gradients on every pass."""
+
+    def __call__(self, model, batch):
+        return ce(model, batch) * float("nan")
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_skipped_sharp_step_is_not_counted_as_sharp(fast_path):
+    """The schedule's count, like every rule's state, changes only on applied steps."""
+    model = mlp()
+    eng = ksam.SAM(model, sgd(model), fast_path=fast_path)
+    assert not eng.step(data(seed=0), ce).skipped
+    assert eng.sharp_steps == 1
+    assert eng.step(data(seed=1), _NaNEverywhere()).skipped
+    assert eng.sharp_steps == 1 and eng.state_dict()["sharp_steps"] == 1
+    assert not eng.step(data(seed=2), ce).skipped
+    assert eng.sharp_steps == 2 and eng.steps == 3

@@ -196,10 +196,13 @@ class SharpnessAwareOptimizer:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.generator = torch.Generator().manual_seed(int(seed))
-        #: steps taken (skipped ones included) and how many of them were sharpness-aware;
-        #: written only by :meth:`step` and :meth:`load_state_dict`
+        #: steps taken, skipped ones included: written only by :meth:`step` (and
+        #: :meth:`load_state_dict`)
         self.steps = 0
-        self.sharp_steps = 0
+        # Sharpness-aware steps applied (see sharp_steps): counted on the host, or on the
+        # device where the skip is decided there.
+        self._sharp_applied = 0
+        self._sharp_on_device: Tensor | None = None
         self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
         #: runs the steps: :class:`SyncFreeExecutor` with ``fast_path``, else eager
         self.executor: EagerExecutor | SyncFreeExecutor = (
@@ -216,7 +219,6 @@ class SharpnessAwareOptimizer:
         sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
         result = self.executor.step(batch, loss_fn, n, sharp)
         self.steps += 1
-        self.sharp_steps += sharp
         return result
 
     def check_batch(self, n: int) -> None:
@@ -257,6 +259,13 @@ class SharpnessAwareOptimizer:
     def fast_path_active(self) -> bool:
         """Whether steps run on the fast path (False once it fell back to eager steps)."""
         return self.executor.fast_path and self.executor.reason is None
+
+    @property
+    def sharp_steps(self) -> int:
+        """Sharpness-aware steps applied (a skipped step is not counted); the schedule's
+        plain steps are the others (host sync on the fast path)."""
+        extra = 0 if self._sharp_on_device is None else int(self._sharp_on_device)
+        return self._sharp_applied + extra
 
     @property
     def skipped_steps(self) -> int:
@@ -328,8 +337,10 @@ class SharpnessAwareOptimizer:
         self.generator.set_state(state["generator"])
         self.steps = int(state["steps"])
         # States that predate the engine's count kept it in the schedule's entry.
-        self.sharp_steps = int(state.get("sharp_steps",
-                                         state.get("schedule", {}).get("sharp_steps", 0)))
+        self._sharp_applied = int(state.get("sharp_steps",
+                                            state.get("schedule", {}).get("sharp_steps", 0)))
+        if self._sharp_on_device is not None:
+            self._sharp_on_device.zero_()
         self.executor.reset(int(state["skipped_steps"]))
 
     def _check_state(self, state: dict[str, Any]) -> None:
@@ -547,9 +558,23 @@ class SharpnessAwareOptimizer:
             self.zero_grad()
             raise
         self.plan.commit(~skip if device_skip else not skip, computed.sharp)
+        if computed.sharp:
+            self._count_sharp(skip)
         if scaler is not None:
             scaler.update()
         self.zero_grad()
+
+    def _count_sharp(self, skip: bool | Tensor) -> None:
+        if not isinstance(skip, Tensor):
+            self._sharp_applied += not skip
+            return
+        counter = self._sharp_on_device
+        if counter is None or counter.device != skip.device:
+            if counter is not None:  # the device moved: keep the count
+                self._sharp_applied += int(counter)
+            counter = self._sharp_on_device = torch.zeros((), dtype=torch.long,
+                                                          device=skip.device)
+        counter.add_(~skip)
 
     def _rows(self, n: int, device: torch.device) -> Tensor:
         """``arange(n)`` on the device, made once per size: the indices of a whole-batch pass

@@ -627,7 +627,7 @@ class _Estimate:
         self._views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
 
     def views(self, device: torch.device) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        if self.state is None or self.state.device != device:
+        if self.state is None or self.state.device != device or self._views is None:
             self.state = torch.zeros(5, device=device) if self.state is None \
                 else self.state.to(device)
             self.staged = torch.zeros(5, device=device)
