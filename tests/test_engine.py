@@ -438,6 +438,43 @@ def test_state_records_the_method_and_refuses_another():
         asam.load_state_dict(saved)
 
 
+def _adam_state_of(opt: torch.optim.Optimizer) -> list:
+    return [(k, v.clone() if isinstance(v, torch.Tensor) else v)
+            for st in opt.state.values() for k, v in st.items()]
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_state_of_another_optimizer_is_refused_and_changes_nothing(recorded):
+    """A SAM-over-SGD state into a SAM-over-Adam engine: refused (by the recorded optimizer
+    class, or - for a state without it - by the failed load, rolled back), and the engine
+    steps on as before."""
+    a = mlp()
+    sam_sgd = ksam.SAM(a, sgd(a))
+    sam_sgd.step(data(seed=0), ce)
+    saved = sam_sgd.state_dict()
+    if not recorded:
+        del saved["optimizer_class"]
+    b, twin = mlp(), mlp()
+    engines = []
+    for m in (b, twin):
+        eng = ksam.SAM(m, torch.optim.Adam(m.parameters(), lr=1e-3))
+        eng.step(data(seed=0), ce)
+        engines.append(eng)
+    eng, reference = engines
+    groups_before = copy.deepcopy(eng.optimizer.state_dict()["param_groups"])
+    adam_before = _adam_state_of(eng.optimizer)
+    with pytest.raises(ValueError, match="another optimizer" if recorded else "nothing"):
+        eng.load_state_dict(saved)
+    assert eng.optimizer.state_dict()["param_groups"] == groups_before
+    for (ka, va), (kb, vb) in zip(adam_before, _adam_state_of(eng.optimizer)):
+        assert ka == kb and (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb)
+    assert eng.steps == 1
+    for s in (1, 2):  # still steps exactly as an engine that was never asked to load
+        eng.step(data(seed=s), ce)
+        reference.step(data(seed=s), ce)
+    assert_same(params(b), params(twin))
+
+
 # --------------------------------------------------------------------- bad input
 BAD_CONSTRUCTION = [
     ("ksam", {"k": 0}, "k must be >= 1"),
@@ -513,6 +550,21 @@ def test_unknown_method():
     model = mlp()
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         ksam.create("foo", model, sgd(model))
+
+
+@pytest.mark.parametrize("method, option", [("random-sam", "k"), ("sgd", "rho"),
+                                            ("msam", "select"), ("ksam", "kk")])
+def test_unknown_option_names_the_method_and_its_options(method, option):
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ValueError) as info:
+        ksam.create(method, model, sgd(model), **{option: 8})
+    message = str(info.value)
+    assert f"method {method!r} takes no option {option!r}" in message
+    takes = ksam.methods.method_options(method)
+    assert all(name in message for name in takes)
+    assert "engine options" in message and "micro_batch_size" in message
+    assert_same(params(model), before)
 
 
 def test_optimizer_over_other_parameters_is_refused():

@@ -482,3 +482,19 @@ def test_cli_spec_takes_select():
     assert parse_method_spec("osgd:select=median") == ("osgd", {"select": "median"})
     with pytest.raises(ValueError, match="takes no option 'select'"):
         parse_method_spec("ksam-plain:select=band")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_esam_keeps_frozen_parameters_frozen(seed):
+    """A layer the user froze (but left in the optimizer) is neither trained nor unfrozen by
+    ESAM's weight mask, for any draw of the mask."""
+    model = mlp()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    eng = ksam.ESAM(model, sgd(model), seed=seed)
+    for s in range(4):
+        assert not eng.step(data(seed=s), ce).skipped
+        assert not frozen.requires_grad
+    assert torch.equal(frozen, before)
+    assert any(not torch.equal(p, q) for p, q in zip(params(model)[1:], params(mlp())[1:]))
