@@ -1,267 +1,370 @@
-"""DistributedDataParallel support (ksam.distributed), on the CPU: gloo, 2 spawned processes.
+"""Data-parallel training on the CPU (gloo, 2 spawned processes): DistributedDataParallel,
+FSDP2 for every method, ksam.distributed's launch helpers and its cross-rank selection.
 
-Each multi-process test spawns its ranks with torch.multiprocessing (spawn) on a free port of
-127.0.0.1; a rank writes its result (or its error) to a file that the test then reads, and a
-rank that outlives the test's deadline is killed and fails the test instead of hanging it.
+The ranks run through :mod:`distributed_harness` (spawned processes, results via files, a
+deadline). Spawning is slow, so one spawn runs every method of a mode and each rank returns a
+record per case; the tests then check each case and name every one that fails.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
+import re
 import time
 import traceback
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
+from distributed_harness import (
+    GLOBAL,
+    SCHEDULE,
+    SCHEDULED,
+    WORLD,
+    bn_net,
+    ce,
+    data,
+    full_params,
+    kill,
+    method_cases,
+    mlp,
+    params,
+    spawn,
+    start,
+)
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import ksam
 from ksam import distributed as kd
+from ksam.selection import RULES
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 
-WORLD = 2
-DEADLINE_S = 90.0  # hang guard for a whole multi-process test (start-up included)
+DEADLINE_S = 90.0  # hang guard for a multi-process test (start-up included)
+EVERY_METHOD_DEADLINE_S = 300.0  # one spawn that runs every method of a mode
 
+# ------------------------------------------------------ every method, DDP and FSDP2 alike
+STEPS, B = 8, 16  # steps of a case; rows per rank and step
 
-# ----------------------------------------------------------------------------- harness
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: Settings the engine refuses with a clear ValueError instead of running them wrongly:
+#: ``{(mode, case): regular expression the message must match}``, mode one of "ddp-per-rank",
+#: "ddp-sync", "fsdp", "global". A case listed here must be refused; any other must run.
+REFUSED: dict[tuple[str, str], str] = {}
 
-
-def _entry(fn: Callable, rank: int, world: int, port: int, outdir: str, pg_timeout: float,
-           kwargs: dict) -> None:
-    """A rank: torchrun's environment, kd.setup(), ``fn(info, **kwargs)``, result to a file."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    out = os.path.join(outdir, f"rank{rank}.pt")
-    try:
-        info = kd.setup(timeout=pg_timeout, device="cpu")
-        result = fn(info, **kwargs)
-    except BaseException as exc:
-        torch.save({"error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc()}, out)
-        raise  # the process exits with an error, as a real training script would
-    torch.save({"result": result}, out)
-    kd.barrier()  # no rank tears its process group down while the other still uses it
-    kd.cleanup()
-    sys.stdout.flush()
-    # Skip interpreter teardown: with FSDP2 on gloo, destructors of background threads at
-    # exit can abort a rank ("terminate called without an active exception") after its
-    # result is saved; the exit code then says nothing about the test.
-    os._exit(0)
-
-
-def start(fn: Callable, tmp_path: Path, pg_timeout: float = 30.0, **kwargs: Any) -> list:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, daemon=True,
-                         args=(fn, r, WORLD, port, str(tmp_path), pg_timeout, kwargs))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    return procs
-
-
-def join(procs: list, deadline: float) -> None:
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-
-
-def kill(procs: list) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-
-
-def spawn(fn: Callable, tmp_path: Path, **kwargs: Any) -> list:
-    """Run ``fn`` on WORLD ranks; return each rank's result (fails on error or hang)."""
-    procs = start(fn, tmp_path, **kwargs)
-    join(procs, time.monotonic() + DEADLINE_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    kill(procs)
-    if hung:
-        pytest.fail(f"rank(s) {hung} still running after {DEADLINE_S}s")
-    results = []
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.pt"
-        if not path.exists():
-            pytest.fail(f"rank {r} exited with code {procs[r].exitcode} and no result")
-        rec = torch.load(path, weights_only=False)
-        if "error" in rec:
-            pytest.fail(f"rank {r} failed:\n{rec['traceback']}")
-        results.append(rec["result"])
-    for r, p in enumerate(procs):
-        assert p.exitcode == 0, f"rank {r} exit code {p.exitcode}"
-    return results
-
-
-# ------------------------------------------------------------------------ model, data
-def ce(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def net(seed: int, bn: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    if bn:  # BatchNorm over a length-3 axis: a global top-K may leave a rank a single row
-        return nn.Sequential(nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 8, 1), nn.BatchNorm1d(8),
-                             nn.ReLU(), nn.Flatten(), nn.Linear(24, 4))
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-
-
-def dataset(n: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-
-def params(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-# ------------------------------------------------------------ identical weights on ranks
-TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "ksam": dict(method="ksam", k=0.25, rho=0.1),
-    "sam": dict(method="sam", rho=0.1),
-    "ksam-global": dict(method="ksam", k=0.25, rho=0.1, selection="global"),
-    "ksam-global-sync": dict(method="ksam", k=0.25, rho=0.1, selection="global",
-                             sync_perturbation=True),
-    # k=1 over the global batch: every step one rank has no row in the cut (weight-0 stand-in)
-    "ksam-global-k1": dict(method="ksam", k=1, k_warmup=0, rho=0.1, selection="global"),
-    "ksam-global-k1-sync": dict(method="ksam", k=1, k_warmup=0, rho=0.1, selection="global",
-                                sync_perturbation=True),
-    "osgd-global": dict(method="osgd", k=0.5, selection="global"),
-    "esam": dict(method="esam", rho=0.1),
+#: Cases built with the method's own constructor on a DDP / FSDP2 model (no
+#: ksam.distributed.create); rank 1's batch of step NAN_STEP holds a NaN, so the engine must
+#: make every rank skip that step by itself.
+PLAIN: dict[str, tuple[Callable, dict[str, Any]]] = {
+    "KSAM(model)": (ksam.KSAM, dict(k=0.25, k_warmup=2, rho=0.1)),
+    "SAM(model)": (ksam.SAM, dict(rho=0.1)),
 }
+NAN_STEP = 3
+
+CASES = method_cases()
+# the schedule is taken by these cases, which must show plain and sharp steps both
+MIXED = {name for name, (method, opts) in CASES.items()
+         if "p" in opts or "start_step" in opts or method == "looksam"}
 
 
-def _recording_stand_ins(select: Callable, picks: list[bool]) -> Callable:
-    def recorded(ctx: ksam.SelectionContext) -> ksam.selection.Selection:
-        sel = select(ctx)
-        picks.append(sel.scale is not None and float(sel.scale) == 0.0)
-        return sel
+def test_every_method_is_covered():
+    """The case table holds every method of ksam.METHODS and K-SAM with every select= rule,
+    the scheduled methods with and without the schedule."""
+    assert {method for method, _ in CASES.values()} == set(ksam.METHODS)
+    assert {name.split(":")[1] for name, (method, opts) in CASES.items()
+            if method == "ksam" and "select" in opts and "+" not in name} == set(RULES)
+    for method in SCHEDULED:
+        scheduled = [o for m, o in CASES.values() if m == method and o.get("p") == SCHEDULE["p"]]
+        unscheduled = [o for m, o in CASES.values() if m == method and "p" not in o]
+        assert scheduled and unscheduled, method
+    assert {m for m, o in CASES.values() if o.get("selection") == "global"} == set(GLOBAL)
 
-    return recorded
 
-
-def _train_ranks(info: kd.DistInfo, steps: int, batch: int) -> dict:
-    x_all, y_all = dataset(WORLD * steps * batch)
-    x, y = kd.shard((x_all, y_all), seed=0, epoch=0)
-    out: dict[str, Any] = {}
-    for name, cfg in TRAIN_CONFIGS.items():
-        cfg = dict(cfg)
-        method = cfg.pop("method")
-        # a different init on each rank: DDP's construction-time broadcast must align them
-        model = net(100 + info.rank, bn=True)
-        ddp = kd.wrap(model, info.device)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        eng = kd.create(method, ddp, opt, seed=0, **cfg)
-        init = params(model)
-        picks: list[bool] = []  # per selection: a weight-0 stand-in row
-        for rule in (eng.ascent, eng.descent):
-            if isinstance(rule, kd.GlobalTopLoss):
-                rule.select = _recording_stand_ins(rule.select, picks)
-        for s in range(steps):
-            rows = slice(s * batch, (s + 1) * batch)
-            eng.step((x[rows], y[rows]), ce)
-        stand_ins = sum(picks)
-        buffers_differ = any(not torch.equal(a, b) for a, b in zip(
-            model.buffers(), net(0, bn=True).buffers()))
-        kd.sync_buffers(ddp)
-        out[name] = {"init": init, "params": params(model), "stand_ins": stand_ins,
-                     "buffers": [b.clone() for b in model.buffers()],
-                     "buffers_moved": buffers_differ, "skipped": eng.skipped_steps}
+def _batches(rank: int, nan_step: int | None = None) -> list:
+    """This rank's rows of each step's global batch (rank r: rows r*B .. r*B+B-1)."""
+    x, y = data(STEPS * WORLD * B, seed=11)
+    out = []
+    for s in range(STEPS):
+        rows = slice((s * WORLD + rank) * B, (s * WORLD + rank + 1) * B)
+        xb = x[rows].clone()
+        if s == nan_step and rank == 1:
+            xb[0, 0] = float("nan")
+        out.append((xb, y[rows]))
     return out
 
 
-def test_ranks_hold_identical_weights(tmp_path):
-    r0, r1 = spawn(_train_ranks, tmp_path, steps=4, batch=8)
-    for name in TRAIN_CONFIGS:
-        a, b = r0[name], r1[name]
-        for p, q in zip(a["params"], b["params"]):
-            assert torch.equal(p, q), f"{name}: ranks' weights differ"
-        assert any(not torch.equal(p, q) for p, q in zip(a["init"], a["params"])), name
-        for p, q in zip(a["buffers"], b["buffers"]):  # after kd.sync_buffers
-            assert torch.equal(p, q), f"{name}: BatchNorm buffers differ after sync_buffers"
-        assert a["buffers_moved"]
-        assert a["skipped"] == b["skipped"] == 0
-    # the k=1 global cut lies on one rank per step: the other ran its weight-0 stand-ins
-    # (ascent and descent), through DDP's all-reduce in the synchronized configuration
-    for name in ("ksam-global-k1", "ksam-global-k1-sync"):
-        assert r0[name]["stand_ins"] + r1[name]["stand_ins"] == 2 * 4
+_stand_ins: list[int] = []
+
+
+def _count_stand_ins() -> None:
+    """Count, in this rank's process, the selections that are a weight-0 stand-in row."""
+    select = kd.GlobalTopLoss.select
+
+    def counted(self, ctx):
+        sel = select(self, ctx)
+        _stand_ins.append(int(sel.scale is not None and float(sel.scale) == 0.0))
+        return sel
+
+    kd.GlobalTopLoss.select = counted
+
+
+def _model(info: kd.DistInfo, mode: str, plain: bool, esam_sync: bool) -> nn.Module:
+    if mode == "fsdp":  # FSDP2 shards what each rank holds: every rank starts from one init
+        model = bn_net(100)
+        return kd.fully_shard(model) if plain else kd.wrap(model, info.device, fsdp=True)
+    model = bn_net(100 + info.rank)  # DDP's construction-time broadcast aligns the ranks
+    if plain:  # torch's own defaults, buffer broadcast in forwards included
+        return DistributedDataParallel(model)
+    # ESAM's random ascent mask leaves parameters without an ascent gradient: a synchronized
+    # ascent needs DDP to look for unused parameters (the engine says so otherwise)
+    return kd.wrap(model, info.device, find_unused_parameters=esam_sync)
+
+
+def _run_case(info: kd.DistInfo, mode: str, method: str | Callable, opts: dict[str, Any],
+              sync: bool | None) -> dict[str, Any]:
+    opts = dict(opts)
+    plain = callable(method)
+    model = _model(info, mode, plain, method == "esam" and bool(sync))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if sync is not None:
+        opts["sync_perturbation"] = sync
+    _stand_ins.clear()
+    try:
+        eng = method(model, opt, seed=0, **opts) if plain else \
+            kd.create(method, model, opt, seed=0, **opts)
+    except ValueError as exc:
+        return {"refused": str(exc)}
+    init = full_params(model)
+    rec: dict[str, Any] = {"sharp": [], "skipped": [], "ascent_norm": [], "descent_norm": []}
+    try:
+        for batch in _batches(info.rank, NAN_STEP if plain else None):
+            result = eng.step(batch, ce)
+            rec["sharp"].append(getattr(result, "sharp", None))
+            rec["skipped"].append(bool(result.skipped))
+            a = result.ascent_grad_norm
+            rec["ascent_norm"].append(None if a is None else float(a))
+            rec["descent_norm"].append(float(result.descent_grad_norm))
+    except Exception as exc:  # noqa: BLE001 - reported per case by the test
+        return {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    rec.update(init=init, params=full_params(model), stand_ins=sum(_stand_ins),
+               buffers=[b.detach().clone() for b in model.buffers()],
+               skipped_steps=eng.skipped_steps)
+    return rec
+
+
+def _every_method_ranks(info: kd.DistInfo, mode: str) -> dict:
+    """Every case of ``mode`` ("ddp": per-rank and synchronized perturbation; "fsdp")."""
+    _count_stand_ins()
+    syncs = (False, True) if mode == "ddp" else (None,)
+    out: dict[tuple[str, bool | None], dict] = {}
+    for sync in syncs:
+        for name, (method, opts) in CASES.items():
+            out[name, sync] = _run_case(info, mode, method, opts, sync)
+        for name, (cls, opts) in PLAIN.items():
+            out[name, sync] = _run_case(info, mode, cls, opts, sync)
+    return out
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _refusal(mode: str, name: str, rec: dict) -> str | None:
+    """None when the case ran or was refused as REFUSED lists it; else what went wrong."""
+    expected = REFUSED.get((mode, name))
+    if "refused" in rec:
+        if expected is None:
+            return f"{mode} {name}: refused, not listed in REFUSED: {rec['refused']}"
+        if not re.search(expected, rec["refused"]):
+            return f"{mode} {name}: refused with an unclear message: {rec['refused']}"
+        return None
+    if expected is not None:
+        return f"{mode} {name}: listed in REFUSED but ran"
+    if "error" in rec:
+        return f"{mode} {name}: failed: {rec['error']}"
+    return None
+
+
+def _rank_agreement(mode: str, name: str, r0: dict, r1: dict) -> list[str]:
+    """What both ranks of one case must share: the schedule, no skips (but NAN_STEP's)."""
+    bad = []
+    if r0["sharp"] != r1["sharp"]:
+        bad.append(f"{mode} {name}: the ranks disagree on the sharp steps: "
+                   f"{r0['sharp']} vs {r1['sharp']}")
+    plain = name in PLAIN
+    skips = [s == NAN_STEP for s in range(STEPS)] if plain else [False] * STEPS
+    for r, rec in enumerate((r0, r1)):
+        if rec["skipped"] != skips or rec["skipped_steps"] != sum(skips):
+            bad.append(f"{mode} {name}: rank {r} skipped {rec['skipped']}, expected {skips}")
+    if name in MIXED and set(r0["sharp"]) != {True, False}:
+        bad.append(f"{mode} {name}: the schedule left no plain or no sharp step: {r0['sharp']}")
+    if name == "ksam-global-k1" and r0["stand_ins"] + r1["stand_ins"] != 2 * STEPS:
+        # the k=1 global cut lies on one rank per step: the other runs its weight-0 stand-in
+        # in the ascent and in the descent
+        bad.append(f"{mode} {name}: {r0['stand_ins']} + {r1['stand_ins']} stand-in rows, "
+                   f"expected {2 * STEPS}")
+    if all(torch.equal(p, q) for p, q in zip(r0["init"], r0["params"])):
+        bad.append(f"{mode} {name}: the weights did not move")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> list:
+    return spawn(_every_method_ranks, tmp_path_factory.mktemp("ddp"),
+                 deadline_s=EVERY_METHOD_DEADLINE_S, mode="ddp")
+
+
+def test_every_method_keeps_ddp_replicas_identical(ddp_runs):
+    """Every method, per-rank and synchronized perturbation: after STEPS steps both ranks hold
+    the same weights bit for bit (DDP's all-reduce hands both ranks the same averaged
+    gradient, and a perturbation is restored bit for bit). Each rank's BatchNorm statistics
+    are its own (no buffer sync in forwards), so only the parameters are compared."""
+    r0, r1 = ddp_runs
+    failures = []
+    for name in [*CASES, *PLAIN]:
+        for sync in (False, True):
+            mode = "ddp-sync" if sync else "ddp-per-rank"
+            a, b = r0[name, sync], r1[name, sync]
+            problem = _refusal(mode, name, a) or _refusal(mode, name, b)
+            if problem or "refused" in a:
+                failures += [problem] if problem else []
+                continue
+            failures += _rank_agreement(mode, name, a, b)
+            if not all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])):
+                failures.append(f"{mode} {name}: the ranks' weights differ, max |w0 - w1| = "
+                                f"{_max_diff(a['params'], b['params']):.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(not kd.fsdp_available(), reason="needs FSDP2 (torch >= 2.6)")
+def test_every_method_under_fsdp_steps_as_ddp_with_synchronized_perturbation(ddp_runs, tmp_path):
+    """Every method on an FSDP2-sharded model: the gathered weights, each rank's BatchNorm
+    statistics, the schedule and the gradient norms equal those of the same run under DDP
+    with a synchronized perturbation, where every tensor is whole: the ascent and descent
+    gradients are averaged alike, and every norm is taken over all shards.
+
+    Tolerance: FSDP2 reduce-scatters each gradient and sums the squares of the shards' norms,
+    DDP all-reduces whole buckets and takes one norm: the same sums in another order, a
+    rounding difference of float32 that 8 momentum steps carry along (at most 5e-7 here, in
+    the k=1 case whose single row makes the largest gradients).
+    """
+    fsdp = spawn(_every_method_ranks, tmp_path, deadline_s=EVERY_METHOD_DEADLINE_S,
+                 mode="fsdp")
+    failures = []
+    for name in [*CASES, *PLAIN]:
+        recs = [fsdp[r][name, None] for r in range(WORLD)]
+        problem = _refusal("fsdp", name, recs[0]) or _refusal("fsdp", name, recs[1])
+        if problem or "refused" in recs[0]:
+            failures += [problem] if problem else []
+            continue
+        failures += _rank_agreement("fsdp", name, *recs)
+        for r, rec in enumerate(recs):
+            ref = ddp_runs[r][name, True]
+            if "params" not in ref:
+                failures.append(f"fsdp {name}: no DDP run to compare with ({ref})")
+                break
+            if rec["sharp"] != ref["sharp"]:
+                failures.append(f"fsdp {name}: sharp steps {rec['sharp']}, DDP {ref['sharp']}")
+            # torch's DDP of a PLAIN case broadcasts rank 0's statistics in every forward
+            for what in ("params",) if name in PLAIN else ("params", "buffers"):
+                if not all(torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+                           for p, q in zip(rec[what], ref[what])):
+                    failures.append(f"fsdp {name}: rank {r}'s {what} differ from DDP's, max "
+                                    f"difference {_max_diff(rec[what], ref[what]):.3g}")
+            for what in ("ascent_norm", "descent_norm"):
+                got = [v for v in rec[what] if v is not None]
+                want = [v for v in ref[what] if v is not None]
+                if len(got) != len(want) or got != pytest.approx(want, rel=1e-5, nan_ok=True):
+                    failures.append(f"fsdp {name}: rank {r}'s {what} {got}, DDP {want}")
+    assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------- 2 ranks x b == 1 process x 2b (sync, global)
 EQUIV_CONFIGS: dict[str, dict[str, Any]] = {
     "ksam": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5),
-    # descent subset schedule on the global batch: 20, 20, 10, 10 rows
+    # descent subset schedule on the global batch: 20, 20, 10, 10, 5, 5 rows
     "ksam-warmup": dict(method="ksam", k=0.25, k_warmup=2, rho=0.5),
     "ksam-k-int": dict(method="ksam", k_ascent=3, k_descent=0.5, k_warmup=0, rho=0.5),
     "ksam-plain": dict(method="ksam-plain", k=0.25, rho=0.5),  # no warmup, no rescale
     "sam": dict(method="sam", rho=0.5),
     "osgd": dict(method="osgd", k=5),
 }
-EQUIV_STEPS, EQUIV_B = 4, 10
+# the same with the schedule: a plain step descends on the global top-K rows too
+EQUIV_CONFIGS.update({f"{name}+schedule": dict(cfg, **SCHEDULE) for name, cfg in
+                      list(EQUIV_CONFIGS.items()) if name not in ("osgd", "ksam-k-int")})
+EQUIV_STEPS, EQUIV_B = 6, 10
 PER_RANK_TOO = ("ksam", "sam")  # also run with per-rank perturbation, which must differ
 
 
 def _equiv_batches():
-    x, y = dataset(EQUIV_STEPS * WORLD * EQUIV_B, seed=3)
+    x, y = data(EQUIV_STEPS * WORLD * EQUIV_B, seed=3)
     return [(x[s * WORLD * EQUIV_B:(s + 1) * WORLD * EQUIV_B],
              y[s * WORLD * EQUIV_B:(s + 1) * WORLD * EQUIV_B]) for s in range(EQUIV_STEPS)]
 
 
 def _equiv_ranks(info: kd.DistInfo) -> dict:
-    out = {}
+    out: dict[tuple[str, bool], Any] = {}
     for name, cfg in EQUIV_CONFIGS.items():
         for sync in (True, False) if name in PER_RANK_TOO else (True,):
             opts = dict(cfg)
             method = opts.pop("method")
-            model = net(0)
+            model = mlp(0)
             ddp = kd.wrap(model, info.device)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
             selection = "global" if method != "sam" else "local"
-            eng = kd.create(method, ddp, opt, seed=0, selection=selection,
-                            sync_perturbation=sync, **opts)
+            try:
+                eng = kd.create(method, ddp, opt, seed=0, selection=selection,
+                                sync_perturbation=sync, **opts)
+            except ValueError as exc:
+                out[name, sync] = {"refused": str(exc)}
+                continue
+            sharp = []
             for xb, yb in _equiv_batches():
                 rows = slice(info.rank * EQUIV_B, (info.rank + 1) * EQUIV_B)
-                eng.step((xb[rows], yb[rows]), ce)
-            out[name, sync] = params(model)
+                sharp.append(getattr(eng.step((xb[rows], yb[rows]), ce), "sharp", None))
+            out[name, sync] = {"params": params(model), "sharp": sharp}
     return out
 
 
 def test_sync_global_matches_single_process(tmp_path):
+    """Synchronized perturbation and global top-K: 2 ranks with b rows each step as one
+    process with the 2b rows joined, plain steps of a schedule included (tolerance: the mean
+    over 2b rows against the mean of two means of b, float32 rounding)."""
     ranks = spawn(_equiv_ranks, tmp_path)
+    failures = []
     for name, cfg in EQUIV_CONFIGS.items():
         cfg = dict(cfg)
         method = cfg.pop("method")
-        model = net(0)
+        model = mlp(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         eng = ksam.create(method, model, opt, seed=0, **cfg)
-        for batch in _equiv_batches():
-            eng.step(batch, ce)
+        sharp = [getattr(eng.step(batch, ce), "sharp", None) for batch in _equiv_batches()]
         single = params(model)
-        for rank in ranks:
-            for p, q in zip(rank[name, True], single):
-                torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
+        if "p" in cfg:
+            assert set(sharp) == {True, False}, f"{name}: the schedule took one kind of step"
+        recs = [rank[name, True] for rank in ranks]
+        problem = _refusal("global", name, recs[0]) or _refusal("global", name, recs[1])
+        if problem or "refused" in recs[0]:
+            failures += [problem] if problem else []
+            continue
+        for r, rec in enumerate(recs):
+            if rec["sharp"] != sharp:
+                failures.append(f"global {name}: rank {r}'s sharp steps {rec['sharp']}, one "
+                                f"process {sharp}")
+            if not all(torch.allclose(p, q, atol=2e-6, rtol=1e-5)
+                       for p, q in zip(rec["params"], single)):
+                failures.append(f"global {name}: rank {r} differs from one process, max "
+                                f"difference {_max_diff(rec['params'], single):.3g}")
         if name in PER_RANK_TOO:  # per-rank perturbation is a different (m-sharpness) step
-            gap = max((p - q).abs().max().item() for p, q in zip(ranks[0][name, False], single))
-            assert gap > 1e-4, f"{name}: per-rank perturbation should differ from global"
+            gap = _max_diff(ranks[0][name, False]["params"], single)
+            if gap <= 1e-4:
+                failures.append(f"{name}: per-rank perturbation equals the global one")
+    assert not failures, "\n".join(failures)
 
 
 # --------------------------------------------------- collectives per pass (counting group)
@@ -320,7 +423,7 @@ GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gat
 
 
 def _count_ranks(info: kd.DistInfo, steps: int) -> dict:
-    x_all, y_all = dataset(WORLD * steps * 8)
+    x_all, y_all = data(WORLD * steps * 8)
     x, y = kd.shard((x_all, y_all), seed=0, epoch=0)
     out = {}
     real_all_gather = getattr(dist, GATHER)
@@ -328,7 +431,7 @@ def _count_ranks(info: kd.DistInfo, steps: int) -> dict:
         cfg = dict(cfg)
         method = cfg.pop("method")
         group = CountingGroup(dist.group.WORLD)
-        model = net(0, bn=True)
+        model = bn_net(0)
         if cfg.pop("ddp_buffer_sync", False):
             ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
         else:
@@ -441,7 +544,7 @@ def _helper_ranks(info: kd.DistInfo) -> dict:
            "size": size}
 
     # sync_buffers: mean of floating buffers, broadcast of integer ones / of everything
-    model = net(0, bn=True)
+    model = bn_net(0)
     bn = model[2]
     bn.running_mean.fill_(info.rank + 1.0)
     bn.num_batches_tracked.fill_(10 * (info.rank + 1))
@@ -453,27 +556,23 @@ def _helper_ranks(info: kd.DistInfo) -> dict:
     out["main"] = kd.is_main_process()
     kd.barrier()
 
-    # a step whose loss is not finite on rank 0 only (gradients finite): all ranks skip it
+    # a step whose loss is not finite on rank 0 only (gradients finite): all ranks skip it;
+    # with each rank's own verdict (finite_reducer=identity) only rank 0 would
     for agree in (True, False):
-        if not agree:
-            kd.all_ranks_true, saved = (lambda flag, group=None: flag), kd.all_ranks_true
-        try:
-            model = net(0)
-            ddp = kd.wrap(model)
-            eng = kd.create("ksam", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), k=0.5)
-            x, y = dataset(8)
+        model = mlp(0)
+        ddp = kd.wrap(model)
+        own = {} if agree else {"finite_reducer": lambda flag: flag}
+        eng = kd.create("ksam", ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), k=0.5, **own)
+        x, y = data(8)
 
-            def poisoned(m, batch, rank=info.rank):
-                losses = ce(m, batch)
-                if rank == 0 and not torch.is_grad_enabled():  # rank 0's scoring pass only
-                    losses = losses + torch.tensor([float("inf")] + [0.0] * 7)
-                return losses
+        def poisoned(m, batch, rank=info.rank):
+            losses = ce(m, batch)
+            if rank == 0 and not torch.is_grad_enabled():  # rank 0's scoring pass only
+                losses = losses + torch.tensor([float("inf")] + [0.0] * 7)
+            return losses
 
-            eng.step((x, y), poisoned)
-            out["skip", agree] = (eng.skipped_steps, params(model))
-        finally:
-            if not agree:
-                kd.all_ranks_true = saved
+        eng.step((x, y), poisoned)
+        out["skip", agree] = (eng.skipped_steps, params(model))
     return out
 
 
@@ -501,11 +600,11 @@ def test_rule_buffers_and_skips_across_ranks(tmp_path):
 
 # --------------------------------------------------------------- a crashed or stalled rank
 def _crashing_ranks(info: kd.DistInfo, mode: str) -> None:
-    model = net(0)
+    model = mlp(0)
     ddp = kd.wrap(model, info.device)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     eng = kd.create("ksam", ddp, opt, k=0.5, seed=0)
-    x, y = dataset(8)
+    x, y = data(8)
     for _ in range(2):
         eng.step((x, y), ce)
     if info.rank == 1:
@@ -594,7 +693,7 @@ def test_single_process_fallbacks(monkeypatch):
     assert kd.is_main_process() and kd.get_world_size() == 1
     kd.barrier()
     kd.cleanup()
-    model = net(0)
+    model = mlp(0)
     assert kd.wrap(model, "cpu") is model and kd.unwrap(model) is model
     # without a process group the global rule is TopLoss
     scores = torch.tensor([0.5, 2.0, 2.0, 1.0, 3.0])
@@ -605,13 +704,16 @@ def test_single_process_fallbacks(monkeypatch):
     losses = torch.tensor([1.0, 2.0, 4.0])
     assert rule.reduce(losses, sel) == losses.mean()
     # single-process kd.create with selection="global" equals ksam.create bit for bit
-    x, y = dataset(16)
+    x, y = data(16)
     runs = []
-    for make in (lambda m, o: kd.create("ksam", m, o, k=0.25, k_warmup=1, seed=0,
-                                        selection="global"),
-                 lambda m, o: ksam.create("ksam", m, o, k=0.25, k_warmup=1, seed=0)):
-        m = net(0)
-        eng = make(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    for scope in ("global", None):
+        m = mlp(0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        if scope == "global":  # said, not silently ignored
+            with pytest.warns(UserWarning, match="without a process group"):
+                eng = kd.create("ksam", m, opt, k=0.25, k_warmup=1, seed=0, selection="global")
+        else:
+            eng = ksam.create("ksam", m, opt, k=0.25, k_warmup=1, seed=0)
         for _ in range(3):
             eng.step((x, y), ce)
         runs.append(params(m))

@@ -1,8 +1,10 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) support, on the CPU: gloo, 2 spawned processes.
 
-The ranks run through the harness of test_distributed.py. Every parameter is a DTensor holding
-half of the rows on each rank; the engine computes its norms over both shards, so 2 ranks
-with batch b step as one process with batch 2b (up to float summation order).
+The ranks run through :mod:`distributed_harness`. Every parameter is a DTensor holding half of
+the rows on each rank; the engine computes its norms over both shards (every rule that takes
+one: SAM's, ASAM's, ESAM's, MSAM's, LookSAM's), so 2 ranks with batch b step as one process
+with batch 2b (up to float summation order). Every method under FSDP2 against DDP is in
+test_distributed.py.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import WORLD, ce, dataset, net, spawn
+from distributed_harness import SCHEDULE, WORLD, bn_net, ce, full_params, mlp, spawn
+from distributed_harness import data as dataset
 from torch import nn
 
 import ksam
 from ksam import distributed as kd
-from ksam.perturbation import global_norm, over_shards
-from ksam.sharded import Sharding, sharded_norm
+from ksam.params import ParameterSet, Sharding, sharded_norm
 
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -36,8 +38,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sam-chunks-clip": dict(method="sam", rho=0.5, micro_batch_size=3, max_grad_norm=0.2),
     # gamma=1: the descent on every row (ESAM's loss-increase selection is per rank)
     "esam": dict(method="esam", rho=0.5, gamma=1.0),
+    # MSAM's perturbation -rho v/||v|| and LookSAM's direction v and its ||g|| v: norms
+    # over both shards (and LookSAM's stored v, one shard per rank)
+    "msam": dict(method="msam", rho=0.5),
+    "looksam": dict(method="looksam", rho=0.5, interval=2, alpha=0.7),
+    # plain steps of the schedule (a whole-batch step; K-SAM's on the global top-K rows)
+    "sam+schedule": dict(method="sam", rho=0.5, **SCHEDULE),
+    "ksam-global+schedule": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5,
+                                 selection="global", **SCHEDULE),
+    "rst": dict(method="rst", rho=0.5),
+    # the method's own constructor on the FSDP2 model, no ksam.distributed.create
+    "sam-plain-constructor": dict(method="sam", rho=0.5, constructor=True),
 }
-STEPS, B = 3, 10
+STEPS, B = 4, 10
 
 
 def _batches() -> list:
@@ -46,8 +59,7 @@ def _batches() -> list:
     return [(x[s * n:(s + 1) * n], y[s * n:(s + 1) * n]) for s in range(STEPS)]
 
 
-def _full(model: nn.Module) -> list[torch.Tensor]:
-    return [p.full_tensor().detach().clone() for p in model.parameters()]
+_full = full_params
 
 
 def _equiv_ranks(info: kd.DistInfo) -> dict:
@@ -55,20 +67,21 @@ def _equiv_ranks(info: kd.DistInfo) -> dict:
     for name, cfg in CONFIGS.items():
         opts = dict(cfg)
         method = opts.pop("method")
-        model = kd.wrap(net(0), info.device, fsdp=True)
+        model = kd.wrap(mlp(0), info.device, fsdp=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-        eng = kd.create(method, model, opt, seed=0, **opts)
-        norms, descent = [], []
+        make = ksam.create if opts.pop("constructor", False) else kd.create
+        eng = make(method, model, opt, seed=0, **opts)
+        norms, descent, sharp = [], [], []
         for xb, yb in _batches():
             rows = slice(info.rank * B, (info.rank + 1) * B)
             result = eng.step((xb[rows], yb[rows]), ce)
             descent.append(float(result.descent_grad_norm))
+            sharp.append(result.sharp)
             if result.ascent_grad_norm is not None:
                 norms.append(float(result.ascent_grad_norm))
         shapes = [tuple(p.to_local().shape) for p in model.parameters()]
         out[name] = {"params": _full(model), "norms": norms, "descent": descent,
-                     "shapes": shapes,
-                     "skipped": eng.skipped_steps}
+                     "shapes": shapes, "sharp": sharp, "skipped": eng.skipped_steps}
     return out
 
 
@@ -78,17 +91,22 @@ def test_fsdp_matches_single_process(tmp_path):
         opts = dict(cfg)
         method = opts.pop("method")
         opts.pop("selection", None)
-        model = net(0)
+        opts.pop("constructor", None)
+        model = mlp(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         eng = ksam.create(method, model, opt, seed=0, **opts)
-        norms, descent = [], []
+        norms, descent, sharp = [], [], []
         for batch in _batches():
             result = eng.step(batch, ce)
             descent.append(float(result.descent_grad_norm))
+            sharp.append(result.sharp)
             if result.ascent_grad_norm is not None:
                 norms.append(float(result.ascent_grad_norm))
+        if method in ("looksam", "rst") or "p" in opts:  # plain and sharp steps both
+            assert set(sharp) == {True, False}, (name, sharp)
         for r in ranks:
             assert r[name]["skipped"] == 0
+            assert r[name]["sharp"] == sharp, name
             # really sharded: the first Linear's 16 rows split 8 + 8
             assert r[name]["shapes"][0] == (8, 6), r[name]["shapes"]
             assert r[name]["norms"] == pytest.approx(norms, rel=1e-5), name
@@ -104,10 +122,10 @@ def _rules_ranks(info: kd.DistInfo) -> dict:
     rows = slice(info.rank * B, (info.rank + 1) * B)
     xb, yb = x[rows], y[rows]
     # BatchNorm: the scoring pass at w alone moves the statistics (a train-mode forward).
-    ref = net(0, bn=True)
+    ref = bn_net(0)
     with torch.no_grad():
         ref(xb)
-    model = kd.wrap(net(0, bn=True), info.device, fsdp=True)
+    model = kd.wrap(bn_net(0), info.device, fsdp=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     eng = kd.create("ksam", model, opt, seed=0, k=0.25, rho=0.5)
     eng.step((xb, yb), ce)
@@ -127,7 +145,7 @@ def _rules_ranks(info: kd.DistInfo) -> dict:
     out["keys"] = sorted(state["model"])
     eng.step((xb, yb), ce)
     after = _full(model)
-    model2 = kd.wrap(net(7, bn=True), info.device, fsdp=True)
+    model2 = kd.wrap(bn_net(7), info.device, fsdp=True)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.2, momentum=0.9)
     eng2 = kd.create("ksam", model2, opt2, seed=1, k=0.25, rho=0.5)
     kd.load_state_dict(eng2, state)
@@ -143,13 +161,13 @@ def test_fsdp_batchnorm_nan_skip_and_checkpoint(tmp_path):
         assert r["bn_equal"]
         assert r["skipped"] == (True, 1)
         assert r["unchanged"]
-        assert r["keys"] == sorted(net(0, bn=True).state_dict())
+        assert r["keys"] == sorted(bn_net(0).state_dict())
         assert r["resumed_equal"]
         assert r["steps"] == (3, 3, 1)
 
 
 def _partial_ranks(info: kd.DistInfo) -> str:
-    model = net(0).to(info.device)
+    model = mlp(0).to(info.device)
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(model[0])  # the last Linear stays unsharded
@@ -176,10 +194,10 @@ def test_sharded_norm_is_the_norm_of_the_whole():
     assert not dist.is_initialized()
     torch.testing.assert_close(total, torch.linalg.vector_norm(local[0]).square().add(
         local[1].square()).sqrt())
-    torch.testing.assert_close(total, global_norm(whole))
-    # inside over_shards, global_norm of one shard's tensors is that shard's part of the sum
-    with over_shards(Sharding(group=None)):
-        torch.testing.assert_close(global_norm(shards[0]), local[0])
+    model = nn.Linear(3, 7)  # whole tensors: the norm of a list is over every element
+    unsharded = ParameterSet(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert unsharded.sharding is None and not unsharded.sharded
+    torch.testing.assert_close(unsharded.norm(whole), total)
     assert Sharding.of([torch.zeros(2)]) is None
 
 
@@ -234,7 +252,7 @@ def test_train_fsdp_resumes_exactly(tmp_path):
 
 
 def _global_chunks_ranks(info: kd.DistInfo) -> str:
-    model = kd.wrap(net(0), info.device, fsdp=True)
+    model = kd.wrap(mlp(0), info.device, fsdp=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
         kd.create("ksam", model, opt, k=0.25, selection="global", micro_batch_size=4)
