@@ -16,3 +16,14 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.split()
     assert float(printed[0]) > 0
     assert (tmp_path / "ksam_state.pt").exists()
+
+
+def test_readme_task_table_lists_every_task():
+    from ksam.tasks import TASKS
+
+    text = README.read_text()
+    table = text[text.index("### Tasks and their data"):]
+    table = table[:table.index("\n\n", table.index("| task |"))]
+    named = {name for row in table.splitlines()[2:]
+             for name in re.findall(r"`([a-z0-9-]+)`", row.split("|")[1])}
+    assert named == set(TASKS)

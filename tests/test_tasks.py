@@ -157,6 +157,22 @@ def test_bad_options(fashion_dir: Path, kwargs: dict, match: str) -> None:
         get_task("fashion-mnist", data_dir=fashion_dir, **kwargs)
 
 
+def test_an_unknown_option_lists_every_accepted_one(fashion_dir: Path) -> None:
+    import inspect
+
+    from ksam.tasks import COMMON_OPTIONS
+
+    with pytest.raises(ValueError) as info:
+        get_task("fashion-mnist", data_dir=fashion_dir, widht=2.0)
+    assert str(info.value).endswith(
+        "accepted options: width; and for every task: data_dir, train_subset, label_noise, "
+        "validation_split, label_noise_type, noisy_validation")
+    # the list is get_task's own keyword options (device and seed are the run's)
+    params = inspect.signature(get_task).parameters
+    keyword = [n for n, v in params.items() if v.kind == v.KEYWORD_ONLY]
+    assert sorted(COMMON_OPTIONS) == sorted(set(keyword) - {"device", "seed"})
+
+
 def test_bad_model_names(tmp_path: Path) -> None:
     _write_cifar(tmp_path, 10)
     with pytest.raises(ValueError, match="resnet18, wrn16-8, wrn28-10"):
@@ -276,6 +292,9 @@ def test_cifar_constants() -> None:
 
 def test_cifar_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found.*data_batch_1.*download=True"):
+        get_task("cifar10", data_dir=tmp_path)
+    # the command line's way to say it is a task option (there is no --download flag)
+    with pytest.raises(FileNotFoundError, match=r"\(CLI: --task-option download=true\)"):
         get_task("cifar10", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         get_task("cifar100", data_dir=tmp_path / "absent")

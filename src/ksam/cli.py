@@ -115,7 +115,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     fast = p.add_mutually_exclusive_group()
     fast.add_argument("--fast", dest="fast", action="store_true",
                       help="whole-step CUDA graphs (default on CUDA)")
-    fast.add_argument("--no-fast", dest="fast", action="store_false")
+    fast.add_argument("--no-fast", dest="fast", action="store_false",
+                      help="eager steps (default on the CPU)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run the forward passes through torch.compile (default backend "
                         "inductor); compile time counts in the first epoch")

@@ -350,8 +350,9 @@ class RunConfig:
                                        ("--selection global", self.selection_scope == "global"),
                                        ("--sync-perturbation", self.sync_perturbation)) if on]
         if given:
-            raise ValueError(f"{', '.join(given)} need several processes (torchrun, "
-                             "WORLD_SIZE > 1); this is one process")
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} "
+                             "several processes (torchrun, WORLD_SIZE > 1); this is one "
+                             "process")
 
 
 @dataclass
