@@ -103,8 +103,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default: the task's)")
     p.add_argument("--batch-size", type=int, help="examples per step (default: the task's)")
     p.add_argument("--lr", type=_FLOAT,
-                   help="one learning rate for every method (default: the task's; "
-                        "compare without it sweeps each method's lr)")
+                   help="learning rate, one for every method (default: the task's; "
+                        "`ksam compare` without it chooses each method's own)")
     p.add_argument("--momentum", type=_FLOAT, help="SGD momentum in [0, 1) (default: the "
                                                    "task's)")
     p.add_argument("--weight-decay", type=_FLOAT, help="default: the task's")

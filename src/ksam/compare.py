@@ -289,13 +289,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
     """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
     ``config.json`` of a run interrupted before its first one) is sound and continues its
     run (else ValueError)."""
-    from .train import (
-        _saved_run_config,
-        check_folder_command,
-        check_resumable,
-        load_checkpoint,
-        resume_point,
-    )
+    from .train import check_folder_command, check_resumable, resume_point, saved_run_config
 
     if out_dir is None or not out_dir.is_dir():
         raise ValueError(f"resume: no earlier comparison in {out_dir}")
@@ -307,9 +301,8 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
                 continue
             check_folder_command(run_dir, "train")
             point = resume_point(run_dir)
-            saved = load_checkpoint(point)["config"] if point.suffix == ".pt" \
-                else _saved_run_config(point)
-            check_resumable(_run_config(cfg, spec, shared, seed), saved, point)
+            check_resumable(_run_config(cfg, spec, shared, seed), saved_run_config(point),
+                            point)
 
 
 def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],

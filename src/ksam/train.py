@@ -624,13 +624,18 @@ def resume_point(out_dir: Path) -> Path:
                             "of a run interrupted before its first checkpoint)")
 
 
-def _saved_run_config(path: Path) -> dict[str, Any]:
+def saved_run_config(point: Path) -> dict[str, Any]:
+    """The configuration a run was saved with, from its checkpoint (verified) or its
+    ``config.json`` (a :func:`resume_point`). ValueError for a damaged file."""
+    point = Path(point)
+    if point.name != "config.json":
+        return load_checkpoint(point)["config"]
     try:
-        saved = json.loads(Path(path).read_text())
+        saved = json.loads(point.read_text())
     except ValueError:
         saved = None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} is damaged: not the configuration of a ksam run")
+        raise ValueError(f"{point} is damaged: not the configuration of a ksam run")
     return saved
 
 
@@ -639,7 +644,7 @@ def _resume(run: _Run, out_dir: Path) -> list[dict[str, Any]]:
     check_folder_command(Path(out_dir), "train")
     point = resume_point(out_dir)
     if point.name == "config.json":  # no checkpoint yet: the same run starts from scratch
-        check_resumable(run.cfg, _saved_run_config(point), point)
+        check_resumable(run.cfg, saved_run_config(point), point)
         return []
     ckpt = load_checkpoint(point)
     check_resumable(run.cfg, ckpt["config"], point)
@@ -668,12 +673,14 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
 
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
+    if resume and out_dir is None:
+        raise ValueError("resume needs out_dir: the folder of the run to continue")
     cfg.validate()
     if task is None:
         task = get_task(cfg.task, device=resolve_device(cfg.device), seed=cfg.seed,
                         **cfg.task_options)
     run = _setup(cfg, task, dist_info)
-    history = _resume(run, out_dir) if resume and out_dir is not None else []
+    history = _resume(run, out_dir) if resume else []
     folder = open_output(out_dir, "train", resume=resume, overwrite=overwrite) \
         if out_dir is not None and run.rank == 0 else None
     try:
