@@ -20,7 +20,6 @@ Spec options are the keyword-only parameters of the method's factory in
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 from collections import Counter
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .methods import METHODS
+from .methods import method_options as factory_options
 
 __all__ = ["MAX_SEED", "PRECISIONS", "RENAMED_FIELDS", "CliConfig", "MethodSpec",
            "RUN_OPTIONS", "RunConfig", "method_options", "parse_seeds", "parse_value"]
@@ -48,10 +48,6 @@ RENAMED_FIELDS = {"schedule": "lr_schedule", "selection": "selection_scope"}
 #: Task options that are run options of their own (``--seed``, ``--device``, ``--task``).
 _NOT_TASK_OPTIONS = ("name", "seed", "device")
 
-#: Engine options set by the run, never by a spec (an option relative to the run's length,
-#: ``start=0.8``, is turned into steps by :func:`ksam.schedule.schedule_options`).
-ENGINE_OPTIONS = {"grad_scaler", "autocast_dtype", "fast_path", "seed", "sync_perturbation",
-                  "compile"}
 #: Options of the run rather than the method, allowed in every spec ("sgd:lr=0.2"): each
 #: method can be compared at its own learning rate (docs/collapse.md section 5: at one shared
 #: lr a method that enlarges its effective step can look better than it is).
@@ -60,18 +56,11 @@ RUN_OPTIONS = {"lr"}
 SHARED_OPTIONS = ("k", "rho")
 
 
-def _keyword_only(name: str) -> set[str]:
-    factory = METHODS[name]
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    params = inspect.signature(target).parameters
-    return {p for p, v in params.items() if v.kind == v.KEYWORD_ONLY}
-
-
 def method_options(name: str) -> set[str]:
-    """The options a method takes (besides model, optimizer and the engine's): its
-    factory's keyword-only parameters; ``start`` (a fraction of the run) too where it takes
-    ``start_step``."""
-    options = _keyword_only(name) - ENGINE_OPTIONS
+    """The options a method spec may set: the method's own
+    (:func:`ksam.methods.method_options`; the engine's are set by the run), and ``start``
+    (a fraction of the run) too where it takes ``start_step``."""
+    options = factory_options(name)
     if "start_step" in options:  # the CLI also says it as a fraction of the run (start=0.8)
         options.add("start")
     return options
@@ -355,6 +344,50 @@ class RunConfig:
                              "process")
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` is the GPU when there is one. ValueError for CUDA on a machine without."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return name
+
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything that defines one run: the :class:`ksam.config.RunConfig` and the method
+    with its options. ``None`` means: the task's default."""
+
+    method: str = "ksam"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run: RunConfig, **changes: Any) -> TrainConfig:
+        """The run configuration ``run`` (a copy) with the method fields ``changes``."""
+        values = {f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)}
+        return cls(**values, **changes)
+
+    def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
+        """A copy with the task's defaults filled in (and the device resolved: ValueError
+        for a CUDA device on a machine without one)."""
+        # Paths as strings: the configuration is written as JSON and compared on resume.
+        task_options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                        for k, v in self.task_options.items()}
+        out = dataclasses.replace(self, method_options=dict(self.method_options),
+                                  task_options=task_options)
+        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay"):
+            if getattr(out, name) is None:
+                setattr(out, name, defaults[name])
+        out.device = resolve_device(out.device)
+        if out.fast is None:
+            out.fast = out.device.startswith("cuda")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class CliConfig(RunConfig):
     """Everything a ``ksam compare`` or ``ksam train`` command runs with: the
@@ -471,9 +504,7 @@ class CliConfig(RunConfig):
         values["task_options"] = self.task_kwargs(with_validation=with_validation)
         return RunConfig(**values)
 
-    def train_config(self, *, with_validation: bool = True) -> Any:
-        """The :class:`ksam.train.TrainConfig` shared by every run of the command (method
-        still at its default)."""
-        from .train import TrainConfig
-
+    def train_config(self, *, with_validation: bool = True) -> TrainConfig:
+        """The :class:`TrainConfig` shared by every run of the command (method still at its
+        default)."""
         return TrainConfig.of(self.run_config(with_validation=with_validation))

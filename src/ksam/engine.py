@@ -225,9 +225,9 @@ class SharpnessAwareOptimizer:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
         self.plan.check_batch(n)
 
-    def use_rules(self, **rules: SelectionRule | None) -> None:
-        """Replace rules of the plan (``ascent=``, ``descent=``): a new plan is built and
-        checked, and every fact derived from the rules with it."""
+    def use_rules(self, **rules: SelectionRule | Schedule | None) -> None:
+        """Replace rules of the plan (``ascent=``, ``descent=``, ``schedule=``, ...): a new
+        plan is built and checked, and every fact derived from the rules with it."""
         self.plan = self.plan.replace(**rules)
 
     def graph_key(self, n: int, sharp: bool) -> tuple:

@@ -13,7 +13,6 @@ Fairness rules (what makes runs of different methods comparable):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,14 +20,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .config import PRECISIONS, RENAMED_FIELDS, RunConfig
+from .config import PRECISIONS, RENAMED_FIELDS, TrainConfig, resolve_device
 from .engine import SharpnessAwareOptimizer
 from .methods import create
 from .schedule import schedule_options
@@ -39,40 +38,6 @@ from .schedule import schedule_options
 RESUME_MAY_CHANGE = {"compile", "eval_every"}
 
 
-@dataclass
-class TrainConfig(RunConfig):
-    """Everything that defines one run: the :class:`ksam.config.RunConfig` and the method
-    with its options. ``None`` means: the task's default."""
-
-    method: str = "ksam"
-    method_options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, run: RunConfig, **changes: Any) -> TrainConfig:
-        """The run configuration ``run`` (a copy) with the method fields ``changes``."""
-        values = {f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)}
-        return cls(**values, **changes)
-
-    def resolved(self, defaults: dict[str, Any]) -> TrainConfig:
-        """A copy with the task's defaults filled in (and the device resolved: ValueError
-        for a CUDA device on a machine without one)."""
-        # Paths as strings: the configuration is written as JSON and compared on resume.
-        task_options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
-                        for k, v in self.task_options.items()}
-        out = dataclasses.replace(self, method_options=dict(self.method_options),
-                                  task_options=task_options)
-        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay"):
-            if getattr(out, name) is None:
-                setattr(out, name, defaults[name])
-        out.device = resolve_device(out.device)
-        if out.fast is None:
-            out.fast = out.device.startswith("cuda")
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A configuration read from a checkpoint or ``config.json``, its fields under their
     names (an earlier name, :data:`ksam.config.RENAMED_FIELDS`, read as the name)."""
@@ -81,15 +46,6 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
         if old in out and new not in out:
             out[new] = out.pop(old)
     return out
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` is the GPU when there is one. ValueError for CUDA on a machine without."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return name
 
 
 def _umask() -> int:
