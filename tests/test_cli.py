@@ -22,15 +22,8 @@ import torch
 from ksam.cli import build_parser, config_from_args, main
 from ksam.compare import accuracy_vs_cost, compare
 from ksam.config import DEFAULT_LR_SWEEP, CliConfig
-from ksam.train import (
-    MANIFEST,
-    RESUME_MAY_CHANGE,
-    TRAIN_OUTPUTS,
-    TrainConfig,
-    folder_contents,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ksam.outputs import MANIFEST, TRAIN_OUTPUTS, folder_contents, load_checkpoint, save_checkpoint
+from ksam.train import RESUME_MAY_CHANGE, TrainConfig
 
 TINY = ["--task-option", "num_samples=600", "--batch-size", "32", "--quiet"]
 SMALL = ["--task-option", "num_samples=300", "--batch-size", "32", "--quiet"]
@@ -511,7 +504,7 @@ def test_resume_refuses_another_fast_setting_before_writing(finished_run, tmp_pa
 
 
 def test_resume_reads_a_configuration_saved_under_the_earlier_field_names(tmp_path, capsys):
-    from ksam.train import save_checkpoint
+    from ksam.outputs import save_checkpoint
 
     out = tmp_path / "old"
     args = ["train", "--method", "sgd", "--out", str(out), *SMALL]
@@ -582,17 +575,17 @@ def test_out_on_a_file_or_a_read_only_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from ksam import train as train_mod
+    from ksam import outputs as outputs
 
     target = tmp_path / "file.bin"
-    train_mod.atomic_write_bytes(target, b"old")
+    outputs.atomic_write_bytes(target, b"old")
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_mod.os, "replace", boom)
+    monkeypatch.setattr(outputs.os, "replace", boom)
     with pytest.raises(OSError):
-        train_mod.atomic_write_bytes(target, b"new")
+        outputs.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in Path(tmp_path).iterdir()] == ["file.bin"]
 
@@ -696,7 +689,7 @@ def test_a_second_command_into_a_locked_folder_fails_naming_the_lock(tmp_path, c
 
 
 def test_output_files_get_the_permissions_of_a_plain_open(tmp_path):
-    from ksam.train import atomic_write_bytes
+    from ksam.outputs import atomic_write_bytes
 
     old = os.umask(0o027)
     try:

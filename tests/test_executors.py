@@ -500,7 +500,7 @@ def test_cli_micro_batch_size_and_max_grad_norm(tmp_path, capsys):
     assert main([*tiny, "--out", str(tmp_path / "a"), "--max-grad-norm", "0.5"]) == 0
     assert main([*tiny, "--out", str(tmp_path / "b"), "--max-grad-norm", "0.5",
                  "--micro-batch-size", "5"]) == 0
-    from ksam.train import load_checkpoint
+    from ksam.outputs import load_checkpoint
 
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")

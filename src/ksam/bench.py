@@ -494,7 +494,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from .engine import compile_backend
-    from .train import atomic_write_text, resolve_device
+    from .outputs import atomic_write_text
+    from .train import resolve_device
 
     compile_backend(args.compile)  # a bad backend name fails before anything runs
     device = torch.device(resolve_device(args.device))

@@ -229,7 +229,7 @@ def check_out_dir(out: Path, command: str, *, resume: bool, overwrite: bool) -> 
     """ValueError unless ``out`` can take ``command``'s results: a new or empty folder, or
     one with results under ``resume``/``overwrite`` (not another command's); never a file;
     writable."""
-    from .train import check_folder_command
+    from .outputs import check_folder_command
 
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
@@ -305,8 +305,9 @@ def _dist(world: int):
 
 def cmd_compare(cfg: CliConfig) -> int:
     from . import compare as cmp
+    from .outputs import open_output
     from .tasks import get_task
-    from .train import open_output, resolve_device
+    from .train import resolve_device
 
     sweep = cfg.sweep_lrs
     if sweep and cfg.lr is not None:

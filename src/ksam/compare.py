@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .config import MethodSpec
-from .train import TrainConfig, atomic_write_bytes, train
+from .outputs import atomic_write_bytes
+from .train import TrainConfig, train
 
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
 #: The caption of accuracy_vs_cost.png.
@@ -279,7 +280,7 @@ def _run_name(spec: MethodSpec, seed: int) -> str:
 
 def _resumable(run_dir: Path) -> bool:
     """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew)."""
-    from .train import checkpoint_path
+    from .outputs import checkpoint_path
 
     return checkpoint_path(run_dir).exists() or (run_dir / "config.json").exists()
 
@@ -289,7 +290,8 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
     """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
     ``config.json`` of a run interrupted before its first one) is sound and continues its
     run (else ValueError)."""
-    from .train import check_folder_command, check_resumable, resume_point, saved_run_config
+    from .outputs import check_folder_command
+    from .train import check_resumable, resume_point, saved_run_config
 
     if out_dir is None or not out_dir.is_dir():
         raise ValueError(f"resume: no earlier comparison in {out_dir}")
@@ -315,7 +317,7 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
 
     Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
     Everything is validated before the first file is written; ``out_dir`` is locked while
-    the comparison writes there (:func:`ksam.train.open_output`) and refused if it holds
+    the comparison writes there (:func:`ksam.outputs.open_output`) and refused if it holds
     results, unless ``resume`` or ``overwrite`` (which first removes what ksam wrote there).
     ``resume``: a run whose checkpoint is in ``out_dir`` continues from it (a finished one
     is only re-read), after every checkpoint is verified and its configuration checked
@@ -324,8 +326,9 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     the report how the lrs were set.
     """
     from .config import parse_seeds
+    from .outputs import open_output
     from .tasks import get_task
-    from .train import open_output, resolve_device
+    from .train import resolve_device
 
     base.validate()
     parsed = [MethodSpec.parse(spec) for spec in specs]
@@ -444,7 +447,7 @@ def table_notes(reference: str) -> str:
 def _write_report(folder: Any, report: dict[str, Any], description: str,
                   seeds: list[int]) -> None:
     """summary.md, summary.json, metrics.csv and the plots, into the comparison's
-    :class:`ksam.train.OutputFolder`."""
+    :class:`ksam.outputs.OutputFolder`."""
     cfg = report["config"]
     title = f"{cfg['task']}: final test accuracy vs training cost"
     drawn = plot_accuracy_vs_cost(report["accuracy_vs_cost"], report["reference"],
@@ -512,7 +515,7 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     held_out.validate()
     scores: dict[str, dict[float, float]] = {spec.label: {} for spec in parsed}
     collapsed: dict[str, dict[float, int]] = {spec.label: {} for spec in parsed}
-    from .train import open_output
+    from .outputs import open_output
 
     folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
         if out_dir is not None and is_main else None
