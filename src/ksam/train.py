@@ -372,8 +372,7 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
                         **cfg.task_options)
     run = _setup(cfg, task, dist_info)
     history = _resume(run, out_dir) if resume else []
-    folder = open_output(out_dir, "train", resume=resume, overwrite=overwrite) \
-        if out_dir is not None and run.rank == 0 else None
+    folder = _open_on_rank_zero(run, out_dir, resume, overwrite)
     try:
         if folder is not None and not history:
             folder.write_text("config.json", json.dumps(run.cfg.to_dict(), indent=2))
@@ -385,6 +384,30 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
     final["fast_path"] = run.engine.fast_path_active
     return {"config": run.cfg.to_dict(), "epochs": history, "final": final,
             "model": run.model}
+
+
+def _open_on_rank_zero(run: _Run, out_dir: Path | None, resume: bool,
+                       overwrite: bool) -> OutputFolder | None:
+    """Rank 0 opens the output folder; under torchrun every rank learns whether it could, so
+    that a refused folder fails all ranks at once instead of leaving the others waiting in
+    the first collective."""
+    if out_dir is None:
+        return None
+    folder, error = None, None
+    if run.rank == 0:
+        try:
+            folder = open_output(out_dir, "train", resume=resume, overwrite=overwrite)
+        except Exception as exc:  # re-raised below, after the other ranks heard of it
+            error = exc
+    if run.world > 1:
+        from .params import all_ranks_true
+
+        ok = all_ranks_true(torch.tensor(error is None, device=run.device))
+        if not bool(ok) and error is None:
+            raise RuntimeError(f"rank 0 could not open the output folder {out_dir}")
+    if error is not None:
+        raise error
+    return folder
 
 
 def _train_epochs(run: _Run, history: list[dict[str, Any]], folder: OutputFolder | None,
