@@ -331,6 +331,12 @@ METHODS = {
 }
 
 
+def takes_num_examples(name: str, options: dict[str, Any]) -> bool:
+    """Whether method ``name`` with ``options`` keeps a per-example memory and so takes
+    ``num_examples`` (SAF; K-SAM and Ordered SGD with ``scores="memory"``)."""
+    return name.lower() == "saf" or options.get("scores") == "memory"
+
+
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
            **kwargs: Any) -> SharpnessAwareOptimizer:
     """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
