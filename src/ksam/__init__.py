@@ -7,12 +7,16 @@ K-SAM and the methods it is measured against, all on one two-pass step engine::
     result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
 """
 
+from .batch import IndexedBatch
 from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult, Verdict
+from .memory import ExampleMemory, LossOutput
 from .methods import (
     ESAM,
     KSAM,
+    MESA,
     METHODS,
     MSAM,
+    SAF,
     SAM,
     SGD,
     LookSAM,
@@ -44,8 +48,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SharpnessAwareOptimizer", "StepPlan", "StepResult", "ComputedStep", "Verdict", "create",
-    "METHODS",
+    "METHODS", "IndexedBatch", "LossOutput", "ExampleMemory",
     "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD", "MSAM", "LookSAM",
+    "SAF", "MESA",
     "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
     "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
     "AdaptivePerturbation", "StochasticWeightPerturbation", "MomentumPerturbation",

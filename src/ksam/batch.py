@@ -3,17 +3,42 @@
 A batch may be a tensor, or a (nested) tuple / list / dict of tensors. Non-tensor leaves
 (strings, ints, None) are carried along unchanged, so that e.g. a Hugging Face batch with a
 ``return_loss`` flag still works.
+
+*Example identity*: a batch says which training examples it holds by being an
+:class:`IndexedBatch` ``(batch, index)``: ``index`` a 1-D integer tensor of the examples'
+positions in the training set (0 <= id < N; under DDP the global position, not the rank's).
+The engine slices it with every other tensor (subsets, micro-batches,
+:func:`ksam.distributed.shard`) and unwraps it before calling ``loss_fn``, which sees only
+``batch``; methods with a per-example memory (SAF, K-SAM with ``scores="memory"``) read it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 Batch = Any  # Tensor | tuple | list | dict of those
+
+
+class IndexedBatch(NamedTuple):
+    """A batch and the dataset positions of its examples (see the module docstring):
+    ``loss_fn`` gets ``batch``; ``index[i]`` is the training-set id of row i."""
+
+    batch: Batch
+    index: Tensor
+
+
+def batch_index(batch: Batch) -> Tensor | None:
+    """The example ids of an :class:`IndexedBatch` (None for any other batch)."""
+    return batch.index if isinstance(batch, IndexedBatch) else None
+
+
+def loss_batch(batch: Batch) -> Batch:
+    """What ``loss_fn`` sees: the batch without its example ids."""
+    return batch.batch if isinstance(batch, IndexedBatch) else batch
 
 
 def _tensor_leaves(batch: Batch, path: str = "batch") -> list[tuple[str, Tensor]]:
@@ -80,7 +105,9 @@ def index_batch(batch: Batch, index: Tensor | slice | None) -> Batch:
 
 def batch_labels(batch: Batch, n: int) -> Tensor:
     """The class labels of an ``(inputs, labels)`` batch: its second element, a 1-D integer
-    tensor of ``n`` rows. ValueError for any other batch (for rules that read labels)."""
+    tensor of ``n`` rows (inside an :class:`IndexedBatch` too). ValueError for any other
+    batch (for rules that read labels)."""
+    batch = loss_batch(batch)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         labels = batch[1]
         if isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n \

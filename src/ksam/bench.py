@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import IndexedBatch
+from .memory import LossOutput
 from .methods import create
 from .schedule import Schedule
 
@@ -101,10 +103,12 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     return out
 
 
-def methods_for(batch: int) -> list[tuple[str, str, dict[str, Any]]]:
+def methods_for(batch: int, memory: bool = True) -> list[tuple[str, str, dict[str, Any]]]:
     """K-SAM is timed in its steady state: the K warm-up (docs/collapse.md) runs full-batch
-    descents for its first few hundred steps only."""
-    return [
+    descents for its first few hundred steps only. ``memory``: with the methods that keep a
+    per-example memory or an average model (SAF, MESA, K-SAM from memory); the bench steps
+    on one batch, its examples the training set (ids 0..B-1)."""
+    rows = [
         ("sgd", "sgd", {}),
         ("sam", "sam", {}),
         ("ksam K=B/2", "ksam", {"k": batch // 2, "k_warmup": 0}),
@@ -118,6 +122,16 @@ def methods_for(batch: int) -> list[tuple[str, str, dict[str, Any]]]:
         ("rst p=0.5", "rst", {"p": 0.5}),
         ("sam-late start=0.8", "sam-late", {"start": 0.8}),
     ]
+    if memory:
+        rows += [
+            ("saf", "saf", {"num_examples": batch}),
+            ("mesa", "mesa", {}),
+            ("ksam-memory K=B/4", "ksam", {"k": batch // 4, "k_warmup": 0,
+                                           "scores": "memory", "num_examples": batch}),
+            ("ksam-memory K=B/8", "ksam", {"k": batch // 8, "k_warmup": 0,
+                                           "scores": "memory", "num_examples": batch}),
+        ]
+    return rows
 
 
 def sharp_fraction(name: str, options: dict[str, Any]) -> float | None:
@@ -149,6 +163,21 @@ def step_seconds(times: list[float], sharp: list[bool], fraction: float | None) 
 def ce(model: nn.Module, batch: Any) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def ce_logits(model: nn.Module, batch: Any) -> LossOutput:
+    x, y = batch
+    logits = model(x)
+    return LossOutput(F.cross_entropy(logits.float(), y, reduction="none"), logits)
+
+
+def step_args(engine: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
+    """``(batch, loss_fn)`` of the bench's steps for ``engine``: the batch with its example
+    ids for a method with a memory, the logits for a method with a loss term."""
+    batch: Any = (x, y)
+    if engine.plan.memory is not None:
+        batch = IndexedBatch(batch, torch.arange(len(y), device=y.device))
+    return batch, ce_logits if engine.plan.term is not None else ce
 
 
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -235,19 +264,20 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
                 # by the method's own fraction of sharp steps.
                 engine.use_rules(schedule=Schedule(interval=2))
             entries.append({"label": label, "engine": engine, "times": [], "sharp": [],
+                            "args": step_args(engine, x, y),
                             "fraction": fraction,
                             "mode": ("fast" if fast else "eager")
                             + (f"+compile({backend})" if backend else "")})
     cuda = device.type == "cuda"
     for e in entries:  # warm-up (compile, capture) per method, then reset peak memory
         for _ in range(warmup):
-            e["engine"].step((x, y), ce)
+            e["engine"].step(*e["args"])
     if cuda:
         torch.cuda.synchronize()
     for e in entries:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            e["engine"].step((x, y), ce)
+            e["engine"].step(*e["args"])
             torch.cuda.synchronize()
             e["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for _ in range(steps):
@@ -255,18 +285,18 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
-                result = e["engine"].step((x, y), ce)
+                result = e["engine"].step(*e["args"])
                 end.record()
                 end.synchronize()
                 e["times"].append(start.elapsed_time(end) / 1000)
             else:
                 t0 = time.perf_counter()
-                result = e["engine"].step((x, y), ce)
+                result = e["engine"].step(*e["args"])
                 e["times"].append(time.perf_counter() - t0)
             e["sharp"].append(bool(result.sharp))
     if profile:  # after the timed steps, so the profiler's overhead is not timed
         for e in entries:
-            e["profile"] = profile_step(lambda e=e: e["engine"].step((x, y), ce), cuda)
+            e["profile"] = profile_step(lambda e=e: e["engine"].step(*e["args"]), cuda)
     sgd = {e["mode"]: statistics.median(e["times"]) for e in entries if e["label"] == "sgd"}
     plain_sgd = statistics.median(entries[0]["times"])
     rows = []
@@ -416,7 +446,7 @@ def ddp_vs_fsdp(case: Case, device: torch.device, steps: int, warmup: int,
     x, y = case.make_batch(case.batch_size, device)
     x = x + kd.get_rank()  # a different batch on each rank
     entries = []
-    for label, name, options in methods_for(case.batch_size):
+    for label, name, options in methods_for(case.batch_size, memory=False):
         if only and label.split()[0] not in only:
             continue
         for mode in ("ddp", "ddp-sync", "fsdp"):

@@ -261,7 +261,8 @@ def check_methods(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, A
                               device="cpu", lr=cfg.lr if spec.lr is None else spec.lr)
             run_cfg.validate()
             steps = max(1, task.num_train // cfg.batch_size) * cfg.epochs
-            engine, _ = build_engine(spec.name, model, run_cfg, steps)
+            engine, _ = build_engine(spec.name, model, run_cfg, steps,
+                                     num_examples=task.num_train)
             engine.check_batch(cfg.batch_size)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"method {spec.label!r}: {exc}") from None

@@ -27,6 +27,15 @@ Ordered SGD     (no ascent)     -                              top-K of l
 Momentum-SAM    (no ascent)     -rho v/|v|, v the momentum     whole batch
 =============== =============== ============================== ======================
 
+A method may add a per-example *loss term* to its gradient passes (SAF, MESA: a KL to
+remembered or averaged logits, from a ``loss_fn`` that returns
+:class:`ksam.memory.LossOutput` ``(losses, logits)``), and K-SAM and Ordered SGD may take
+their scores from a per-example memory instead of the scoring forward
+(``scores="memory"``). Both read the example ids of an :class:`ksam.batch.IndexedBatch`
+``(batch, index)``, ``index`` the examples' positions in the training set (global under
+DDP); ``loss_fn`` sees only ``batch``. The memory (:class:`ksam.memory.ExampleMemory`, N rows
+on the device) is written only by applied steps and is part of :meth:`state_dict`.
+
 A *schedule* (:mod:`ksam.schedule`) decides per step whether the step is sharpness-aware;
 on the other steps a method runs one plain pass over its descent subset at w (late-phase
 SAM, RST, LookSAM's interval). A *transform* (:mod:`ksam.transform`) may rewrite the descent
@@ -52,9 +61,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, batch_labels, batch_size
+from .batch import Batch, IndexedBatch, batch_index, batch_labels, batch_size
 from .executor import ComputedStep, EagerExecutor, StepResult, Verdict
 from .fast import SyncFreeExecutor
+from .memory import LossTerm, RememberedLosses
 from .params import ParameterSet, all_ranks_true
 from .passes import LossFn, Passes, StepPasses
 from .perturbation import PerturbationRule
@@ -124,6 +134,18 @@ class SharpnessAwareOptimizer:
             applied (after a GradScaler's unscale), on the device without a host sync; the
             ascent gradient is not clipped (the perturbation normalizes it).
             ``StepResult.descent_grad_norm`` is the norm before clipping. ``None``: no clip.
+        term: a :class:`ksam.memory.LossTerm` added to the per-sample losses of the
+            gradient passes (SAF, MESA).
+        remembered: :class:`ksam.memory.RememberedLosses`: the rules' scores come from the
+            memory instead of a scoring forward; the losses at w that the step's passes
+            compute refresh it. The step's reported loss is then the mean over those rows,
+            ``StepResult.losses`` None, and the step's first pass (a subset) updates the
+            BatchNorm statistics.
+
+    A method with a memory refuses a batch that is not an :class:`ksam.batch.IndexedBatch`
+    or whose ids are not in [0, N) (ValueError, nothing changed; on the fast path on a GPU,
+    where that check would sync, such a step is skipped instead). Under DDP every rank keeps
+    all N rows and writes every rank's rows (:class:`ksam.memory.ExampleMemory`).
 
     The rules and what follows from them are the engine's :attr:`plan` (a
     :class:`ksam.plan.StepPlan`). One step is three public stages, which the executors
@@ -151,6 +173,8 @@ class SharpnessAwareOptimizer:
         transform: GradientTransform | None = None,
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = None,
+        term: LossTerm | None = None,
+        remembered: RememberedLosses | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -160,7 +184,8 @@ class SharpnessAwareOptimizer:
             )
         #: the method's rules and the facts derived from them
         self.plan = StepPlan(ascent, perturbation, descent,
-                             Schedule() if schedule is None else schedule, transform)
+                             Schedule() if schedule is None else schedule, transform,
+                             term, remembered)
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
@@ -184,6 +209,10 @@ class SharpnessAwareOptimizer:
                              "without an ascent gradient, which DDP's all-reduce cannot "
                              "bucket: build DDP with find_unused_parameters=True (and the "
                              "same seed on all ranks), or keep the per-rank perturbation")
+        memory = self.plan.memory
+        if memory is not None and (ddp or self.params.sharded):  # one memory on all ranks
+            memory.replicated = True
+            memory.group = getattr(model, "process_group", None) if ddp else None
         if finite_reducer is None and (ddp or self.params.sharded):
             group = getattr(model, "process_group", None) if ddp else None
             finite_reducer = functools.partial(all_ranks_true, group=group)
@@ -216,6 +245,11 @@ class SharpnessAwareOptimizer:
         self.check_batch(n)
         if self.plan.needs_labels:
             batch_labels(batch, n)
+        memory = self.plan.memory
+        if memory is not None:
+            ids = batch_index(batch)
+            if ids is None or not (self.fast_path_active and ids.is_cuda):
+                memory.check_ids(ids, n)
         sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
         result = self.executor.step(batch, loss_fn, n, sharp)
         self.steps += 1
@@ -299,6 +333,10 @@ class SharpnessAwareOptimizer:
         }
         if plan.transform is not None:
             state["transform"] = plan.transform.state_dict()
+        if plan.term is not None:
+            state["term"] = plan.term.state_dict()
+        if plan.memory is not None:
+            state["memory"] = plan.memory.state_dict()
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         if self.grad_scaler is not None:
@@ -332,6 +370,10 @@ class SharpnessAwareOptimizer:
         plan.descent.load_state_dict(state.get("descent", {}))
         if plan.transform is not None:
             plan.transform.load_state_dict(state.get("transform", {}))
+        if plan.term is not None:
+            plan.term.load_state_dict(state.get("term", {}))
+        if plan.memory is not None:
+            plan.memory.load_state_dict(state.get("memory", {}))
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
@@ -380,13 +422,25 @@ class SharpnessAwareOptimizer:
         plan = self.plan
         n = batch_size(batch) if n is None else n
         self.zero_grad()
-        passes = self.passes.begin(batch, loss_fn, n)
+        memory, ids, id_checks = plan.memory, None, []
+        if memory is not None:  # ids out of range: read and write the spare row, skip
+            memory.discard()
+            raw = batch_index(batch)
+            if raw is None:
+                memory.check_ids(raw, n)
+            ids, valid = memory.guard(raw)
+            batch, id_checks = IndexedBatch(batch.batch, ids), [valid]
+        remembered = plan.remembered if plan.scores_first(sharp) else None
+        passes = self.passes.begin(batch, loss_fn, n, term=plan.term_at(self.steps),
+                                   subset_updates_batchnorm=remembered is not None)
         ctx = SelectionContext(
             batch_size=n, device=passes.device, generator=self.generator, step=self.steps,
             labels=batch_labels(batch, n) if plan.needs_labels else None)
         try:
             # 1. scoring: per-sample losses at w, without gradient
-            if plan.scores_first(sharp):
+            if remembered is not None:
+                ctx.scores = remembered.read(ids)
+            elif plan.scores_first(sharp):
                 ctx.scores = passes.run(None).float()
             # 2. the ascent gradient and w <- w + eps (or eps from the optimizer's state)
             ascent = _NO_ASCENT
@@ -401,13 +455,24 @@ class SharpnessAwareOptimizer:
                 self.params.restore()
             # 5. the descent gradient unscaled and transformed (LookSAM)
             self._finish_gradient(sharp)
+            if remembered is not None:  # the losses at w this step computed refresh memory
+                fresh_rows, fresh = (ascent.index, ascent.losses) if ascent.ran \
+                    else (rows, losses)
+                assert fresh is not None
+                remembered.refresh(ids if fresh_rows is None
+                                   else ids.index_select(0, fresh_rows), fresh)
         except BaseException:
             self.passes.restore_batchnorm()
             self.zero_grad()
+            if memory is not None:
+                memory.discard()
             raise
-        if ctx.scores is None and rows is None and not ascent.perturbed:
-            ctx.scores = losses.float()  # a plain whole-batch pass at w (SGD)
-        loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
+        if remembered is not None:  # the remembered scores are not this step's losses
+            loss, ctx.scores = fresh.float().mean(), None
+        else:
+            if ctx.scores is None and rows is None and not ascent.perturbed:
+                ctx.scores = losses.float()  # a plain whole-batch pass at w (SGD)
+            loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
         whole = self._rows(n, passes.device)
         return ComputedStep(
             loss=loss,
@@ -416,7 +481,7 @@ class SharpnessAwareOptimizer:
             descent_indices=whole if rows is None else rows,
             losses=ctx.scores,
             ascent_grad_norm=ascent.grad_norm,
-            checks=[loss, *ascent.checks],
+            checks=[loss, *ascent.checks, *id_checks],
             sharp=sharp)
 
     def _ascend(self, passes: StepPasses, ctx: SelectionContext) -> _Ascent:
@@ -450,7 +515,7 @@ class SharpnessAwareOptimizer:
             ctx.scores = losses.float()  # a full-batch ascent at w gives the scores
         params, grads = self.params.with_grad()
         if not params:  # ESAM's mask can leave every parameter unperturbed
-            return _Ascent(selection.index, ran=True)
+            return _Ascent(selection.index, ran=True, losses=losses)
         self.params.save(params)
         with torch.no_grad():
             norm = perturbation.perturb_(params, grads, self.params)
@@ -459,7 +524,7 @@ class SharpnessAwareOptimizer:
         scaler = self.grad_scaler
         reported = norm if scaler is None else norm / scaler._get_scale_async()
         return _Ascent(selection.index, ran=True, perturbed=True, grad_norm=reported,
-                       checks=(norm,))
+                       checks=(norm,), losses=losses)
 
     def _perturb_from_state(self) -> _Ascent:
         """w <- w + eps from the optimizer's state (Momentum-SAM); nothing when it has no
@@ -599,6 +664,8 @@ class _Ascent:
     grad_norm: Tensor | None = None
     #: 0-d values that must be finite for the step to be applied
     checks: tuple[Tensor, ...] = ()
+    #: the ascent pass's per-sample losses at w (detached; None without an ascent pass)
+    losses: Tensor | None = None
 
 
 _NO_ASCENT = _Ascent(None)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .engine import SharpnessAwareOptimizer
+from .memory import EMAKL, RememberedLosses, TrajectoryKL
 from .perturbation import (
     AdaptivePerturbation,
     GradientNormPerturbation,
@@ -104,6 +105,15 @@ class KSAM(SharpnessAwareOptimizer):
     ``"auto"`` skips the share of examples below chance, estimated early in training. A
     factory such as ``functools.partial(ksam.selection.AutoBand, estimate_steps=(2000,
     4000))`` sets a rule's own options.
+
+    ``scores="memory"`` (with ``num_examples=N``, the size of the training set, and batches
+    given as :class:`ksam.IndexedBatch`) ranks the batch by the loss each example had the
+    last time a pass at w computed it (:class:`ksam.memory.RememberedLosses`) instead of a
+    scoring forward: two forwards (K1, K2) and two backwards a step. The ascent pass's
+    losses refresh the memory; an example not scored yet ranks first. It takes
+    ``select="top"`` only and no ``rescale`` (both read the batch's whole loss
+    distribution, which a memory has only stale). ``scores="forward"`` (default) is the
+    paper's scoring pass.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -112,7 +122,13 @@ class KSAM(SharpnessAwareOptimizer):
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
                  rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
                  start_step: int = 0, p: float = 1.0, select: str | RuleFactory = "top",
-                 **engine: Any):
+                 scores: str = "forward", num_examples: int | None = None, **engine: Any):
+        remembered = remembered_scores(scores, num_examples, select)
+        if remembered is not None and not isinstance(rescale, _Auto) and rescale:
+            raise ValueError("scores='memory' takes no rescale (its estimate reads the "
+                             "batch's losses at w, which the memory has only stale)")
+        if remembered is not None:
+            rescale = False
         if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
@@ -123,7 +139,26 @@ class KSAM(SharpnessAwareOptimizer):
                              rescale=rescale, loss_kind=loss_kind)
         descent.share_state(ascent)  # one estimate of what both rules measure (AutoBand)
         super().__init__(model, optimizer, ascent=ascent, perturbation=rule,
-                         descent=descent, schedule=Schedule(start_step, p), **engine)
+                         descent=descent, schedule=Schedule(start_step, p),
+                         remembered=remembered, **engine)
+
+
+def remembered_scores(scores: str, num_examples: int | None,
+                      select: object) -> RememberedLosses | None:
+    """The memory of K-SAM's / Ordered SGD's ``scores="memory"`` (None for
+    ``"forward"``); ValueError for another value, a missing ``num_examples`` or a
+    ``select`` other than ``"top"``."""
+    if scores == "forward":
+        if num_examples is not None:
+            raise ValueError("num_examples is for scores='memory'")
+        return None
+    if scores != "memory":
+        raise ValueError(f"scores must be 'forward' or 'memory', got {scores!r}")
+    if num_examples is None:
+        raise ValueError("scores='memory' needs num_examples=N, the size of the training set")
+    if select != "top":
+        raise ValueError(f"scores='memory' takes select='top' only, got {select!r}")
+    return RememberedLosses(num_examples)
 
 
 class RandomSubsetSAM(SharpnessAwareOptimizer):
@@ -156,14 +191,64 @@ class ESAM(SharpnessAwareOptimizer):
 
 class OrderedSGD(SharpnessAwareOptimizer):
     """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples.
-    ``k_warmup`` and ``select`` as in :class:`KSAM` (default 0 and ``"top"``: the paper's
-    plain rule)."""
+    ``k_warmup``, ``select``, ``scores`` and ``num_examples`` as in :class:`KSAM` (default 0
+    and ``"top"``: the paper's plain rule); with ``scores="memory"`` one forward and one
+    backward over K a step, the descent pass's losses refreshing the memory."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  k: float | int = 0.25, k_warmup: int = 0, select: str | RuleFactory = "top",
-                 **engine: Any):
+                 scores: str = "forward", num_examples: int | None = None, **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
-                         descent=build_rule(select, k, warmup=k_warmup), **engine)
+                         descent=build_rule(select, k, warmup=k_warmup),
+                         remembered=remembered_scores(scores, num_examples, select), **engine)
+
+
+class SAF(SharpnessAwareOptimizer):
+    r"""Sharpness-Aware Training for Free (Du et al., NeurIPS 2022): one pass a step over
+    the whole batch, whose loss adds to each example's loss
+    ``lam`` :math:`	au^2` KL(softmax(m/:math:`	au`) || softmax(z/:math:`	au`)), z its logits
+    now and m its logits ``delay`` visits before, remembered
+    (:class:`ksam.memory.TrajectoryKL`), from the example's visit ``start_epoch + 1`` on.
+    Defaults are the reference code's (``SAF_train.py``): ``lam=0.16`` (``--reinforce``),
+    ``temperature=5``, ``delay=3`` (``--minus_epoch``), ``start_epoch=5``
+    (``--kl_start_epoch``). Needs ``num_examples=N``, batches given as
+    :class:`ksam.IndexedBatch`, and a ``loss_fn`` that returns
+    :class:`ksam.LossOutput` ``(losses, logits)``. The memory holds ``(delay + 1) * C``
+    fp32 logits and a visit count per example."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 num_examples: int, lam: float = 0.16, temperature: float = 5.0,
+                 delay: int = 3, start_epoch: int = 5, **engine: Any):
+        term = TrajectoryKL(num_examples, lam=lam, temperature=temperature, delay=delay,
+                            start_epoch=start_epoch)
+        super().__init__(model, optimizer, ascent=None, perturbation=None,
+                         descent=WholeBatch(), term=term, **engine)
+
+
+class MESA(SharpnessAwareOptimizer):
+    r"""Memory-Efficient Sharpness-Aware training (Du et al., NeurIPS 2022): SAF's KL with
+    the logits of an exponential moving average of the model (``decay``) in place of the
+    remembered ones (:class:`ksam.memory.EMAKL`): one extra forward without gradient a
+    step, no per-example memory, no example ids. Defaults are the reference code's
+    (``MESA_train.py``): ``lam=0.3``, ``temperature=5``, ``decay=0.9998``
+    (``--model-ema-decay``); the reference starts the KL at epoch 5, here at optimizer
+    step ``start_step`` (the CLI's ``start=FRACTION``). Needs a ``loss_fn`` that returns
+    :class:`ksam.LossOutput`. The average is in :meth:`state_dict`; an FSDP-sharded model
+    is refused (the average would be a full copy)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 lam: float = 0.3, temperature: float = 5.0, decay: float = 0.9998,
+                 start_step: int = 0, **engine: Any):
+        from .params import ParameterSet
+
+        if ParameterSet(model, optimizer).sharded:
+            raise ValueError("MESA keeps a full copy of the model as its average: an "
+                             "FSDP-sharded model is not supported")
+        inner = getattr(model, "module", model) if hasattr(model, "no_sync") else model
+        term = EMAKL(inner, lam=lam, temperature=temperature, decay=decay,
+                     start_step=start_step)
+        super().__init__(model, optimizer, ascent=None, perturbation=None,
+                         descent=WholeBatch(), term=term, **engine)
 
 
 class MSAM(SharpnessAwareOptimizer):
@@ -241,14 +326,22 @@ METHODS = {
     "looksam": LookSAM,
     "sam-late": _sam_late,
     "rst": _rst,
+    "saf": SAF,
+    "mesa": MESA,
 }
+
+
+def takes_num_examples(name: str, options: dict[str, Any]) -> bool:
+    """Whether method ``name`` with ``options`` keeps a per-example memory and so takes
+    ``num_examples`` (SAF; K-SAM and Ordered SGD with ``scores="memory"``)."""
+    return name.lower() == "saf" or options.get("scores") == "memory"
 
 
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
            **kwargs: Any) -> SharpnessAwareOptimizer:
     """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
-    osgd, msam, looksam, sam-late, rst``. ValueError for an unknown name, and for an option
-    the method does not take (naming the options it takes)."""
+    osgd, msam, looksam, sam-late, rst, saf, mesa``. ValueError for an unknown name, and for
+    an option the method does not take (naming the options it takes)."""
     try:
         factory = METHODS[name.lower()]
     except (KeyError, AttributeError):
@@ -268,7 +361,7 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
 ENGINE_KEYWORDS = frozenset(
     p.name for p in inspect.signature(SharpnessAwareOptimizer.__init__).parameters.values()
     if p.kind == p.KEYWORD_ONLY) - {"ascent", "perturbation", "descent", "schedule",
-                                    "transform"}
+                                    "transform", "term", "remembered"}
 
 
 def method_options(name: str) -> set[str]:

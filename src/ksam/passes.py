@@ -12,7 +12,10 @@ What a pass involves, and only here:
   pass accumulating each chunk's share of the objective, DDP's gradient all-reduce held back
   (``no_sync``) until the last chunk;
 - the backward, through a GradScaler's scale when there is one; DDP's ``no_sync`` for a pass
-  whose gradient stays on its rank (a per-rank ascent).
+  whose gradient stays on its rank (a per-rank ascent);
+- what ``loss_fn`` returns: per-sample losses, or a :class:`ksam.memory.LossOutput` of losses
+  and logits; a step's :class:`ksam.memory.LossTerm` (SAF, MESA) turns the losses and logits
+  of each gradient pass into the per-sample objective, the losses reported stay ``loss_fn``'s.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import Batch, batch_device, index_batch
+from .batch import Batch, batch_device, batch_index, index_batch, loss_batch
 from .batchnorm import BatchNormGuard
+from .memory import LossOutput, LossTerm
 
 __all__ = ["Passes", "StepPasses", "LossFn", "Objective"]
 
@@ -64,10 +68,14 @@ class Passes:
             self.batchnorm.check_chunkable(compiled=compile_backend is not None)
         self._no_sync = getattr(model, "no_sync", None)
 
-    def begin(self, batch: Batch, loss_fn: LossFn, n: int) -> StepPasses:
-        """The passes of one step over ``batch`` (BatchNorm statistics saved first)."""
+    def begin(self, batch: Batch, loss_fn: LossFn, n: int, *, term: LossTerm | None = None,
+              subset_updates_batchnorm: bool = False) -> StepPasses:
+        """The passes of one step over ``batch`` (BatchNorm statistics saved first), with
+        ``term`` added to the objective of its gradient passes;
+        ``subset_updates_batchnorm``: the step's first pass updates the BatchNorm
+        statistics even over a subset (a step with no full-batch pass at w)."""
         self.batchnorm.save()
-        return StepPasses(self, batch, loss_fn, n)
+        return StepPasses(self, batch, loss_fn, n, term, subset_updates_batchnorm)
 
     def restore_batchnorm(self, where: Tensor | None = None) -> None:
         """Put the step's saved BatchNorm statistics back (where ``where``, a 0-d bool
@@ -94,11 +102,14 @@ class Passes:
 class StepPasses:
     """The passes of one step over one batch of ``n`` rows."""
 
-    def __init__(self, passes: Passes, batch: Batch, loss_fn: LossFn, n: int) -> None:
+    def __init__(self, passes: Passes, batch: Batch, loss_fn: LossFn, n: int,
+                 term: LossTerm | None = None, subset_updates_batchnorm: bool = False) -> None:
         self.passes = passes
         self.batch = batch
         self.loss_fn = loss_fn
         self.n = n
+        self.term = term
+        self.subset_updates_batchnorm = subset_updates_batchnorm
         self.device = batch_device(batch)
         #: the step's first full-batch pass has not run yet (it updates BatchNorm statistics)
         self._batchnorm_pending = True
@@ -110,14 +121,17 @@ class StepPasses:
 
     def forward(self, index: Tensor | None, *, grad: bool) -> Tensor:
         """Per-sample losses of the rows ``index`` (None: all) in one forward, with their
-        graph when ``grad``."""
-        update = index is None and self._batchnorm_pending
+        graph when ``grad`` (with the step's loss term added)."""
+        return self._forward(index, grad)[0]
+
+    def _forward(self, index: Tensor | None, grad: bool) -> tuple[Tensor, Tensor]:
+        update = self._updates_batchnorm(index)
         expected = self.n if index is None else index.numel()
-        losses = self._call(index_batch(self.batch, index), expected, grad=grad,
-                            freeze=not update)
+        out = self._call(index_batch(self.batch, index), expected, grad=grad,
+                         freeze=not update)
         if update:
             self._batchnorm_pending = False
-        return losses
+        return out
 
     def run(self, index: Tensor | None, objective: Objective | None = None) -> Tensor:
         """A pass over the rows ``index`` (None: all): their detached per-sample losses and,
@@ -130,12 +144,12 @@ class StepPasses:
         p = self.passes
         total = self.n if index is None else index.numel()
         if not self.chunked(total):
-            losses = self.forward(index, grad=objective is not None)
+            trained, losses = self._forward(index, objective is not None)
             if objective is not None:
-                p.backward(objective(losses))
+                p.backward(objective(trained))
             return losses.detach()
         assert p.micro_batch_size is not None
-        update = index is None and self._batchnorm_pending
+        update = self._updates_batchnorm(index)
         parts = []
         with p.batchnorm.accumulated() if update else contextlib.nullcontext():
             for start in range(0, total, p.micro_batch_size):
@@ -143,21 +157,51 @@ class StepPasses:
                 rows = slice(start, stop) if index is None else index[start:stop]
                 held = objective is not None and stop < total
                 with p.local_gradients() if held else contextlib.nullcontext():
-                    losses = self._call(index_batch(self.batch, rows), stop - start,
-                                        grad=objective is not None, freeze=True)
+                    trained, losses = self._call(index_batch(self.batch, rows), stop - start,
+                                                 grad=objective is not None, freeze=True)
                     if objective is not None:
-                        p.backward(objective(F.pad(losses, (start, total - stop))))
+                        p.backward(objective(F.pad(trained, (start, total - stop))))
                 parts.append(losses.detach())
         if update:
             self._batchnorm_pending = False
         return torch.cat(parts)
 
-    def _call(self, sub: Batch, expected: int, *, grad: bool, freeze: bool) -> Tensor:
+    def _updates_batchnorm(self, index: Tensor | None) -> bool:
+        return self._batchnorm_pending and (index is None or self.subset_updates_batchnorm)
+
+    def _call(self, sub: Batch, expected: int, *, grad: bool,
+              freeze: bool) -> tuple[Tensor, Tensor]:
+        """``(objective, losses)`` of the rows ``sub``: ``loss_fn``'s per-sample losses, and
+        the per-sample objective a gradient pass differentiates (the losses plus the step's
+        loss term)."""
         p = self.passes
+        inner = loss_batch(sub)
         with p.batchnorm.frozen(freeze), p.autocast(self.device), torch.set_grad_enabled(grad):
-            losses = self.loss_fn(p.forward_model, sub)
-        check_losses(losses, expected)
-        return losses
+            out = self.loss_fn(p.forward_model, inner)
+            losses, logits = split_output(out, expected)
+            if self.term is None or not grad:
+                return losses, losses
+            if logits is None:
+                raise TypeError(f"{self.term!r} needs the logits: loss_fn must return "
+                                "ksam.LossOutput(losses, logits)")
+            return self.term.objective(losses, logits, batch_index(sub),
+                                       lambda model: self.loss_fn(model, inner)), losses
+
+
+def split_output(out: Any, expected: int) -> tuple[Tensor, Tensor | None]:
+    """``(losses, logits)`` of what ``loss_fn`` returned (logits None for a plain tensor of
+    losses), checked (:func:`check_losses`)."""
+    logits = None
+    if isinstance(out, LossOutput):
+        out, logits = out.losses, out.logits
+        if not isinstance(logits, Tensor) or logits.dim() < 2 \
+                or logits.shape[0] != expected or not logits.is_floating_point():
+            raise ValueError(f"LossOutput.logits must be floating-point logits of shape "
+                             f"[{expected}, C], got "
+                             f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
+                             f"{list(getattr(logits, 'shape', []))}")
+    check_losses(out, expected)
+    return out, logits
 
 
 def check_losses(losses: Any, expected: int) -> None:

@@ -2,7 +2,10 @@
 
 A method of ksam is a choice of rules (see :mod:`ksam.engine`): an *ascent* selection rule
 (or none), a *perturbation* rule, a *descent* selection rule, a *schedule* of sharp steps
-and an optional *transform* of the descent gradient. :class:`StepPlan` holds them, checks
+an optional *transform* of the descent gradient, an optional *loss term* added to the
+gradient passes' per-sample losses (SAF, MESA) and optional *remembered scores* that replace
+the scoring forward (K-SAM and Ordered SGD with ``scores="memory"``), see
+:mod:`ksam.memory`. :class:`StepPlan` holds them, checks
 that they combine, and derives once what the engine and its executors need to know about a
 step: whether a scoring forward runs, which rows a plain step uses, whether the rules read
 labels or draw random numbers on the host, what keys a captured graph. The plan is frozen:
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .memory import ExampleMemory, LossTerm, RememberedLosses
 from .perturbation import PerturbationRule
 from .schedule import Schedule
 from .selection import SelectionRule, WholeBatch
@@ -32,7 +36,8 @@ class StepPlan:
     ValueError when the rules do not combine: an ascent rule without a perturbation rule,
     a perturbation that needs an ascent pass without one (or one that takes none with one),
     a schedule of sharp steps without an ascent pass, a descent rule that
-    reads losses at w+eps without a perturbation.
+    reads losses at w+eps without a perturbation, remembered scores for rules that read
+    none.
     """
 
     ascent: SelectionRule | None
@@ -40,6 +45,8 @@ class StepPlan:
     descent: SelectionRule
     schedule: Schedule = field(default_factory=Schedule)
     transform: GradientTransform | None = None
+    term: LossTerm | None = None
+    remembered: RememberedLosses | None = None
 
     #: the rows of a plain step (the schedule's non-sharp steps): the descent rule's, but
     #: the whole batch for a rule defined only under a perturbation (ESAM's)
@@ -55,6 +62,8 @@ class StepPlan:
     perturbs_from_state: bool = field(init=False)
     #: why a step draws random numbers on the host (None: it does not)
     host_randomness: str | None = field(init=False)
+    #: the per-example memory of the term or the remembered scores (None: none)
+    memory: ExampleMemory | None = field(init=False)
 
     def __post_init__(self) -> None:
         ascent, perturbation, descent = self.ascent, self.perturbation, self.descent
@@ -68,6 +77,9 @@ class StepPlan:
                              "ascent pass")
         if descent.needs_perturbed_losses and ascent is None:
             raise ValueError(f"{descent!r} needs a perturbation: give an ascent rule")
+        if self.remembered is not None and not (descent.needs_scores or (
+                ascent is not None and ascent.needs_scores)):
+            raise ValueError("remembered scores need a rule that reads losses at w")
         plain = WholeBatch() if descent.needs_perturbed_losses else descent
         ascent_is_full = isinstance(ascent, WholeBatch)
         rules = [r for r in (ascent, descent) if r is not None]
@@ -79,6 +91,8 @@ class StepPlan:
             "needs_labels": any(r.needs_labels for r in rules),
             "perturbs_from_state": perturbation is not None and not perturbation.needs_ascent,
             "host_randomness": _host_randomness(rules, perturbation),
+            "memory": self.remembered.memory if self.remembered is not None
+            else getattr(self.term, "memory", None),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -116,22 +130,38 @@ class StepPlan:
         the same shapes: sharp or plain, the subset sizes (a short last batch, K's warmup)
         and the rules' phases (:meth:`ksam.selection.SelectionRule.graph_key`)."""
         rules = self.rules(sharp)
+        term = None if self.term is None else self.term.graph_key(step)
         return (bool(sharp), tuple(r.size_at(n, step) for r in rules),
-                tuple(r.graph_key(step) for r in rules))
+                tuple(r.graph_key(step) for r in rules), term)
+
+    def term_at(self, step: int) -> LossTerm | None:
+        """The loss term of step ``step`` (None: none, or not active yet)."""
+        term = self.term
+        return term if term is not None and term.active(step) else None
 
     def commit(self, keep: bool | Tensor, sharp: bool) -> None:
         """The rules' updates staged by the step become their state where ``keep`` (the
-        step was applied): the selection rules' and the transform's."""
+        step was applied): the selection rules', the transform's, the loss term's (after the
+        optimizer step: MESA's average reads the new weights) and the memory's."""
         for rule in (self.ascent, self.descent):
             if rule is not None:
                 rule.commit(keep)
         if self.transform is not None:
             self.transform.commit(keep, sharp)
+        if self.term is not None:
+            self.term.commit(keep)
+        if self.memory is not None:
+            self.memory.commit(keep)
 
     def identity(self) -> dict[str, str | None]:
         """The kinds of the rules, as a state records them."""
-        return {"ascent": _kind(self.ascent), "perturbation": _kind(self.perturbation),
-                "descent": _kind(self.descent)}
+        kinds = {"ascent": _kind(self.ascent), "perturbation": _kind(self.perturbation),
+                 "descent": _kind(self.descent)}
+        if self.term is not None:
+            kinds["term"] = _kind(self.term)
+        if self.remembered is not None:
+            kinds["scores"] = _kind(self.remembered)
+        return kinds
 
     def __repr__(self) -> str:
         extra = "" if self.schedule.always else f", schedule={self.schedule!r}"

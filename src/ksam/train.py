@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .batch import IndexedBatch
 from .config import PRECISIONS, RENAMED_FIELDS, TrainConfig, resolve_device
 from .engine import SharpnessAwareOptimizer
-from .methods import create
+from .methods import create, takes_num_examples
 from .outputs import (
     OutputFolder,
     check_folder_command,
@@ -70,8 +71,10 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None
 
 
 def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
-                 steps_total: int) -> tuple[SharpnessAwareOptimizer, Any]:
-    """The base optimizer (momentum SGD), the LR schedule and the method around them."""
+                 steps_total: int, num_examples: int | None = None
+                 ) -> tuple[SharpnessAwareOptimizer, Any]:
+    """The base optimizer (momentum SGD), the LR schedule and the method around them;
+    ``num_examples`` (the training set's size) for a method with a per-example memory."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=False)
     if cfg.lr_schedule == "cosine":
@@ -85,6 +88,8 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
                    micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
                    **schedule_options(method, cfg.method_options, steps_total))
+    if num_examples is not None and takes_num_examples(method, options):
+        options.setdefault("num_examples", num_examples)
     from . import distributed
 
     if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
@@ -201,7 +206,8 @@ def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
         # the previous run of the same model class), and no run inherits another's
         # recompiles towards dynamo's limit (past it, dynamo silently runs eagerly).
         dynamo.reset()
-    engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs)
+    engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs,
+                                     num_examples=len(train_x))
     engine.check_batch(cfg.batch_size)
     return _Run(cfg, task, device, model, net, engine, scheduler,
                 torch.Generator(device=device).manual_seed(cfg.seed + 1), train_x, train_y,
@@ -227,9 +233,14 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
 
 def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float]]:
     """One epoch of steps: (summed loss on the device, wall-clock, per-step times)."""
-    from .tasks import per_sample_cross_entropy
+    from .tasks import cross_entropy_output, per_sample_cross_entropy
 
     cfg, device = run.cfg, run.device
+    # SAF and MESA read the logits; a method with a memory, the examples' ids (global
+    # positions in the training set, also under DDP).
+    loss_fn = per_sample_cross_entropy if run.engine.plan.term is None \
+        else cross_entropy_output
+    with_ids = run.engine.plan.memory is not None
     order = torch.randperm(len(run.train_x), device=device, generator=run.data_gen)
     if run.world > 1:
         per_rank = len(run.train_x) // run.world
@@ -243,7 +254,8 @@ def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float
         xb, yb = run.train_x[idx], run.train_y[idx]
         if run.task.augment is not None:
             xb = run.task.augment(xb, run.data_gen)
-        result = run.engine.step((xb, yb), per_sample_cross_entropy)
+        batch = IndexedBatch((xb, yb), idx) if with_ids else (xb, yb)
+        result = run.engine.step(batch, loss_fn)
         loss_sum += result.raw_loss  # no host sync on the fast path
         run.scheduler.step()
         timer.mark()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..memory import LossOutput
 from . import data as _data
 from . import models as _models
 from .augment import RandomCropFlip, random_crop_flip
@@ -39,6 +40,7 @@ __all__ = [
     "available_tasks",
     "get_task",
     "per_sample_cross_entropy",
+    "cross_entropy_output",
     "random_crop_flip",
     "register_task",
 ]
@@ -85,6 +87,13 @@ def per_sample_cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> 
     """Unreduced cross-entropy ``[n]``: the per-example losses K-SAM ranks to pick its top-K."""
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")
+
+
+def cross_entropy_output(model: nn.Module, batch: tuple[Tensor, Tensor]) -> LossOutput:
+    """:func:`per_sample_cross_entropy` with the logits (what SAF and MESA read)."""
+    x, y = batch
+    logits = model(x)
+    return LossOutput(F.cross_entropy(logits, y, reduction="none"), logits)
 
 
 Builder = Callable[..., TaskData]
