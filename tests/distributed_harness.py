@@ -127,6 +127,9 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------- the methods
+#: Size of the data set the cases cycle through (2 steps of WORLD ranks x 16 rows): ids are
+#: global dataset positions, and every example comes back, so the memory methods use it.
+NUM_EXAMPLES = 2 * WORLD * 16
 #: The schedule a scheduled case adds: plain steps 0 and 1, then each step sharp with
 #: probability 1/2 (drawn from the engine's generator, seeded alike on every rank).
 SCHEDULE: dict[str, Any] = dict(start_step=2, p=0.5)
@@ -146,6 +149,15 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "looksam": dict(rho=0.1, interval=2, alpha=0.7),
     "sam-late": dict(rho=0.1, start_step=3),
     "rst": dict(rho=0.1, p=0.5),
+    # the per-example memory: every example of the cycled data set is seen every 2nd step
+    "saf": dict(num_examples=NUM_EXAMPLES, delay=1, start_epoch=1),
+    "mesa": dict(decay=0.9, start_step=2),
+}
+#: Cases of the remembered scores (K-SAM and Ordered SGD with scores="memory").
+MEMORY_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ksam:scores=memory": ("ksam", dict(k=0.25, k_warmup=2, rho=0.1, scores="memory",
+                                        num_examples=NUM_EXAMPLES)),
+    "osgd:scores=memory": ("osgd", dict(k=0.5, scores="memory", num_examples=NUM_EXAMPLES)),
 }
 #: The methods that take the schedule keywords start_step and p (run without and with them).
 SCHEDULED = ("sam", "asam", "ksam", "ksam-plain", "random-sam", "esam")
@@ -179,4 +191,5 @@ def method_cases() -> dict[str, tuple[str, dict[str, Any]]]:
         if method in SCHEDULED:
             cases[method + "-global+schedule"] = (method, dict(opts, **SCHEDULE))
     cases["ksam-global-k1"] = ("ksam", dict(k=1, k_warmup=0, rho=0.1, selection="global"))
+    cases.update(MEMORY_CASES)
     return cases

@@ -206,7 +206,7 @@ class OrderedSGD(SharpnessAwareOptimizer):
 class SAF(SharpnessAwareOptimizer):
     r"""Sharpness-Aware Training for Free (Du et al., NeurIPS 2022): one pass a step over
     the whole batch, whose loss adds to each example's loss
-    ``lam`` :math:`	au^2` KL(softmax(m/:math:`	au`) || softmax(z/:math:`	au`)), z its logits
+    ``lam`` :math:`\tau^2` KL(softmax(m/:math:`\tau`) || softmax(z/:math:`\tau`)), z its logits
     now and m its logits ``delay`` visits before, remembered
     (:class:`ksam.memory.TrajectoryKL`), from the example's visit ``start_epoch + 1`` on.
     Defaults are the reference code's (``SAF_train.py``): ``lam=0.16`` (``--reinforce``),
