@@ -148,8 +148,11 @@ def test_registry_and_unknown_task() -> None:
         ({"validation_split": 1.0}, "validation_split"),
         ({"validation_split": 0.001}, "validation_split"),
         ({"seed": -1}, "seed"),
-        ({"widht": 2.0}, "unknown option.*widht.*accepted options: width"),
+        ({"widht": 2.0}, "unknown option.*widht.*accepted options: augment, model, width"),
         ({"width": 0}, "width"),
+        ({"model": "vgg"}, "'resnet' or 'cnn'"),
+        ({"model": "cnn", "width": 0.5}, "width applies to model=resnet only"),
+        ({"augment": "no"}, "augment must be true or false"),
     ],
 )
 def test_bad_options(fashion_dir: Path, kwargs: dict, match: str) -> None:
@@ -165,8 +168,8 @@ def test_an_unknown_option_lists_every_accepted_one(fashion_dir: Path) -> None:
     with pytest.raises(ValueError) as info:
         get_task("fashion-mnist", data_dir=fashion_dir, widht=2.0)
     assert str(info.value).endswith(
-        "accepted options: width; and for every task: data_dir, train_subset, label_noise, "
-        "validation_split, label_noise_type, noisy_validation")
+        "accepted options: augment, model, width; and for every task: data_dir, train_subset, "
+        "label_noise, validation_split, label_noise_type, noisy_validation")
     # the list is get_task's own keyword options (device and seed are the run's)
     params = inspect.signature(get_task).parameters
     keyword = [n for n, v in params.items() if v.kind == v.KEYWORD_ONLY]
@@ -200,6 +203,25 @@ def test_fashion_mnist_loads(tmp_path: Path, gz: bool) -> None:
     assert task.defaults == {"epochs": 10, "batch_size": 128, "lr": 0.05, "momentum": 0.9,
                              "weight_decay": 5e-4}
     assert task.noisy_mask is None and task.description
+
+
+def test_fashion_mnist_cnn_without_augmentation(fashion_dir: Path) -> None:
+    from ksam.tasks.models import count_parameters, fashion_cnn
+
+    task = get_task("fashion-mnist", data_dir=fashion_dir, model="cnn", augment=False)
+    assert task.augment is None and "CNN" in task.description
+    assert "no augmentation" in task.description
+    torch.manual_seed(0)
+    model = task.make_model()
+    torch.manual_seed(0)
+    reference = fashion_cnn()
+    assert count_parameters(model) == 52138 and not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  reference.state_dict().values()))
+    assert model(task.train_x[:3]).shape == (3, 10)
+    resnet = get_task("fashion-mnist", data_dir=fashion_dir)
+    assert isinstance(resnet.augment, RandomCropFlip) and "ResNet" in resnet.description
 
 
 def test_fashion_mnist_parent_dir(tmp_path: Path) -> None:

@@ -84,13 +84,14 @@ class EncoderClassifier(nn.Module):
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
-    from .tasks.models import FashionResNet, ResNet18, WideResNet, mnist1d_cnn
+    from .tasks.models import FashionResNet, ResNet18, WideResNet, fashion_cnn, mnist1d_cnn
 
     out = []
     if device.type == "cpu":
         out.append(Case("mnist1d-cnn-b128", lambda: mnist1d_cnn(), _signals(40, 10), 128))
         out.append(Case("fashion-resnet-b128", lambda: FashionResNet(),
                         _images(1, 28, 10), 128))
+        out.append(Case("fashion-cnn-b128", lambda: fashion_cnn(), _images(1, 28, 10), 128))
         if not quick:
             out.append(Case("resnet18-32px-b128", lambda: ResNet18(10), _images(3, 32, 10), 128))
         return out

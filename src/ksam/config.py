@@ -59,10 +59,13 @@ SHARED_OPTIONS = ("k", "rho")
 def method_options(name: str) -> set[str]:
     """The options a method spec may set: the method's own
     (:func:`ksam.methods.method_options`; the engine's are set by the run), and ``start``
-    (a fraction of the run) too where it takes ``start_step``."""
+    (a fraction of the run) too where it takes ``start_step``, and ``estimate`` (where
+    ``select="auto"`` measures, a fraction of the run) where it takes ``select``."""
     options = factory_options(name)
     if "start_step" in options:  # the CLI also says it as a fraction of the run (start=0.8)
         options.add("start")
+    if "select" in options:
+        options.add("estimate")
     return options
 
 

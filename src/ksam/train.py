@@ -37,6 +37,7 @@ from .outputs import (
     save_checkpoint,
 )
 from .schedule import schedule_options
+from .selection import rule_options
 
 #: Config fields a resumed run may change: how it executes, not what it computes. Not
 #: ``fast``: the fast path's fused optimizer kernel rounds differently, and the engine refuses
@@ -87,7 +88,8 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
     options = dict(grad_scaler=scaler, autocast_dtype=PRECISIONS[cfg.precision],
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
                    micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
-                   **schedule_options(method, cfg.method_options, steps_total))
+                   **rule_options(schedule_options(method, cfg.method_options, steps_total),
+                                  steps_total))
     if num_examples is not None and takes_num_examples(method, options):
         options.setdefault("num_examples", num_examples)
     from . import distributed

@@ -419,21 +419,35 @@ def _build_mnist1d(
 
 @register_task(
     "fashion-mnist",
-    "Fashion-MNIST 28x28 grayscale clothing, small 3-stage ResNet, crop+flip augmentation",
-    options={"width": 1.0},
+    "Fashion-MNIST 28x28 grayscale clothing: a small 3-stage ResNet (default) or a small CNN "
+    "(model=cnn), crop+flip augmentation (augment=false: none)",
+    options={"width": 1.0, "model": "resnet", "augment": True},
 )
 def _build_fashion_mnist(
-    data_dir: str | os.PathLike[str] | None, need_test: bool, width: float
+    data_dir: str | os.PathLike[str] | None, need_test: bool, width: float, model: str,
+    augment: bool,
 ) -> TaskData:
     if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
         raise ValueError(f"fashion-mnist width must be a positive number, got {width!r}")
+    if model not in ("resnet", "cnn"):
+        raise ValueError(f"fashion-mnist model must be 'resnet' or 'cnn', got {model!r}")
+    if model == "cnn" and width != 1.0:
+        raise ValueError("fashion-mnist width applies to model=resnet only")
+    if not isinstance(augment, bool):
+        raise ValueError(f"fashion-mnist augment must be true or false, got {augment!r}")
+    if model == "cnn":
+        make_model, name = _ModelFactory(_models.fashion_cnn, 10), "CNN (conv 8-16, fc 64)"
+    else:
+        make_model = _ModelFactory(_models.FashionResNet, 10, width=float(width))
+        name = f"ResNet (widths x{width:g})"
     return TaskData(
         splits=_data.load_fashion_mnist(data_dir, need_test=need_test),
         num_classes=10,
-        make_model=_ModelFactory(_models.FashionResNet, 10, width=float(width)),
+        make_model=make_model,
         defaults={"epochs": 10, "batch_size": 128, "lr": 0.05, **_COMMON_DEFAULTS},
-        description=f"Fashion-MNIST, ResNet (widths x{width:g}), random crop 2 + flip",
-        augment=RandomCropFlip(padding=2, flip=True),
+        description=f"Fashion-MNIST, {name}, "
+                    + ("random crop 2 + flip" if augment else "no augmentation"),
+        augment=RandomCropFlip(padding=2, flip=True) if augment else None,
         mean=FASHION_MNIST_MEAN,
         std=FASHION_MNIST_STD,
     )
