@@ -23,6 +23,13 @@ def ce(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y, reduction="none")
 
 
+def ce_logits(model: nn.Module, batch) -> ksam.LossOutput:
+    """:func:`ce` with the logits it came from (for SAF and MESA, which read them)."""
+    x, y = batch
+    logits = model(x)
+    return ksam.LossOutput(F.cross_entropy(logits.float(), y, reduction="none"), logits)
+
+
 def mlp(seed: int = 0) -> nn.Module:
     """6 inputs, 4 classes, no BatchNorm."""
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ce
+from conftest import assert_tree_equal, ce, ce_logits
 from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
@@ -178,3 +178,95 @@ def test_max_grad_norm_and_micro_batches_are_engine_options(tmp_path):
     step = torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(p.detach() - q) for p, q in zip(model.parameters(), init)]))
     assert float(step) == pytest.approx(0.1 * 1e-3, rel=1e-4)  # lr x the clipped norm
+
+
+# ----------------------------------------------------------- example ids and logits
+N = 24  # training-set size: 3 steps an epoch
+MEMORY_METHODS = {  # name: method, options (each makes the step depend on the ids or logits)
+    "saf": ("saf", {"lam": 0.5, "temperature": 2.0, "delay": 1, "start_epoch": 0,
+                    "num_examples": N}),
+    "mesa": ("mesa", {"lam": 0.5, "temperature": 2.0, "decay": 0.5}),
+    "ksam-memory": ("ksam", {"scores": "memory", "k": 0.25, "k_warmup": 0,
+                             "num_examples": N}),
+}
+
+
+class Indexed(torch.utils.data.Dataset):
+    """``(x, y, index)``: each example with its position in the dataset."""
+
+    def __init__(self, n: int = N) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i
+
+
+def indexed_loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(Indexed(), batch_size=BATCH, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+class IndexedModule(Module):
+    """The documented pattern: the batch's ids into a ksam.IndexedBatch, logits returned."""
+
+    def __init__(self, method: str, **kwargs) -> None:
+        super().__init__(method, **kwargs)
+        self.results: list[ksam.StepResult] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        self.batches.append(ksam.IndexedBatch((x.clone(), y.clone()), index.clone()))
+        self.results.append(self.ksam_step(ksam.IndexedBatch((x, y), index), ce_logits))
+
+
+@pytest.mark.parametrize("name", list(MEMORY_METHODS))
+def test_memory_methods_match_the_plain_engine_on_the_same_batches(tmp_path, name):
+    """SAF, MESA and K-SAM from memory in a LightningModule: 3 shuffled epochs give, bit for
+    bit, the plain engine's weights, losses and memory on the same ids and batches."""
+    method, kwargs = MEMORY_METHODS[name]
+    module = IndexedModule(method, seed=0, **kwargs)
+    init = {k: v.clone() for k, v in module.net.state_dict().items()}
+    t = trainer(tmp_path, max_steps=9)
+    t.fit(module, indexed_loader())
+    assert module.ksam.steps == 9 and t.global_step == 9
+    ids = torch.cat([b.index for b in module.batches])
+    assert sorted(ids[:N].tolist()) == list(range(N)) and ids[:N].tolist() != list(range(N))
+
+    ref = net()
+    ref.load_state_dict(init)
+    engine = ksam.create(method, ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9),
+                         seed=0, **kwargs)
+    results = [engine.step(b, ce_logits) for b in module.batches]
+    for p, q in zip(module.net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert [r.loss for r in module.results] == [r.loss for r in results]
+    assert t.callback_metrics["train_loss"].item() == pytest.approx(results[-1].loss, abs=1e-6)
+    state, ref_state = module.ksam.state_dict(), engine.state_dict()
+    if name == "mesa":  # the average of the module (its keys under "net.") and of the net
+        assert_tree_equal(list(state["term"]["ema"].values()),
+                          list(ref_state["term"]["ema"].values()))
+    else:
+        assert_tree_equal(state["memory"], ref_state["memory"])
+
+
+def test_a_method_with_memory_needs_num_examples_and_ids(tmp_path):
+    with pytest.raises(ValueError, match="num_examples=N"):
+        Module("saf")
+    with pytest.raises(ValueError, match="num_examples=N"):
+        Module("osgd", scores="memory")
+
+    class Plain(IndexedModule):  # forgets to wrap the batch
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            self.ksam_step((x, y), ce_logits)
+
+    module = Plain("saf", num_examples=N)
+    init = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="ksam.IndexedBatch"):
+        trainer(tmp_path, max_steps=1).fit(module, indexed_loader())
+    for p, q in zip(module.parameters(), init):
+        assert torch.equal(p, q)

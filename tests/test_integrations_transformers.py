@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_tree_equal
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -20,10 +21,12 @@ from transformers import (  # noqa: E402
 
 import ksam  # noqa: E402
 from ksam.integrations.transformers import (  # noqa: E402
+    INDEX_COLUMN,
     HFPerSampleLoss,
     KSAMTrainer,
     merge_batches,
     per_sample_loss,
+    with_example_index,
 )
 
 VOCAB, SEQ, BATCH = 100, 12, 8
@@ -394,3 +397,164 @@ def test_fp16_engine_owns_the_grad_scaler(tmp_path):
     assert 0 < float(result.descent_grad_norm) < 1e3  # unscaled: not times the 2**16 scale
     saved = torch.load(tmp_path / "checkpoint-2" / "ksam_state.pt", weights_only=True)
     assert saved["grad_scaler"]["scale"] == trainer.grad_scaler.get_scale()
+
+
+# ----------------------------------------------------------- example ids and logits
+N = 16  # training-set size of the tests below: 2 steps an epoch at batch 8
+MEMORY_METHODS = {  # name: options (each makes the step depend on the ids or the logits)
+    "saf": {"lam": 0.5, "temperature": 2.0, "delay": 1, "start_epoch": 0},
+    "mesa": {"lam": 0.5, "temperature": 2.0, "decay": 0.5},
+    "ksam-memory": {"scores": "memory", "k": 0.25, "k_warmup": 0},
+}
+
+
+def method_of(name: str) -> str:
+    return "ksam" if name == "ksam-memory" else name
+
+
+def replay(batches, init, method: str, kwargs: dict, **engine_kw):
+    """The plain engine over the batches a trainer recorded: the ids taken out of each
+    batch into an IndexedBatch, the default loss with its logits."""
+    ref = tiny_bert()
+    ref.load_state_dict(init)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    if method != "mesa":
+        engine_kw["num_examples"] = N
+    engine = ksam.create(method_of(method), ref, opt, seed=0, **kwargs, **engine_kw)
+    loss = HFPerSampleLoss(return_logits=True)
+    results = []
+    for b in batches:
+        features = {k: v for k, v in b.items() if k != INDEX_COLUMN}
+        results.append(engine.step(ksam.IndexedBatch(features, b[INDEX_COLUMN]), loss))
+    return ref, engine, results
+
+
+def memory_trainer(tmp_path, method: str, model, dataset=None, engine_kw=None, **kw):
+    """A RecordingTrainer of ``method`` over ``dataset`` (default: :class:`ToyText` of N
+    with its ids), 6 steps; ``kw`` go to the TrainingArguments."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    args = dict(max_steps=6, lr_scheduler_type="constant", max_grad_norm=0.0)
+    args.update(kw)
+    return RecordingTrainer(
+        model=model, args=training_args(tmp_path, **args),
+        train_dataset=with_example_index(ToyText(N)) if dataset is None else dataset,
+        optimizers=(opt, None), ksam_method=method_of(method),
+        ksam_kwargs={**MEMORY_METHODS[method], **(engine_kw or {})})
+
+
+@pytest.mark.parametrize("method", list(MEMORY_METHODS))
+def test_memory_methods_match_the_plain_engine_on_the_same_batches(tmp_path, method):
+    """SAF, MESA and K-SAM from memory through the Trainer: 3 shuffled epochs give, bit for
+    bit, the plain engine's weights, losses and memory on the same ids and batches."""
+    model = tiny_bert()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = memory_trainer(tmp_path, method, model)
+    trainer.train()
+    assert trainer.ksam.steps == 6 and len(trainer.batches) == 6
+
+    # The ids are the examples' positions in train_dataset, in the sampler's shuffled order.
+    text = ToyText(N)
+    ids = torch.cat([b[INDEX_COLUMN] for b in trainer.batches])
+    for b in trainer.batches:
+        assert torch.equal(b["input_ids"], text.ids[b[INDEX_COLUMN]])
+    assert sorted(ids[:N].tolist()) == list(range(N)) and ids[:N].tolist() != list(range(N))
+
+    ref, engine, results = replay(trainer.batches, init, method, MEMORY_METHODS[method])
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    assert [r.loss for r in trainer.results] == [r.loss for r in results]
+    state, ref_state = trainer.ksam.state_dict(), engine.state_dict()
+    state.pop("optimizer"), ref_state.pop("optimizer")
+    assert_tree_equal(state, ref_state)  # the memory (SAF, K-SAM) or the average (MESA)
+    if method != "mesa":
+        assert trainer.ksam.plan.memory.num_examples == N  # the default: len(train_dataset)
+
+
+def test_a_method_with_memory_refuses_batches_without_ids(tmp_path):
+    model = tiny_bert()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = memory_trainer(tmp_path, "saf", model, dataset=ToyText(N))
+    with pytest.raises(ValueError, match=f"column '{INDEX_COLUMN}'.*with_example_index"):
+        trainer.train()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k]), k
+    # A method that reads no ids runs on the same dataset; the logits only where needed.
+    plain = KSAMTrainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=ToyText(N),
+                        ksam_method="ksam")
+    assert not plain.needs_example_ids and not plain.per_sample_loss_fn.return_logits
+    assert memory_trainer(tmp_path, "mesa", tiny_bert()).per_sample_loss_fn.return_logits
+
+
+def test_the_index_column_survives_remove_unused_columns_and_evaluation(tmp_path):
+    class Extra(ToyText):  # a key the model does not take, which the Trainer removes
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "source": torch.tensor(i)}
+
+    trainer = memory_trainer(tmp_path, "saf", tiny_bert(), dataset=with_example_index(Extra(N)),
+                             max_steps=2)
+    assert trainer.args.remove_unused_columns
+    trainer.train()
+    assert all(set(b) == {"input_ids", "attention_mask", "labels", INDEX_COLUMN}
+               for b in trainer.batches)
+    # Evaluation drops the ids before the model's forward.
+    metrics = trainer.evaluate(eval_dataset=with_example_index(ToyText(N)))
+    assert metrics["eval_loss"] > 0
+
+
+def test_with_example_index_on_a_datasets_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    text = ToyText(N)
+    raw = datasets.Dataset.from_dict({"input_ids": text.ids.tolist(),
+                                      "attention_mask": text.mask.tolist(),
+                                      "labels": text.labels.tolist(),
+                                      "sentence": [f"s{i}" for i in range(N)]})
+    with pytest.raises(ValueError, match=f"column '{INDEX_COLUMN}'"):  # at construction
+        memory_trainer(tmp_path, "saf", tiny_bert(), dataset=raw)
+    ds = with_example_index(raw)
+    assert [int(i) for i in ds[INDEX_COLUMN]] == list(range(N))
+    ds = ds.with_format("torch")
+    with pytest.raises(ValueError, match="already has"):
+        with_example_index(ds)
+    trainer = memory_trainer(tmp_path, "saf", tiny_bert(), dataset=ds, max_steps=2)
+    kept = trainer._remove_unused_columns(ds)
+    assert set(kept.column_names) == {"input_ids", "attention_mask", "labels", INDEX_COLUMN}
+    trainer.train()
+    assert trainer.ksam.steps == 2
+    for b in trainer.batches:
+        assert torch.equal(b["input_ids"], text.ids[b[INDEX_COLUMN]])
+
+
+def test_gradient_accumulation_merges_the_ids(tmp_path):
+    """SAF with G=2 micro-batches of 4 equals, bit for bit, SAF on the batches of 8 with
+    forwards in chunks of 4; each step's memory rows are those of all 8 ids."""
+    init = {k: v.clone() for k, v in tiny_bert().state_dict().items()}
+    one = memory_trainer(tmp_path / "a", "saf", tiny_bert(),
+                         engine_kw={"micro_batch_size": BATCH // 2})
+    two = memory_trainer(tmp_path / "b", "saf", tiny_bert(), gradient_accumulation_steps=2,
+                         per_device_train_batch_size=BATCH // 2)
+    one.train()
+    two.train()
+    assert two.ksam.steps == one.ksam.steps == 6 and two.ksam.micro_batch_size == BATCH // 2
+    merged = [torch.cat([a[INDEX_COLUMN], b[INDEX_COLUMN]])
+              for a, b in zip(two.batches[::2], two.batches[1::2])]
+    assert [m.tolist() for m in merged] == [b[INDEX_COLUMN].tolist() for b in one.batches]
+    for p, q in zip(one.model.parameters(), two.model.parameters()):
+        assert torch.equal(p, q)
+    assert_tree_equal(one.ksam.plan.memory.tables, two.ksam.plan.memory.tables)
+    assert torch.equal(two.ksam.plan.memory.tables["visits"][:N], torch.full((N,), 3))
+    ref, _, _ = replay(one.batches, init, "saf", MEMORY_METHODS["saf"],
+                       micro_batch_size=BATCH // 2)
+    for p, q in zip(two.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_default_loss_returns_logits_for_sequence_level_models_only():
+    model = tiny_bert()
+    batch = {"input_ids": ToyText(4).ids, "labels": torch.tensor([0, 1, 1, 0])}
+    out = HFPerSampleLoss(return_logits=True)(model, batch)
+    assert isinstance(out, ksam.LossOutput) and out.logits.shape == (4, 2)
+    assert torch.equal(out.losses, HFPerSampleLoss()(model, batch))
+    token = tiny_bert(num_labels=3, cls=BertForTokenClassification)
+    with pytest.raises(ValueError, match="token-level"):
+        HFPerSampleLoss(return_logits=True)(token, {"input_ids": ToyText(4).ids,
+                                                   "labels": torch.zeros(4, SEQ).long()})

@@ -15,13 +15,14 @@ from conftest import (
     assert_unchanged,
     bn_net,
     ce,
+    ce_logits,
     mlp,
     params,
     snapshot,
 )
 
 import ksam
-from ksam import IndexedBatch, LossOutput
+from ksam import IndexedBatch
 
 N = 48  # training-set size
 B = 16  # batch size
@@ -46,12 +47,6 @@ def epochs(count: int) -> list[torch.Tensor]:
 def indexed(ids: torch.Tensor, data=None) -> IndexedBatch:
     x, y = dataset() if data is None else data
     return IndexedBatch((x[ids], y[ids]), ids)
-
-
-def ce_logits(model, batch) -> LossOutput:
-    x, y = batch
-    logits = model(x)
-    return LossOutput(F.cross_entropy(logits.float(), y, reduction="none"), logits)
 
 
 def opt_of(model) -> torch.optim.SGD:

@@ -31,8 +31,35 @@ What the helper takes care of:
   step's pre-clip norm is ``result.descent_grad_norm``), ``micro_batch_size=64`` runs
   every forward in chunks of at most 64 examples. (Lightning's own ``gradient_clip_val`` and
   ``accumulate_grad_batches`` are refused by Lightning under manual optimization.)
-- checkpoints: the engine's own state (step count, random generator) rides in the
-  checkpoint under ``"ksam_state"``; the optimizer state is Lightning's usual one.
+- checkpoints: the engine's own state (step count, random generator, per-example memory)
+  rides in the checkpoint under ``"ksam_state"``; the optimizer state is Lightning's usual
+  one.
+
+Example ids and logits (SAF, MESA, K-SAM / Ordered SGD with ``scores="memory"``): give
+``num_examples`` (the training set's size) in ``configure_ksam``, have the dataset return
+each example's position in it, and hand ``ksam_step`` a :class:`ksam.IndexedBatch`; the
+``loss_fn`` of SAF and MESA returns :class:`ksam.LossOutput` (it still gets ``(x, y)``)::
+
+    def loss_fn(model, batch):
+        x, y = batch
+        logits = model(x)
+        return ksam.LossOutput(F.cross_entropy(logits, y, reduction="none"), logits)
+
+    class Model(KSAMMixin, L.LightningModule):
+        def __init__(self, train_size):
+            super().__init__()
+            self.net = ...
+            self.configure_ksam("saf", num_examples=train_size)
+
+        def training_step(self, batch, batch_idx):             # the dataset gives (x, y, i)
+            x, y, index = batch
+            self.ksam_step(ksam.IndexedBatch((x, y), index), loss_fn)
+
+A method that keeps a memory refuses ``configure_ksam`` without ``num_examples``
+(``ValueError``) and a batch that is not an ``IndexedBatch`` (``ValueError`` at that
+``ksam_step``, nothing changed). MESA's average is a ``copy.deepcopy`` of the whole module
+(its attributes too; Lightning leaves the trainer out), made when the engine is built at
+the first ``ksam_step``, and ``loss_fn`` is called with that copy as ``model``.
 
 Limits: one optimizer; a single device (under DDP the bare module would not all-reduce its
 gradients, so more than one process is refused); LR schedulers are stepped by you, as with
@@ -50,15 +77,16 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..batch import Batch, batch_size
+from ..batch import Batch, batch_size, loss_batch
 from ..engine import SharpnessAwareOptimizer, StepResult
-from ..methods import create
+from ..memory import LossOutput
+from ..methods import create, takes_num_examples
 from . import ProxyOptimizer
 
 __all__ = ["KSAMMixin"]
 
 KSAM_CHECKPOINT_KEY = "ksam_state"
-LossFn = Callable[[nn.Module, Batch], Tensor]
+LossFn = Callable[[nn.Module, Batch], "Tensor | LossOutput"]
 
 
 class _LightningStepOptimizer(ProxyOptimizer):
@@ -81,7 +109,13 @@ class KSAMMixin:
 
     def configure_ksam(self, method: str = "ksam", **kwargs: Any) -> None:
         """Choose the method and its options (those of :func:`ksam.create`); switches the
-        module to manual optimization, which a ksam step needs."""
+        module to manual optimization, which a ksam step needs. ValueError for a method
+        with a per-example memory (:func:`ksam.methods.takes_num_examples`) without
+        ``num_examples``, the size of the training set."""
+        if "num_examples" not in kwargs and takes_num_examples(method, kwargs):
+            raise ValueError(f"method {method!r} keeps a per-example memory: give "
+                             f"configure_ksam(..., num_examples=N), N the size of the training "
+                             f"set, and batches as ksam.IndexedBatch(batch, index)")
         self.ksam_method = method
         self.ksam_kwargs = dict(kwargs)
         self.automatic_optimization = False  # type: ignore[attr-defined]
@@ -96,13 +130,15 @@ class KSAMMixin:
     def ksam_step(self, batch: Batch, loss_fn: LossFn, *, log_name: str | None = "train_loss",
                   **log_kwargs: Any) -> StepResult:
         """One ksam step on ``batch`` (all passes, one optimizer step); ``loss_fn(module,
-        batch)`` returns per-sample losses ``[n]``. Logs the loss as ``log_name`` (None: no
-        logging; ``log_kwargs`` go to ``self.log``)."""
+        batch)`` returns per-sample losses ``[n]`` (or :class:`ksam.LossOutput`). ``batch``
+        may be an :class:`ksam.IndexedBatch`, whose ``batch`` is what ``loss_fn`` gets.
+        Logs the loss as ``log_name`` (None: no logging; ``log_kwargs`` go to
+        ``self.log``; ``batch_size`` defaults to the number of examples)."""
         engine = self._ksam_get_engine()
         result = engine.step(batch, loss_fn)
         if log_name:
             log_kwargs.setdefault("prog_bar", True)
-            log_kwargs.setdefault("batch_size", batch_size(batch))
+            log_kwargs.setdefault("batch_size", batch_size(loss_batch(batch)))
             self.log(log_name, result.loss, **log_kwargs)  # type: ignore[attr-defined]
         return result
 

@@ -53,6 +53,23 @@ wrapper).
 Per-sample losses (:func:`per_sample_loss`): ksam ranks the examples of a batch, so the
 Trainer's batch-mean loss cannot be used; the losses are rebuilt from the model's logits and
 the labels, see that function for the rules.
+
+Example ids and logits (SAF, MESA, K-SAM / Ordered SGD with ``scores="memory"``):
+
+- ids: each example of ``train_dataset`` carries its position in it in the column
+  :data:`INDEX_COLUMN` (``"ksam_index"``); :func:`with_example_index` adds it to a
+  ``datasets.Dataset`` or wraps a torch dataset of dicts. The column is kept by
+  ``remove_unused_columns``, merged with the rest of a gradient accumulation's
+  micro-batches, and taken out of the batch before the model sees it: the engine gets
+  ``ksam.IndexedBatch(inputs, index)`` (also for a method that reads no ids; evaluation
+  drops the column). A method that needs the ids refuses a dataset without the column
+  (``ValueError`` at construction for a ``datasets.Dataset``, else at the first training
+  step, before any weight changes). ``num_examples`` defaults to ``len(train_dataset)``
+  for the methods that take it (:func:`ksam.methods.takes_num_examples`).
+- logits: for SAF and MESA the default loss returns ``ksam.LossOutput(losses, logits)``
+  (:class:`HFPerSampleLoss` ``return_logits``); they need one logit vector per example, so
+  token-level models are refused for them. A ``per_sample_loss_fn`` of your own returns
+  ``LossOutput`` for these methods itself.
 """
 
 from __future__ import annotations
@@ -66,16 +83,22 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from ..batch import IndexedBatch
 from ..engine import SharpnessAwareOptimizer, StepResult
-from ..methods import create
+from ..memory import LossOutput
+from ..methods import create, takes_num_examples
 from . import ProxyOptimizer as _ProxyOptimizer
 
-__all__ = ["HFPerSampleLoss", "KSAMTrainer", "logits_of", "per_sample_loss"]
+__all__ = ["INDEX_COLUMN", "ExampleIndexed", "HFPerSampleLoss", "KSAMTrainer", "logits_of",
+           "per_sample_loss", "with_example_index"]
 
 KSAM_STATE_NAME = "ksam_state.pt"
 IGNORE_INDEX = -100
+#: The dataset column holding each training example's position in ``train_dataset``: the
+#: example ids of methods with a per-example memory (see the module docstring).
+INDEX_COLUMN = "ksam_index"
 
-PerSampleLossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
+PerSampleLossFn = Callable[[nn.Module, dict[str, Any]], "Tensor | LossOutput"]
 
 
 # ----------------------------------------------------------------------- per-sample losses
@@ -164,14 +187,20 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 class HFPerSampleLoss:
     """``loss_fn(model, inputs)`` for the engine: one forward without the labels (so the
-    model does not also compute its own batch-mean loss), then :func:`per_sample_loss`."""
+    model does not also compute its own batch-mean loss), then :func:`per_sample_loss`.
+
+    ``return_logits=True`` returns ``ksam.LossOutput(losses, logits)`` instead of the losses
+    (for SAF and MESA, which read the logits); ValueError then for token-level logits
+    ``[n, T, C]`` (those methods need one logit vector ``[n, C]`` per example)."""
 
     def __init__(self, label_name: str = "labels", problem_type: str | None = None,
-                 shift_labels: bool = False, ignore_index: int = IGNORE_INDEX) -> None:
+                 shift_labels: bool = False, ignore_index: int = IGNORE_INDEX,
+                 return_logits: bool = False) -> None:
         self.label_name = label_name
         self.problem_type = problem_type
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+        self.return_logits = return_logits
 
     def loss_kind(self, inputs: Mapping[str, Any]) -> str:
         """What kind of loss this is for ``inputs`` (:data:`ksam.selection.LOSS_KINDS`, which
@@ -187,14 +216,60 @@ class HFPerSampleLoss:
         return {"single_label_classification": "ce", "regression": "mse"}.get(kind or "",
                                                                              "other")
 
-    def __call__(self, model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
+    def __call__(self, model: nn.Module, inputs: Mapping[str, Any]) -> Tensor | LossOutput:
         if self.label_name not in inputs:
             raise KeyError(f"the batch has no {self.label_name!r} (keys: {', '.join(inputs)})")
         labels = inputs[self.label_name]
         features = {k: v for k, v in inputs.items() if k != self.label_name}
-        return per_sample_loss(logits_of(model(**features)), labels,
-                               problem_type=self.problem_type, shift_labels=self.shift_labels,
-                               ignore_index=self.ignore_index)
+        logits = logits_of(model(**features))
+        if self.return_logits and logits.dim() != 2:
+            raise ValueError(f"this method reads one logit vector [n, C] per example; the "
+                             f"model gives logits of shape {list(logits.shape)}: token-level "
+                             "models are not supported by SAF and MESA")
+        losses = per_sample_loss(logits, labels, problem_type=self.problem_type,
+                                 shift_labels=self.shift_labels,
+                                 ignore_index=self.ignore_index)
+        return LossOutput(losses, logits) if self.return_logits else losses
+
+
+# ----------------------------------------------------------------------- example ids
+
+
+def with_example_index(dataset: Any, column: str = INDEX_COLUMN) -> Any:
+    """``dataset`` with each example's position in it under ``column`` (an int), the
+    example ids :class:`KSAMTrainer` reads: a ``datasets.Dataset`` gets a new column
+    (``add_column``), any other map-style dataset of dict examples is wrapped
+    (:class:`ExampleIndexed`). Add the column to the dataset given as ``train_dataset``,
+    after any filtering or selection, so that the ids are positions in it. ValueError if
+    ``dataset`` already has ``column``."""
+    names = getattr(dataset, "column_names", None)
+    if callable(getattr(dataset, "add_column", None)) and isinstance(names, list):
+        if column in names:
+            raise ValueError(f"the dataset already has a column {column!r}")
+        return dataset.add_column(column, list(range(len(dataset))))
+    return ExampleIndexed(dataset, column)
+
+
+class ExampleIndexed(torch.utils.data.Dataset):
+    """A map-style dataset of dict examples with each example's position ``i`` added under
+    ``column`` (see :func:`with_example_index`). TypeError for an example that is not a
+    mapping, ValueError for one that already has ``column``."""
+
+    def __init__(self, dataset: Any, column: str = INDEX_COLUMN) -> None:
+        self.dataset = dataset
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"with_example_index needs examples that are dicts, got "
+                            f"{type(item).__name__}")
+        if self.column in item:
+            raise ValueError(f"the example already has a {self.column!r}")
+        return {**item, self.column: int(i)}
 
 
 # ----------------------------------------------------------------------- optimizer proxies
@@ -227,12 +302,15 @@ class KSAMTrainer(transformers.Trainer):
 
     Args:
         ksam_method: a name of :func:`ksam.create` (``sgd, sam, asam, ksam, random-sam, esam,
-            osgd``).
+            osgd, saf, mesa``, ...); those with a per-example memory need
+            :data:`INDEX_COLUMN` in ``train_dataset`` (see the module docstring).
         ksam_kwargs: options of that method and of the engine (``rho``, ``k``, ``seed``,
-            ...). ``autocast_dtype`` defaults to bfloat16 when ``args.bf16``.
+            ...). ``autocast_dtype`` defaults to bfloat16 when ``args.bf16``;
+            ``num_examples`` to ``len(train_dataset)`` for the methods that take it.
         per_sample_loss_fn: ``fn(model, inputs) -> [n]`` to replace the default loss built
             from logits and labels (:class:`HFPerSampleLoss`); needed e.g. for question
-            answering (several label tensors).
+            answering (several label tensors). It returns ``ksam.LossOutput(losses,
+            logits)`` for SAF and MESA. ``inputs`` never holds :data:`INDEX_COLUMN`.
         problem_type: forces the sequence-level loss (see :func:`per_sample_loss`); default
             the model config's ``problem_type``, else inferred.
         shift_labels: shift token labels as causal LMs do; default: True for the model
@@ -268,18 +346,26 @@ class KSAMTrainer(transformers.Trainer):
             self.accelerator.scaler = None
             self.accelerator.native_amp = False
             self.grad_scaler = torch.amp.GradScaler(self.args.device.type)
-        if per_sample_loss_fn is None:
-            per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
-        self.per_sample_loss_fn = per_sample_loss_fn
         self._ksam: SharpnessAwareOptimizer | None = None
         self._engine_optimizer: torch.optim.Optimizer | None = None
         self._micro_batches: list[dict[str, Any]] = []  # gradient accumulation's, so far
         self._pending_ksam_state: dict[str, Any] | None = None
         self.last_step_result: StepResult | None = None
-        # Fail on a bad method name or option now rather than at the first step.
+        # Fail on a bad method name or option now rather than at the first step; the probe
+        # also says whether the method reads example ids (a memory) or logits (a loss term).
         probe = nn.Linear(1, 1)
-        create(ksam_method, probe, torch.optim.SGD(probe.parameters(), lr=0.0),
-               **self._engine_kwargs())
+        plan = create(ksam_method, probe, torch.optim.SGD(probe.parameters(), lr=0.0),
+                      **self._engine_kwargs()).plan
+        #: the method keeps a per-example memory: every batch must carry INDEX_COLUMN
+        self.needs_example_ids = plan.memory is not None
+        #: the method reads the logits: the per-sample loss returns ksam.LossOutput
+        self.needs_logits = plan.term is not None
+        if per_sample_loss_fn is None:
+            per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
+        self.per_sample_loss_fn = per_sample_loss_fn
+        names = getattr(self.train_dataset, "column_names", None)
+        if self.needs_example_ids and isinstance(names, list) and INDEX_COLUMN not in names:
+            raise ValueError(self._missing_index_message())
 
     # -- construction ---------------------------------------------------------------
     def _default_loss_fn(self, problem_type: str | None,
@@ -295,7 +381,23 @@ class KSAMTrainer(transformers.Trainer):
             problem_type = getattr(config, "problem_type", None)
         if shift_labels is None:
             shift_labels = _is_causal_lm(model)
-        return HFPerSampleLoss(label_name, problem_type, bool(shift_labels))
+        return HFPerSampleLoss(label_name, problem_type, bool(shift_labels),
+                               return_logits=self.needs_logits)
+
+    def _missing_index_message(self) -> str:
+        return (f"ksam_method={self.ksam_method!r} keeps a per-example memory and reads each "
+                f"example's id from the train_dataset column {INDEX_COLUMN!r}, which it does "
+                f"not have: add it with ksam.integrations.transformers.with_example_index("
+                f"train_dataset)")
+
+    def _default_num_examples(self) -> int:
+        """``len(train_dataset)`` (ValueError where there is none)."""
+        try:
+            return len(self.train_dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(f"ksam_method={self.ksam_method!r} keeps a per-example memory "
+                             f"of the training set: give ksam_kwargs['num_examples'] (the "
+                             f"train_dataset has no length)") from None
 
     def _engine_kwargs(self) -> dict[str, Any]:
         kw = dict(self.ksam_kwargs)
@@ -311,7 +413,18 @@ class KSAMTrainer(transformers.Trainer):
             kw.setdefault("max_grad_norm", self.args.max_grad_norm)
         if self.args.gradient_accumulation_steps > 1:
             kw.setdefault("micro_batch_size", self.args.per_device_train_batch_size)
+        if "num_examples" not in kw and takes_num_examples(self.ksam_method, kw):
+            # The ids are positions in train_dataset (global ones under DDP: the sampler's).
+            kw["num_examples"] = self._default_num_examples()
         return kw
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps the columns named by the model's forward signature
+        # (datasets.Dataset columns, and dict keys through the Trainer's collator wrapper):
+        # the example ids must survive it to reach training_step.
+        super()._set_signature_columns_if_needed()
+        if INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns.append(INDEX_COLUMN)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the base optimizer as the Trainer would (or take the one passed in
@@ -373,6 +486,8 @@ class KSAMTrainer(transformers.Trainer):
         """One ksam step on ``inputs``: all passes and the optimizer step. Returns the batch's
         mean per-sample loss (at w) for logging; nothing is left for the Trainer to do."""
         del num_items_in_batch  # each example weighs the same in a ksam step
+        if self.needs_example_ids and INDEX_COLUMN not in inputs:
+            raise ValueError(self._missing_index_message())
         if self.args.gradient_accumulation_steps > 1:
             # The loop calls this once per micro-batch and steps the optimizer after the
             # last one (sync_gradients): gather them, and step once on all of them.
@@ -386,10 +501,23 @@ class KSAMTrainer(transformers.Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        # _prepare_inputs returns a new mapping: taking the ids out leaves the caller's whole.
+        index = inputs.pop(INDEX_COLUMN, None)
         engine = self._engine(model, inputs)
-        result = engine.step(inputs, self.per_sample_loss_fn)
+        batch = inputs if index is None else IndexedBatch(inputs, index)
+        result = engine.step(batch, self.per_sample_loss_fn)
         self.last_step_result = result
         return torch.tensor(result.loss, device=self.args.device)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any],
+                        prediction_loss_only: bool, ignore_keys: list[str] | None = None,
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The Trainer's evaluation step on ``inputs`` without :data:`INDEX_COLUMN`, which
+        ``remove_unused_columns`` keeps but the model does not take."""
+        if INDEX_COLUMN in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != INDEX_COLUMN}
+        return super().prediction_step(model, inputs, prediction_loss_only,
+                                       ignore_keys=ignore_keys)
 
     def _pad_token_id(self) -> int:
         config = getattr(self.model, "config", None)
