@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -231,7 +232,9 @@ def test_without_a_shared_file_system_the_driver_writes_the_results(tmp_path, mo
     assert main([*args, "--out", str(tmp_path / "shared")]) == 0
     monkeypatch.setenv(SHARED_FS_ENV, "0")
     sent = tmp_path / "sent"
+    scratch = set(Path(tempfile.gettempdir()).glob("ksam-ray-*"))
     assert main([*args, "--out", str(sent)]) == 0
+    assert set(Path(tempfile.gettempdir()).glob("ksam-ray-*")) == scratch  # removed
     for d in _run_dirs(tmp_path / "shared"):
         other = sent / d.relative_to(tmp_path / "shared")
         assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in other.iterdir())

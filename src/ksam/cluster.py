@@ -37,7 +37,7 @@ from .compare import GridRun, _resumable, _slug, run_one
 from .outputs import PROBE_PREFIX, folder_contents, open_output
 from .tasks.data import MissingDependencyError
 
-__all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayExecutor", "import_ray"]
+__all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayExecutor", "RunProgress", "import_ray"]
 
 #: How often a task whose worker died is started again (from its last checkpoint).
 MAX_RETRIES = 3
@@ -311,6 +311,10 @@ def _in_scratch(run: GridRun, task: Any, files: dict[str, bytes] | None,
     result = run_one(_attempt(replace(run, out_dir=scratch, overwrite=False)), task=task)
     result["files"] = _run_files(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.parent.rmdir()  # the command's scratch root, once no run of it is left here
+    except OSError:
+        pass
     return result
 
 
