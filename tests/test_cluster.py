@@ -8,6 +8,7 @@ process is connected to), its workers on one thread each.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import signal
@@ -44,10 +45,12 @@ TIME_FIELDS = {"epoch_time", "train_time", "step_time_median"}
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
+    printer = builtins.print  # Ray may replace it in the driver (see ksam.cluster.import_ray)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+    builtins.print = printer
 
 
 def _one_error(capsys, code: int, needle: str) -> None:

@@ -55,6 +55,9 @@ _USER_ERRORS = (ValueError, OSError, MissingDependencyError)
 
 def import_ray() -> Any:
     """The ``ray`` module; MissingDependencyError (saying how to install it) without it."""
+    # Ray replaces builtins.print in the driver once it relays a worker's output (to keep
+    # its own progress bars intact); ksam prints its own progress and leaves print alone.
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     try:
         import ray
     except ImportError:
