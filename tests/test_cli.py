@@ -335,6 +335,30 @@ def test_accuracy_vs_cost_points_exactly():
     assert (sgd["frontier"], sam["frontier"], osgd["frontier"]) == (True, True, False)
 
 
+def _fake_run(label: str, seed: int, host: str, device: str, time_s: float) -> dict:
+    final = {"test_acc": 90.0, "train_time": time_s, "steps": 100,
+             "step_time_median": time_s / 100, "skipped_steps": 0}
+    return {"label": label, "seed": seed, "host": host, "device_name": device,
+            "final": final, "config": {"lr": 0.1}}
+
+
+def test_the_report_says_where_runs_ran_and_marks_times_across_kinds_of_device():
+    from ksam.compare import device_note, markdown_table, places, summarize
+
+    runs = [_fake_run("sgd", 0, "a", "A100", 10.0), _fake_run("sam", 0, "a", "A100", 20.0),
+            _fake_run("sgd", 1, "b", "A100", 10.0), _fake_run("sam", 1, "c", "H100", 12.0)]
+    rows = summarize(runs, "sgd")
+    assert [(r["method"], r["devices"], r["mixed_devices"]) for r in rows] == \
+        [("sgd", ["A100"], False), ("sam", ["A100", "H100"], True)]
+    table = markdown_table(rows, "sgd").splitlines()
+    assert "| 1.00x |" in table[2] and "| 1.60x* |" in table[3]
+    assert device_note(rows, "sgd").strip().startswith("'*' after time / sgd: sam and sgd")
+    assert device_note(summarize(runs[:3], "sgd"), "sgd") == ""
+    assert places(runs) == [{"host": "a", "device_name": "A100", "runs": 2},
+                            {"host": "b", "device_name": "A100", "runs": 1},
+                            {"host": "c", "device_name": "H100", "runs": 1}]
+
+
 def test_compare_writes_the_accuracy_vs_cost_chart(tmp_path):
     report = compare(TrainConfig(epochs=1, batch_size=32, task_options={"num_samples": 300}),
                      ["sgd", "ksam:k=8"], [0, 1], tmp_path / "c")

@@ -147,6 +147,19 @@ def _add_output(p: argparse.ArgumentParser, resume_help: str) -> None:
                    help="no progress (a bar on a terminal, else one line per finished run)")
 
 
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run every run of the grid as a Ray task (pip install \"ksam[ray]\"):"
+                        " alone, on a Ray instance started on this machine; with the head "
+                        "node's HOST:PORT or 'auto', on that running cluster "
+                        "(docs/distributed.md)")
+    p.add_argument("--cpus-per-run", type=_FLOAT, metavar="N",
+                   help="with --ray: CPUs each run's task asks for (default 1)")
+    p.add_argument("--gpus-per-run", type=_FLOAT, metavar="N",
+                   help="with --ray: GPUs each run's task asks for (default 1 where the "
+                        "cluster has GPUs, else 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ksam", description="Sharpness-aware training at SGD's cost (K-SAM and friends).")
@@ -175,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-lr-sweep", action="store_true",
                        help="no lr sweep: every method at one shared lr (--lr, else the "
                             "task's default)")
+    _add_ray(p)
 
     p = sub.add_parser("train", help="train one method once (checkpoints every epoch)",
                        argument_default=argparse.SUPPRESS)
@@ -303,6 +317,25 @@ def _dist(world: int):
     return distributed.init_from_env()
 
 
+def _ray_executor(cfg: CliConfig, world: int, runs: int, base: Any) -> Any:
+    """With ``--ray``: the :class:`ksam.cluster.RayExecutor` (connected, its task size
+    checked against the cluster) and ``base``'s ``auto`` device set to the workers'; else
+    None (and Ray is not imported)."""
+    if cfg.ray is None:
+        return None
+    if world > 1:
+        raise ValueError("--ray and torchrun exclude each other: under --ray every run is "
+                         "one Ray task; start `ksam compare --ray` as one process")
+    from .cluster import RayExecutor
+
+    executor = RayExecutor(None if cfg.ray == "local" else cfg.ray,
+                           cpus_per_run=cfg.cpus_per_run, gpus_per_run=cfg.gpus_per_run,
+                           quiet=cfg.quiet, total_runs=runs)
+    if base.device == "auto":
+        base.device = executor.device
+    return executor
+
+
 def cmd_compare(cfg: CliConfig) -> int:
     from . import compare as cmp
     from .outputs import open_output
@@ -325,19 +358,25 @@ def cmd_compare(cfg: CliConfig) -> int:
     task = get_task(base.task, device=resolve_device(base.device), seed=cfg.seeds[0],
                     **base.task_options)
     cmp.check_methods(base.resolved(task.defaults), cfg.methods, cfg.shared, task)
+    rounds = 1 + (len(sweep) if sweep else 0)
+    runs = len(cfg.methods) * len(cfg.seeds) * rounds
+    executor = _ray_executor(cfg, world, runs, base)
     dist_info = _dist(world)
     if dist_info is not None:
         base.device = str(dist_info.device)
     is_main = dist_info is None or dist_info.rank == 0
     epochs = base.resolved(task.defaults).epochs
-    rounds = 1 + (len(sweep) if sweep else 0)
-    progress = _Progress(len(cfg.methods) * len(cfg.seeds) * epochs * rounds, epochs,
-                         cfg.quiet or not is_main)
+    progress = _Progress(runs * epochs, epochs, cfg.quiet or not is_main or executor is not None)
     common = dict(shared=cfg.shared, progress=progress, is_main=is_main, dist_info=dist_info,
-                  resume=cfg.resume, overwrite=cfg.overwrite)
+                  resume=cfg.resume, overwrite=cfg.overwrite, executor=executor)
     specs, lr_choice = cfg.methods, cmp.describe_lrs(base, cfg.methods)
-    folder = open_output(out, "compare", resume=cfg.resume, overwrite=cfg.overwrite) \
-        if is_main else None
+    try:
+        folder = open_output(out, "compare", resume=cfg.resume, overwrite=cfg.overwrite) \
+            if is_main else None
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
     try:
         if sweep:
             held_out = cfg.validation_split or DEFAULT_SWEEP_SPLIT
@@ -348,6 +387,8 @@ def cmd_compare(cfg: CliConfig) -> int:
                              **common)
     finally:
         progress.close()
+        if executor is not None:
+            executor.close()
         if folder is not None:
             folder.close()
     if is_main:

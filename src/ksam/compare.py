@@ -9,7 +9,7 @@ import math
 import platform
 import statistics
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
     """One row per method label: accuracy over seeds, its lr, time, time relative to the
-    reference, steps/s and the collapse count (final accuracy > 10 points below the
-    reference's mean)."""
+    reference, steps/s, the collapse count (final accuracy > 10 points below the
+    reference's mean), the kinds of device its runs ran on (``devices``) and whether its
+    time / reference compares runs on different kinds of device (``mixed_devices``)."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     by_label = {lab: [r for r in runs if r["label"] == lab] for lab in labels}
     ref_runs = by_label.get(reference, [])
@@ -51,9 +52,11 @@ def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]
         else math.nan
     ref_acc = statistics.fmean(r["final"]["test_acc"] for r in ref_runs) if ref_runs \
         else math.nan
+    ref_devices = _devices(ref_runs)
     rows = []
     for lab in labels:
         finals = [r["final"] for r in by_label[lab]]
+        devices = _devices(by_label[lab])
         accs = [f["test_acc"] for f in finals]
         times = [f["train_time"] for f in finals]
         mean, std = _mean_std(accs)
@@ -73,8 +76,24 @@ def summarize(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]
             "steps_per_s": statistics.fmean(f["steps"] / f["train_time"] for f in finals),
             "step_ms_median": 1000 * statistics.fmean(f["step_time_median"] for f in finals),
             "skipped_steps": sum(f["skipped_steps"] for f in finals),
+            "devices": devices,
+            "mixed_devices": len(set(devices) | set(ref_devices)) > 1,
         })
     return rows
+
+
+def _devices(runs: list[dict[str, Any]]) -> list[str]:
+    """The kinds of device ``runs`` ran on, in order of first appearance."""
+    return list(dict.fromkeys(r["device_name"] for r in runs if r.get("device_name")))
+
+
+def places(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where ``runs`` ran: one entry per host and device, with its number of runs."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in runs:
+        key = (r.get("host") or "?", r.get("device_name") or "?")
+        counts[key] = counts.get(key, 0) + 1
+    return [{"host": h, "device_name": d, "runs": n} for (h, d), n in counts.items()]
 
 
 def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
@@ -86,10 +105,12 @@ def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
     for r in rows:
         collapsed = "-" if r["collapsed"] is None else f"{r['collapsed']}/{r['seeds']}"
         lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
+        mark = "*" if r.get("mixed_devices") else ""
         lines.append(
             f"| {r['method']} | {lr} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
             f"| {r['test_acc_min']:.2f} | {collapsed} | {r['train_time_s']:.1f} "
-            f"| {r['time_vs_ref']:.2f}x | {r['steps_per_s']:.1f} | {r['step_ms_median']:.2f} |"
+            f"| {r['time_vs_ref']:.2f}x{mark} | {r['steps_per_s']:.1f} "
+            f"| {r['step_ms_median']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -308,24 +329,111 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
                             point)
 
 
-def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
-            out_dir: Path | None, *, shared: dict[str, Any] | None = None, task: Any = None,
-            progress: Callable[[str, dict[str, Any]], None] | None = None,
-            is_main: bool = True, dist_info: Any = None, resume: bool = False,
-            overwrite: bool = False, lr_choice: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
-    """Train every method spec with every seed; write the report to ``out_dir``.
+@dataclass(frozen=True)
+class GridRun:
+    """One run of a comparison grid: all a process needs to build and train it. Small and
+    picklable (a Ray task's argument) but for ``task``, the task object of the process that
+    planned the run (never sent: a worker builds the task from ``cfg`` and ``task_seed``)."""
 
-    Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
-    Everything is validated before the first file is written; ``out_dir`` is locked while
-    the comparison writes there (:func:`ksam.outputs.open_output`) and refused if it holds
-    results, unless ``resume`` or ``overwrite`` (which first removes what ksam wrote there).
-    ``resume``: a run whose checkpoint is in ``out_dir`` continues from it (a finished one
-    is only re-read), after every checkpoint is verified and its configuration checked
-    against this one. ``progress(label, row)`` is called after every epoch, the label
-    naming the method spec and the seed. ``lr_choice`` (see :func:`describe_lrs`) says in
-    the report how the lrs were set.
-    """
+    cfg: TrainConfig  # the run's own: method, options, seed and lr set
+    label: str  # the method spec's label
+    seed: int
+    task_seed: int  # the comparison builds its task with its first seed
+    out_dir: Path | None  # the run's folder
+    resume: bool  # continue the run in out_dir if it holds one
+    overwrite: bool
+    title: str  # how progress names the run
+    task: Any = field(default=None, compare=False, repr=False)
+
+
+def run_place(device: str) -> dict[str, Any]:
+    """Where a run on ``device`` (resolved) trains: this machine's host name and the
+    device's name (the GPU's, else the CPU model's)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = _cpu_model()
+    return {"host": platform.node(), "device_name": name}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def run_one(run: GridRun, *, task: Any = None, dist_info: Any = None,
+            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or continue, or re-read) one run on ``task`` (default ``run.task``): the
+    result of :func:`ksam.train.train` without the model, with the run's ``label``,
+    ``seed``, and where it ran (:func:`run_place`; ``node_id`` None outside Ray)."""
+    resume = run.resume and run.out_dir is not None and _resumable(run.out_dir)
+    result = train(run.cfg, out_dir=run.out_dir, task=run.task if task is None else task,
+                   dist_info=dist_info, resume=resume, overwrite=run.overwrite,
+                   on_epoch=on_epoch)
+    result.pop("model")
+    result.update(label=run.label, seed=run.seed, node_id=None,
+                  **run_place(result["config"]["device"]))
+    return result
+
+
+class SerialExecutor:
+    """Runs a grid's runs one after the other in this process (under torchrun: every rank
+    takes part in each run). ``progress(title, row)`` is called after every epoch."""
+
+    def __init__(self, *, progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 dist_info: Any = None) -> None:
+        self.progress, self.dist_info = progress, dist_info
+
+    def execute(self, runs: list[GridRun]) -> list[dict[str, Any]]:
+        """Each run's :func:`run_one` result, in the order of ``runs``."""
+        return [run_one(run, dist_info=self.dist_info, on_epoch=self._on_epoch(run))
+                for run in runs]
+
+    def _on_epoch(self, run: GridRun) -> Callable[[dict[str, Any]], None] | None:
+        if self.progress is None:
+            return None
+        return lambda row: self.progress(run.title, row)
+
+
+@dataclass
+class _Plan:
+    """A comparison ready to run: validated, its folder (rank 0's) open, its config.json
+    written and its runs listed (seed by seed, all methods, so that machine noise hits
+    all methods alike)."""
+
+    parsed: list[MethodSpec]
+    resolved: TrainConfig
+    base: TrainConfig
+    task: Any
+    lr_choice: dict[str, Any]
+    seeds: list[int]
+    folder: Any
+    runs: list[GridRun]
+
+    def report(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """The report of the runs' ``results``, written to the folder."""
+        report = _report(results, self.parsed, self.resolved, self.task, self.lr_choice,
+                         self.base)
+        if self.folder is not None:
+            _write_report(self.folder, report, self.task.description, self.seeds)
+        return report
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.close()
+
+
+def _plan(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
+          out_dir: Path | None, *, shared: dict[str, Any] | None, task: Any, is_main: bool,
+          resume: bool, overwrite: bool, lr_choice: dict[str, Any] | None,
+          title: str = "") -> _Plan:
+    """Validate a comparison, open its folder and list its runs (see :func:`compare`)."""
     from .config import parse_seeds
     from .outputs import open_output
     from .tasks import get_task
@@ -344,48 +452,67 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     if resume:  # every checkpoint is checked before any run continues
         _check_runs(resolved, parsed, shared, seeds, out_dir)
     lr_choice = lr_choice or describe_lrs(base, parsed)
-    labels = [spec.label for spec in parsed]
     folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
         if out_dir is not None and is_main else None
     try:
         if folder is not None:
             folder.write_text("config.json", json.dumps({
-                "base": resolved.to_dict(), "methods": labels, "seeds": seeds,
-                "lr_choice": lr_choice, "environment": environment(),
+                "base": resolved.to_dict(), "methods": [spec.label for spec in parsed],
+                "seeds": seeds, "lr_choice": lr_choice, "environment": environment(),
                 "task": task.description}, indent=2))
-        runs = []
-        for seed in seeds:
-            for spec in parsed:
-                runs.append(_one_run(base, spec, shared, seed, out_dir, folder, task=task,
-                                     dist_info=dist_info, resume=resume, overwrite=overwrite,
-                                     progress=progress))
-        report = _report(runs, parsed, resolved, task, lr_choice, base)
-        if folder is not None:
-            _write_report(folder, report, task.description, seeds)
-    finally:
+        runs = [_grid_run(base, spec, shared, seed, seeds[0], out_dir, folder, task=task,
+                          resume=resume, overwrite=overwrite, title=title)
+                for seed in seeds for spec in parsed]
+    except BaseException:
         if folder is not None:
             folder.close()
-    return report
+        raise
+    return _Plan(parsed, resolved, base, task, lr_choice, seeds, folder, runs)
 
 
-def _one_run(base: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None, seed: int,
-             out_dir: Path | None, folder: Any, *, task: Any, dist_info: Any, resume: bool,
-             overwrite: bool, progress: Callable[[str, dict[str, Any]], None] | None
-             ) -> dict[str, Any]:
-    """Train (or continue, or re-read) one run of the comparison."""
-    run_dir = None if out_dir is None else out_dir / _run_name(spec, seed)
+def _grid_run(base: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None, seed: int,
+              task_seed: int, out_dir: Path | None, folder: Any, *, task: Any, resume: bool,
+              overwrite: bool, title: str) -> GridRun:
+    name = _run_name(spec, seed)
     if folder is not None:
-        folder.record(_run_name(spec, seed))
-    label = f"{spec.label} seed {seed}"
-    result = train(_run_config(base, spec, shared, seed), out_dir=run_dir, task=task,
-                   dist_info=dist_info,
-                   resume=resume and run_dir is not None and _resumable(run_dir),
-                   overwrite=overwrite,
-                   on_epoch=(lambda row: progress(label, row)) if progress else None)
-    result.pop("model")
-    result["label"] = spec.label
-    result["seed"] = seed
-    return result
+        folder.record(name)
+    return GridRun(_run_config(base, spec, shared, seed), spec.label, seed, task_seed,
+                   None if out_dir is None else Path(out_dir).absolute() / name, resume,
+                   overwrite, f"{title}{spec.label} seed {seed}", task)
+
+
+def _executor(executor: Any, progress: Callable[[str, dict[str, Any]], None] | None,
+              dist_info: Any) -> Any:
+    return executor if executor is not None else SerialExecutor(progress=progress,
+                                                                dist_info=dist_info)
+
+
+def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
+            out_dir: Path | None, *, shared: dict[str, Any] | None = None, task: Any = None,
+            progress: Callable[[str, dict[str, Any]], None] | None = None,
+            is_main: bool = True, dist_info: Any = None, resume: bool = False,
+            overwrite: bool = False, lr_choice: dict[str, Any] | None = None,
+            executor: Any = None) -> dict[str, Any]:
+    """Train every method spec with every seed; write the report to ``out_dir``.
+
+    Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
+    Everything is validated before the first file is written; ``out_dir`` is locked while
+    the comparison writes there (:func:`ksam.outputs.open_output`) and refused if it holds
+    results, unless ``resume`` or ``overwrite`` (which first removes what ksam wrote there).
+    ``resume``: a run whose checkpoint is in ``out_dir`` continues from it (a finished one
+    is only re-read), after every checkpoint is verified and its configuration checked
+    against this one. ``progress(label, row)`` is called after every epoch, the label
+    naming the method spec and the seed. ``lr_choice`` (see :func:`describe_lrs`) says in
+    the report how the lrs were set. ``executor`` runs the list of runs (an object with
+    ``execute(runs) -> results``, e.g. :class:`ksam.cluster.RayExecutor`); default: a
+    :class:`SerialExecutor` in this process (with ``progress`` and ``dist_info``).
+    """
+    plan = _plan(base, specs, seeds, out_dir, shared=shared, task=task, is_main=is_main,
+                 resume=resume, overwrite=overwrite, lr_choice=lr_choice)
+    try:
+        return plan.report(_executor(executor, progress, dist_info).execute(plan.runs))
+    finally:
+        plan.close()
 
 
 def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: TrainConfig,
@@ -397,7 +524,8 @@ def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: Trai
         (spec.label for spec in parsed if spec.name == "sgd"), labels[0])
     rows = summarize(runs, reference)
     return {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
-            "notes": table_notes(reference), "runs": runs, "task_name": task.name,
+            "notes": table_notes(reference) + device_note(rows, reference), "runs": runs,
+            "where": places(runs), "task_name": task.name,
             "lr_choice": lr_choice, "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
             "split": "validation" if base.task_options.get("validation_split") else "test",
             "config": resolved.to_dict(), "environment": environment()}
@@ -416,7 +544,8 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"
-        f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n\n"
+        f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n"
+        f"Runs ran on: {_where_text(report.get('where', []))}.\n\n"
         f"Learning rate: {report['lr_choice']['text']} (the 'lr' column).\n\n"
         f"{report['split'].capitalize()} accuracy at the end of training (the 'test acc' "
         f"column); train time is the wall-clock of the training "
@@ -435,6 +564,22 @@ def _metrics_csv(runs: list[dict[str, Any]]) -> str:
             writer.writerow({"method": r["label"], "seed": r["seed"],
                              **{k: e[k] for k in fields[2:]}})
     return buffer.getvalue()
+
+
+def _where_text(where: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{p['host']} ({p['device_name']}): {p['runs']} run"
+                     f"{'s' if p['runs'] != 1 else ''}" for p in where) or "-"
+
+
+def device_note(rows: list[dict[str, Any]], reference: str) -> str:
+    """The note under the table for the methods marked '*' (time / reference across
+    kinds of device); empty when every run ran on one kind of device."""
+    mixed = [r["method"] for r in rows if r.get("mixed_devices")]
+    if not mixed:
+        return ""
+    return (f"\n'*' after time / {reference}: {', '.join(mixed)} and {reference} did not all "
+            "run on one kind of device, so the ratio mixes hardware (see summary.json's "
+            "devices and 'Runs ran on').")
 
 
 def table_notes(reference: str) -> str:
@@ -458,7 +603,8 @@ def _write_report(folder: Any, report: dict[str, Any], description: str,
     folder.write_text("summary.md", _report_header(report, description, seeds)
                       + report["table"] + "\n\n" + report["notes"] + "\n" + note)
     slim = {k: v for k, v in report.items() if k != "runs"}
-    slim["runs"] = [{k: r[k] for k in ("label", "seed", "final")} for r in report["runs"]]
+    slim["runs"] = [{k: r.get(k) for k in ("label", "seed", "final", "host", "node_id",
+                                            "device_name")} for r in report["runs"]]
     folder.write_text("summary.json", json.dumps(slim, indent=2, default=str))
     folder.write_text("metrics.csv", _metrics_csv(report["runs"]))
     plot_accuracy_vs_time(report["runs"], folder.record("accuracy_vs_time.png"),
@@ -498,7 +644,8 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
              shared: dict[str, Any] | None = None,
              progress: Callable[[str, dict[str, Any]], None] | None = None,
              is_main: bool = True, dist_info: Any = None,
-             resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False, executor: Any = None
+             ) -> dict[str, Any]:
     """Each method's learning rate, chosen on a held-out split of the training set.
 
     For every lr in ``lrs``: :func:`compare` of all ``specs`` with ``validation_split`` of
@@ -507,45 +654,54 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     tie). Returns ``{"chosen": {label: lr}, "specs": [MethodSpec with lr], "table":
     markdown, "validation": {label: {lr: mean acc}}, "lrs", "validation_split"}`` and writes
     each sweep run under ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``
-    (``out_dir`` locked and checked as by :func:`compare`).
+    (``out_dir`` locked and checked as by :func:`compare`). Every lr's comparison is
+    validated and planned first; then ``executor`` (as in :func:`compare`) runs all their
+    runs as one list, lr by lr.
     """
     parsed = [MethodSpec.parse(spec) for spec in specs]
     check_sweep(base, parsed, lrs)
     held_out = replace(base, task_options={**base.task_options,
                                            "validation_split": validation_split})
     held_out.validate()
-    scores: dict[str, dict[float, float]] = {spec.label: {} for spec in parsed}
-    collapsed: dict[str, dict[float, int]] = {spec.label: {} for spec in parsed}
     from .outputs import open_output
 
     folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
         if out_dir is not None and is_main else None
+    plans: list[_Plan] = []
     try:
         for lr in lrs:
             name = f"lr-sweep/lr-{lr:g}"
             sub = out_dir / name if out_dir is not None else None
             if folder is not None:
                 folder.record(name)
-            report = compare(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
-                             progress=(lambda label, row, lr=lr: progress(
-                                 f"lr {lr:g} (held out) {label}", row)) if progress else None,
-                             is_main=is_main, dist_info=dist_info, overwrite=overwrite,
-                             resume=resume and sub is not None and sub.is_dir())
-            for row in report["rows"]:
-                scores[row["method"]][lr] = row["test_acc_mean"]
-                collapsed[row["method"]][lr] = row["collapsed"] or 0
-        result = _sweep_result(parsed, lrs, scores, collapsed, len(seeds), validation_split)
+            plans.append(_plan(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
+                               task=None, is_main=is_main, overwrite=overwrite,
+                               resume=resume and sub is not None and sub.is_dir(),
+                               lr_choice=None, title=f"lr {lr:g} (held out) "))
+        results = _executor(executor, progress, dist_info).execute(
+            [run for plan in plans for run in plan.runs])
+        reports = [plan.report(results[i * len(plan.runs):(i + 1) * len(plan.runs)])
+                   for i, plan in enumerate(plans)]
+        result = _sweep_result(parsed, lrs, reports, len(seeds), validation_split)
         if folder is not None:
             _write_sweep(folder, result, len(seeds))
     finally:
+        for plan in plans:
+            plan.close()
         if folder is not None:
             folder.close()
     return result
 
 
-def _sweep_result(parsed: list[MethodSpec], lrs: list[float], scores: dict[str, dict],
-                  collapsed: dict[str, dict], n_seeds: int,
-                  validation_split: float) -> dict[str, Any]:
+def _sweep_result(parsed: list[MethodSpec], lrs: list[float], reports: list[dict[str, Any]],
+                  n_seeds: int, validation_split: float) -> dict[str, Any]:
+    """The chosen lr per method from the held-out comparisons' ``reports`` (one per lr)."""
+    scores: dict[str, dict[float, float]] = {spec.label: {} for spec in parsed}
+    collapsed: dict[str, dict[float, int]] = {spec.label: {} for spec in parsed}
+    for lr, report in zip(lrs, reports):
+        for row in report["rows"]:
+            scores[row["method"]][lr] = row["test_acc_mean"]
+            collapsed[row["method"]][lr] = row["collapsed"] or 0
     chosen = {spec.label: max(lrs, key=lambda lr, s=spec.label: (scores[s][lr], -lrs.index(lr)))
               for spec in parsed}
     table = _sweep_table(parsed, lrs, scores, collapsed, chosen, n_seeds)

@@ -399,7 +399,10 @@ class CliConfig(RunConfig):
     The task options given as flags of their own (``data_dir``, ``model``,
     ``train_subset``, ``label_noise``, ``validation_split``) join ``task_options`` in
     :meth:`task_kwargs`. ``lr_sweep`` is the list of learning rates each method's lr is
-    chosen from; ``None`` means: see :attr:`sweep_lrs`.
+    chosen from; ``None`` means: see :attr:`sweep_lrs`. ``ray`` (``--ray``) runs every run
+    of the grid as a Ray task: ``"local"`` on a Ray instance started on this machine,
+    ``"auto"`` or ``HOST:PORT`` on a running cluster; ``cpus_per_run`` / ``gpus_per_run``
+    size each task (default 1 CPU, and 1 GPU where the cluster has GPUs).
     """
 
     data_dir: str | None = None
@@ -419,6 +422,9 @@ class CliConfig(RunConfig):
     out: Path | None = None
     quiet: bool = False
     preset: str | None = None
+    ray: str | None = None
+    cpus_per_run: float | None = None
+    gpus_per_run: float | None = None
 
     @classmethod
     def from_layers(cls, *layers: Mapping[str, Any]) -> CliConfig:
@@ -467,6 +473,23 @@ class CliConfig(RunConfig):
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number, "
                                  f"got {value}")
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        """ValueError for a Ray task size without ``--ray``, or one that is not a number
+        of CPUs > 0 / GPUs >= 0."""
+        _check_number("--cpus-per-run", self.cpus_per_run, above=True)
+        _check_number("--gpus-per-run", self.gpus_per_run)
+        if self.ray is None:
+            given = [flag for flag, value in (("--cpus-per-run", self.cpus_per_run),
+                                              ("--gpus-per-run", self.gpus_per_run))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} size{'s' if len(given) == 1 else ''}"
+                                 " the Ray task of each run: give --ray too")
+        elif not isinstance(self.ray, str) or not self.ray.strip():
+            raise ValueError(f"--ray takes a cluster address, 'auto' or nothing, got "
+                             f"{self.ray!r}")
 
     @property
     def shared(self) -> dict[str, Any]:

@@ -117,6 +117,9 @@ COMMAND_OUTPUTS = {
                 "lr_sweep.json"),
 }
 COMMAND_SUBFOLDERS = {"train": {}, "compare": {"runs": "train", "lr-sweep": "compare"}}
+#: Files named so are a command's scratch, not results (``ksam compare --ray``'s probe of
+#: whether the workers share the driver's file system): never results, removed with them.
+PROBE_PREFIX = ".ksam-probe-"
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -180,6 +183,8 @@ def _clear(folder: Path) -> None:
             if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
                 target.rmdir()
             target = target.parent
+    for probe in folder.glob(f"{PROBE_PREFIX}*"):
+        probe.unlink()
     (folder / MANIFEST).unlink(missing_ok=True)
 
 
@@ -195,7 +200,8 @@ def _remove_empty(path: Path, top: Path | None) -> None:
 
 
 def _has_results(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name != MANIFEST for p in folder.iterdir())
+    return folder.is_dir() and any(p.name != MANIFEST and not p.name.startswith(PROBE_PREFIX)
+                                   for p in folder.iterdir())
 
 
 class OutputFolder:
