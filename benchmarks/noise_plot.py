@@ -5,7 +5,8 @@ files of ``ksam compare``::
     python benchmarks/noise_plot.py docs/runs/label-noise docs/img/label-noise-grid.png
 
 Reads ``<root>/<setting>[-stratified|-extra|-auto]/summary.json`` for the MNIST-1D settings
-``n0 n20 n40 pair30`` and ``<root>/fashion-<setting>...`` for Fashion-MNIST.
+``n0 n20 n40 pair30`` and ``<root>/fashion-cnn-<setting>...`` for Fashion-MNIST (a setting
+without results says "not run").
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def results(root: Path, prefix: str, setting: str) -> dict[str, list[float]]:
 
 def main(root: Path, target: Path) -> None:
     data = [("MNIST-1D (1-D CNN, 30 epochs)", ""),
-            ("Fashion-MNIST, 3000 images (ResNet w0.25, 15 epochs)", "fashion-")]
+            ("Fashion-MNIST, 5000 images (CNN, 40 epochs)", "fashion-cnn-")]
     fig, axes = plt.subplots(len(data), len(SETTINGS), figsize=(14, 7), dpi=110,
                              sharey=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -53,6 +54,10 @@ def main(root: Path, target: Path) -> None:
         for c, (setting, name) in enumerate(SETTINGS):
             ax = axes[r][c]
             found = results(root, prefix, setting)
+            if not found:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+                ax.set_yticks([])
             for i, method in enumerate(METHODS):
                 accs = found.get(method)
                 if not accs:

@@ -6,6 +6,7 @@
 #
 #   benchmarks/noise_search.sh          # SGD and SAM: lr and rho grid, 2 seeds
 #   benchmarks/noise_search.sh field    # the rest of the field: lr (and some rho), 2 seeds
+#   benchmarks/noise_search.sh auto     # K-SAM with select=auto: rho and lr grid, 2 seeds
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/noise-search}
@@ -20,6 +21,15 @@ run() {  # run NAME ARGS...
   $KSAM compare "${COMMON[@]}" "$@" --out "$OUT/$name"
   echo "$name: $((SECONDS - start)) s wall-clock" | tee -a "$OUT/durations.txt"
 }
+
+if [[ ${1:-sgd-sam} == auto ]]; then
+  specs=()
+  for rho in 0.05 0.1 0.25; do
+    for lr in 0.05 0.1 0.2; do specs+=("ksam:k=32,select=auto,estimate=0.1,rho=$rho,lr=$lr"); done
+  done
+  run auto "--methods" "${specs[@]}"
+  exit 0
+fi
 
 if [[ ${1:-sgd-sam} == field ]]; then
   # Every other method at SAM's rho (0.25; MSAM at its authors' 0.3) and SAM's lr (0.1) ...

@@ -35,10 +35,11 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     if "gpu" in name or name in ("fashion-mnist-5k", "fashion-mnist-10k", "fashion-mnist-noise"):
         assert args.device == "cuda"
         assert len(args.seeds) >= 3
-    if name.endswith("-cpu") or name.startswith("mnist1d"):
+    if name.endswith("-cpu") or name.startswith(("mnist1d", "fashion-cnn")):
         assert args.device == "cpu"
     if "noise" in name:
-        assert args.label_noise == pytest.approx(0.3 if name == "mnist1d-noise30" else 0.2)
+        noise = {"mnist1d-noise30": 0.3, "fashion-cnn-noise40": 0.4}.get(name, 0.2)
+        assert args.label_noise == pytest.approx(noise)
 
     # The task accepts every task option the preset sets (unknown ones would be rejected).
     opts = args.task_kwargs()
@@ -54,14 +55,16 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     methods = [n for n, _, _ in named]
     reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
     tuned = name == "mnist1d-lr"  # the methods whose lr was tuned: K=B/4 and its control
-    required = ("sgd", "sam", "ksam", "osgd")
-    required += () if tuned else ("random-sam",) + (() if reduced else ("esam",))
+    rules = name == "fashion-cnn-noise40"  # SGD, SAM and K-SAM's rules, each tuned
+    required = ("sgd", "sam", "ksam") + (() if rules else ("osgd",))
+    required += () if tuned or rules else ("random-sam",) + (() if reduced else ("esam",))
     for method in required:
         assert method in methods, method
-    k_ksam = {o["k"] for n, o, _ in named if n == "ksam"}
+    k_ksam = {o.get("k", 0.25) for n, o, _ in named if n == "ksam"}
     k_osgd = {o["k"] for n, o, _ in named if n == "osgd"}
-    assert k_ksam == k_osgd
-    expected = {cfg.batch_size // 4} if reduced or tuned \
+    if not rules:
+        assert k_ksam == k_osgd
+    expected = {0.25} if rules else {cfg.batch_size // 4} if reduced or tuned \
         else {cfg.batch_size // 8, cfg.batch_size // 4}
     assert k_ksam == expected
 

@@ -546,14 +546,14 @@ def test_the_cli_measures_auto_over_a_fraction_of_the_run():
     from ksam.selection import AUTO_ESTIMATE_FRACTION, auto_window, rule_options
     from ksam.train import TrainConfig, build_engine
 
-    assert AUTO_ESTIMATE_FRACTION == 0.1 and auto_window(0.1, 960) == (96, 192)
+    assert auto_window(AUTO_ESTIMATE_FRACTION, 960) == (96, 192)
     assert auto_window(0.25, 1000) == (250, 500) and auto_window(0.5, 3) == (2, 3)
     assert auto_window(0.01, 10) == (0, 1)  # at least one step
     for bad in (0, 0.6, -0.1, True, "0.1", float("nan")):
         with pytest.raises(ValueError, match="estimate must be a fraction"):
             auto_window(bad, 100)
-    assert rule_options({"select": "band", "k": 8}, 100) == {"select": "band", "k": 8}
-    assert rule_options({}, 100) == {}
+    for plain in ({"select": "band", "k": 8}, {}, {"select": "auto"}):
+        assert rule_options(plain, 100) == plain
     with pytest.raises(ValueError, match="estimate is an option of select='auto', not of "
                                          "select='top'"):
         rule_options({"estimate": 0.2}, 100)
@@ -568,7 +568,8 @@ def test_the_cli_measures_auto_over_a_fraction_of_the_run():
             assert (rule.estimate_from, rule.estimate_until) == (200, 400)
         cfg = replace(cfg, method_options={"select": "auto", "k": 8})
         engine, _ = build_engine(method, model, cfg, steps_total=500)
-        assert (engine.descent.estimate_from, engine.descent.estimate_until) == (50, 100)
+        assert (engine.descent.estimate_from, engine.descent.estimate_until) == \
+            AUTO_ESTIMATE_STEPS
 
 
 

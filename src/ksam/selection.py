@@ -478,9 +478,8 @@ AUTO_MARGIN = 1.25
 AUTO_ESTIMATE_STEPS = (100, 200)
 AUTO_DECAY = 0.95
 AUTO_MAX_SKIP = 0.5
-#: Where the CLI measures ``select="auto"``'s estimate, as a fraction F of the run: the
-#: window is steps [F*T, 2*F*T) of a run of T steps (F = 0.1 gives steps 96-191 of the
-#: 960-step MNIST-1D run the step defaults were chosen on).
+#: A fraction F of the run for the CLI's ``estimate=F`` (:func:`auto_window`): F = 0.1 puts
+#: the window at steps 96-191 of the 960-step MNIST-1D run the step defaults were chosen on.
 AUTO_ESTIMATE_FRACTION = 0.1
 
 
@@ -496,20 +495,18 @@ def auto_window(fraction: float, steps_total: int) -> tuple[int, int]:
 
 
 def rule_options(options: dict, steps_total: int) -> dict:
-    """A method's options with the CLI's ``select="auto"`` made run-relative: its estimate
-    is measured over :func:`auto_window` of ``estimate`` (default
-    :data:`AUTO_ESTIMATE_FRACTION`) for a run of ``steps_total`` steps. ``estimate`` with
-    another rule is a ValueError."""
+    """A method's options with the CLI's ``estimate=F`` (``select="auto"`` only) turned into
+    an :class:`AutoBand` that measures over :func:`auto_window` of a run of ``steps_total``
+    steps; without it the rule keeps its step window (:data:`AUTO_ESTIMATE_STEPS`).
+    ``estimate`` with another rule is a ValueError."""
     out = dict(options)
     fraction = out.pop("estimate", None)
-    if out.get("select") != "auto":
-        if fraction is not None:
-            raise ValueError(f"estimate is an option of select='auto', not of select="
-                             f"{out.get('select', 'top')!r}")
+    if fraction is None:
         return out
-    window = auto_window(AUTO_ESTIMATE_FRACTION if fraction is None else fraction,
-                         steps_total)
-    out["select"] = AutoBandFactory(window)
+    if out.get("select") != "auto":
+        raise ValueError(f"estimate is an option of select='auto', not of select="
+                         f"{out.get('select', 'top')!r}")
+    out["select"] = AutoBandFactory(auto_window(fraction, steps_total))
     return out
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The search behind the `fashion-cnn-noise40` preset (docs/label_noise.md, "Fashion-MNIST: a
+# CPU-sized setting"): Fashion-MNIST, the small CNN without augmentation, a 5k-image subset
+# with 40 % symmetric label noise, 40 epochs, batch 128, cosine schedule. Every run holds out
+# 20 % of the training set, whose labels carry the same noise, and is scored on it; the test
+# set is never used. Two ksam processes at a time, one thread each.
+#
+#   benchmarks/fashion_noise_search.sh
+#   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
+set -euo pipefail
+OUT=${OUT:-runs/fashion-noise-search}
+KSAM=${KSAM:-ksam}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+COMMON=(--task fashion-mnist --model cnn --task-option augment=false
+        --task-option noisy_validation=true --train-subset 5000 --label-noise 0.4
+        --epochs 40 --seeds 2 --eval-every 10 --validation-split 0.2 --quiet)
+
+grid() {  # grid NAME "LR ..." SPEC ...: every spec at every lr of the list
+  local name=$1 lrs=$2; shift 2
+  local specs=() spec lr
+  for spec in "$@"; do
+    for lr in $lrs; do
+      if [[ $spec == *:* ]]; then specs+=("$spec,lr=$lr"); else specs+=("$spec:lr=$lr"); fi
+    done
+  done
+  local start=$SECONDS
+  $KSAM compare "${COMMON[@]}" --methods "${specs[@]}" --out "$OUT/$name"
+  echo "$name: $((SECONDS - start)) s wall-clock" | tee -a "$OUT/durations.txt"
+}
+
+# The first grid: lr 0.025-0.2, rho 0.1-0.3 ...
+grid sgd-sam "0.025 0.05 0.1 0.2" sgd sam:rho=0.1 sam:rho=0.2 sam:rho=0.3 &
+grid ksam "0.025 0.05 0.1 0.2" ksam:rho=0.1 ksam:rho=0.2 ksam:rho=0.3 \
+  ksam:select=auto,rho=0.1 ksam:select=auto,rho=0.2 ksam:select=auto,rho=0.3 &
+wait
+# ... extended where the best value sat at the grid's edge: SGD, SAM (rho 0.1) and K-SAM
+# auto at the smallest lr, SAM at the smallest rho.
+grid small-lr "0.00625 0.0125" sgd &
+grid sam-small "0.0125" sam:rho=0.1 sam:rho=0.05 ksam:select=auto,rho=0.1 \
+  ksam:select=auto,rho=0.2 &
+wait
+grid sam-rho-0.05 "0.025" sam:rho=0.05
