@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .compare import GridRun, _resumable, _slug, run_one
+from .compare import GridRun, is_resumable, run_one, run_slug
 from .outputs import PROBE_PREFIX, folder_contents, open_output
 from .tasks.data import MissingDependencyError
 
@@ -246,7 +246,7 @@ def _run_files(folder: Path) -> dict[str, bytes]:
 def _files_to_send(run: GridRun) -> dict[str, bytes] | None:
     """The files of a run to continue, for a worker that does not see the output folder
     (None for a run that starts afresh)."""
-    if run.resume and run.out_dir is not None and _resumable(run.out_dir):
+    if run.resume and run.out_dir is not None and is_resumable(run.out_dir):
         return _run_files(run.out_dir)
     return None
 
@@ -297,7 +297,7 @@ def _sees(probe: tuple[str | None, str]) -> bool:
 def _attempt(run: GridRun) -> GridRun:
     """The run as this attempt trains it: one whose folder holds a run (an earlier attempt's
     checkpoint, or the interrupted run ``--resume`` continues) continues it."""
-    if run.out_dir is not None and _resumable(run.out_dir):
+    if run.out_dir is not None and is_resumable(run.out_dir):
         return replace(run, resume=True, overwrite=False)
     return run
 
@@ -306,8 +306,8 @@ def _in_scratch(run: GridRun, task: Any, files: dict[str, bytes] | None,
                 token: str) -> dict[str, Any]:
     """Train ``run`` in a scratch folder of this machine (kept for a retry on it, removed
     once the run is done); the result carries the run folder's files."""
-    scratch = Path(tempfile.gettempdir()) / f"ksam-ray-{token}" / _slug(str(run.out_dir))
-    if files and not _resumable(scratch):  # the driver's copy of the run to continue
+    scratch = Path(tempfile.gettempdir()) / f"ksam-ray-{token}" / run_slug(str(run.out_dir))
+    if files and not is_resumable(scratch):  # the driver's copy of the run to continue
         with open_output(scratch, "train", resume=True) as folder:
             for name, data in files.items():
                 folder.write_bytes(name, data)

@@ -297,10 +297,10 @@ def _run_config(cfg: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | Non
 
 def _run_name(spec: MethodSpec, seed: int) -> str:
     """The folder of one run, relative to the comparison's."""
-    return f"runs/{_slug(spec.label)}-seed{seed}"
+    return f"runs/{run_slug(spec.label)}-seed{seed}"
 
 
-def _resumable(run_dir: Path) -> bool:
+def is_resumable(run_dir: Path) -> bool:
     """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew)."""
     from .outputs import checkpoint_path
 
@@ -321,7 +321,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
     for seed in seeds:
         for spec in specs:
             run_dir = out_dir / _run_name(spec, seed)
-            if not _resumable(run_dir):
+            if not is_resumable(run_dir):
                 continue
             check_folder_command(run_dir, "train")
             point = resume_point(run_dir)
@@ -372,7 +372,7 @@ def run_one(run: GridRun, *, task: Any = None, dist_info: Any = None,
     """Train (or continue, or re-read) one run on ``task`` (default ``run.task``): the
     result of :func:`ksam.train.train` without the model, with the run's ``label``,
     ``seed``, and where it ran (:func:`run_place`; ``node_id`` None outside Ray)."""
-    resume = run.resume and run.out_dir is not None and _resumable(run.out_dir)
+    resume = run.resume and run.out_dir is not None and is_resumable(run.out_dir)
     result = train(run.cfg, out_dir=run.out_dir, task=run.task if task is None else task,
                    dist_info=dist_info, resume=resume, overwrite=run.overwrite,
                    on_epoch=on_epoch)
@@ -531,7 +531,8 @@ def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: Trai
             "config": resolved.to_dict(), "environment": environment()}
 
 
-def _slug(spec: str) -> str:
+def run_slug(spec: str) -> str:
+    """``spec`` as a folder name: characters other than letters, digits, "-_." become "_"."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
 
 

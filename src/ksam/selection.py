@@ -31,6 +31,7 @@ examples, so these rules take K examples *below* the top of the loss order.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -506,7 +507,8 @@ def rule_options(options: dict, steps_total: int) -> dict:
     if out.get("select") != "auto":
         raise ValueError(f"estimate is an option of select='auto', not of select="
                          f"{out.get('select', 'top')!r}")
-    out["select"] = AutoBandFactory(auto_window(fraction, steps_total))
+    out["select"] = functools.partial(AutoBand, estimate_steps=auto_window(fraction,
+                                                                           steps_total))
     return out
 
 
@@ -683,20 +685,6 @@ class _Estimate:
             self.state.copy_(saved)
         else:
             self.state = saved.float().clone()
-
-
-class AutoBandFactory:
-    """``select=`` for an :class:`AutoBand` measuring over ``estimate_steps`` (picklable,
-    with a readable repr)."""
-
-    def __init__(self, estimate_steps: tuple[int, int]) -> None:
-        self.estimate_steps = _check_window(estimate_steps)
-
-    def __call__(self, k: float | int, name: str = "k", **options: object) -> AutoBand:
-        return AutoBand(k, name, estimate_steps=self.estimate_steps, **options)  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        return f"AutoBand(estimate_steps={self.estimate_steps})"
 
 
 def _check_window(steps: tuple[int, int]) -> tuple[int, int]:
