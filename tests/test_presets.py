@@ -55,7 +55,7 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     methods = [n for n, _, _ in named]
     reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
     tuned = name == "mnist1d-lr"  # the methods whose lr was tuned: K=B/4 and its control
-    rules = name == "fashion-cnn-noise40"  # SGD, SAM and K-SAM's rules, each tuned
+    rules = name.startswith("fashion-cnn")  # SGD, SAM and K-SAM's rules, each tuned
     required = ("sgd", "sam", "ksam") + (() if rules else ("osgd",))
     required += () if tuned or rules else ("random-sam",) + (() if reduced else ("esam",))
     for method in required:
@@ -72,7 +72,8 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     for method, options, spec in named:
         run_cfg = replace(cfg, method_options=options, lr=spec.lr or cfg.lr)
         run_cfg.validate()
-        engine, _ = build_engine(method, nn.Linear(4, 3), run_cfg, 1)
+        engine, _ = build_engine(method, nn.Linear(4, 3), run_cfg, 1,
+                                 num_examples=cfg.batch_size)
         engine.check_batch(cfg.batch_size)
 
 

@@ -176,6 +176,9 @@ for _preset in [
             f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
             f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
             f"osgd:k=32,k_warmup={_ksam_warmup()},lr=0.1",
+            "saf:lr=0.2",
+            "mesa:decay=0.999,lr=0.2",
+            f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},scores=memory,lr=0.2",
         ]},
     ),
     Preset(
