@@ -34,8 +34,9 @@ grid() {  # grid NAME "LR ..." SPEC ...: every spec at every lr of the list
 if [[ ${1:-noise40} == clean ]]; then
   OUT=$OUT/clean
   mkdir -p "$OUT"
-  grid sgd-sam "0.025 0.05 0.1 0.2" sgd sam:rho=0.05 sam:rho=0.1 &
-  grid ksam "0.025 0.05 0.1" ksam:rho=0.05 ksam:rho=0.1 ksam:rho=0.1,scores=memory \
+  # 0.0125: most methods were best at 0.025, the smallest lr of the first grid
+  grid sgd-sam "0.0125 0.025 0.05 0.1 0.2" sgd sam:rho=0.05 sam:rho=0.1 &
+  grid ksam "0.0125 0.025 0.05 0.1" ksam:rho=0.05 ksam:rho=0.1 ksam:rho=0.1,scores=memory \
     ksam:select=auto,estimate=0.1,rho=0.1 ksam:select=auto,estimate=0.1,rho=0.2 &
   wait
   exit 0
