@@ -4,7 +4,8 @@
 # without augmentation, a 5k-image subset, 40 epochs, batch 128, cosine schedule; 40 % or
 # 20 % symmetric label noise or clean labels. Every run holds out 20 % of the training set, whose
 # labels carry the same noise, and is scored on it; the test set is never used. Two ksam
-# processes at a time, one thread each.
+# processes at a time, one thread each; a grid whose runs are on disk is not run again
+# (--resume).
 #
 #   benchmarks/fashion_noise_search.sh          # 40 % symmetric noise
 #   benchmarks/fashion_noise_search.sh clean    # clean labels
@@ -27,31 +28,44 @@ grid() {  # grid NAME "LR ..." SPEC ...: every spec at every lr of the list
     done
   done
   local start=$SECONDS
-  $KSAM compare "${COMMON[@]}" --methods "${specs[@]}" --out "$OUT/$name"
+  $KSAM compare "${COMMON[@]}" --methods "${specs[@]}" --out "$OUT/$name" --resume
   echo "$name: $((SECONDS - start)) s wall-clock" | tee -a "$OUT/durations.txt"
 }
 
-if [[ ${1:-noise40} == clean ]]; then
-  OUT=$OUT/clean
-  mkdir -p "$OUT"
-  # 0.0125: most methods were best at 0.025, the smallest lr of the first grid
-  grid sgd-sam "0.0125 0.025 0.05 0.1 0.2" sgd sam:rho=0.05 sam:rho=0.1 &
-  grid ksam "0.0125 0.025 0.05 0.1" ksam:rho=0.05 ksam:rho=0.1 ksam:rho=0.1,scores=memory \
-    ksam:select=auto,estimate=0.1,rho=0.1 ksam:select=auto,estimate=0.1,rho=0.2 &
-  wait
-  exit 0
-fi
-if [[ ${1:-noise40} == noise20 ]]; then
-  OUT=$OUT/noise20
-  mkdir -p "$OUT"
-  COMMON+=(--task-option noisy_validation=true --label-noise 0.2)
-  grid sgd-sam "0.0125 0.025 0.05" sgd sam:rho=0.1 sam:rho=0.2 &
-  { grid ksam-auto "0.0125 0.025 0.05" ksam:select=auto,estimate=0.1,rho=0.1 \
-      ksam:select=auto,estimate=0.1,rho=0.2
-    grid ksam-top "0.025 0.05 0.1" ksam:rho=0.1; } &
-  wait
-  exit 0
-fi
+case ${1:-noise40} in
+  clean)
+    OUT=$OUT/clean
+    mkdir -p "$OUT"
+    grid sgd-sam "0.025 0.05 0.1 0.2" sgd sam:rho=0.05 sam:rho=0.1 &
+    grid ksam "0.025 0.05 0.1" ksam:rho=0.05 ksam:rho=0.1 ksam:rho=0.1,scores=memory \
+      ksam:select=auto,estimate=0.1,rho=0.1 ksam:select=auto,estimate=0.1,rho=0.2 &
+    wait
+    # most methods were best at 0.025, the grid's smallest lr: 0.0125 beside it; SAF and MESA
+    # on the extended grid from the start
+    { grid sgd-sam-small "0.0125" sgd sam:rho=0.05 sam:rho=0.1
+      grid saf "0.0125 0.025 0.05 0.1" saf; } &
+    { grid ksam-small "0.0125" ksam:rho=0.05 ksam:rho=0.1 ksam:rho=0.1,scores=memory \
+        ksam:select=auto,estimate=0.1,rho=0.1 ksam:select=auto,estimate=0.1,rho=0.2
+      grid mesa "0.0125 0.025 0.05 0.1" mesa; } &
+    wait
+    exit 0 ;;
+  noise20)
+    OUT=$OUT/noise20
+    mkdir -p "$OUT"
+    COMMON+=(--task-option noisy_validation=true --label-noise 0.2)
+    grid sgd-sam "0.0125 0.025 0.05" sgd sam:rho=0.1 sam:rho=0.2 &
+    { grid ksam-auto "0.0125 0.025 0.05" ksam:select=auto,estimate=0.1,rho=0.1 \
+        ksam:select=auto,estimate=0.1,rho=0.2
+      grid ksam-top "0.025 0.05 0.1" ksam:rho=0.1; } &
+    wait
+    # SGD was best at 0.0125, the grid's smallest lr: 0.00625 beside it; SAF, MESA and K-SAM
+    # from memory from 0.00625
+    { grid small-lr "0.00625" sgd
+      grid saf "0.00625 0.0125 0.025 0.05" saf; } &
+    grid memory "0.00625 0.0125 0.025 0.05" mesa ksam:rho=0.1,scores=memory &
+    wait
+    exit 0 ;;
+esac
 COMMON+=(--task-option noisy_validation=true --label-noise 0.4)
 
 # The first grid: lr 0.025-0.2, rho 0.1-0.3 ...
