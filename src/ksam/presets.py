@@ -173,6 +173,18 @@ _FASHION_CNN_NOISE20_METHODS = [
     "ksam:rho=0.1,scores=memory,lr=0.0125",
 ]
 
+def _fashion_cnn_noisy(name: str, noise: float, methods: list[str]) -> Preset:
+    """The Fashion-MNIST CNN setting with ``noise`` symmetric label noise."""
+    return Preset(
+        name,
+        f"Fashion-MNIST 5k-image subset with {noise:.0%} symmetric label noise, small CNN, no "
+        "augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at its "
+        "own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
+        {**_FASHION_CNN, "label_noise": noise, "lr": 0.05, "methods": list(methods)},
+        {"augment": False},
+    )
+
+
 PRESETS: dict[str, Preset] = {}
 
 
@@ -217,15 +229,7 @@ for _preset in [
         "held-out split (docs/results.md)",
         {**_MNIST1D, "label_noise": 0.3, "epochs": 80, "methods": _noise30_methods()},
     ),
-    Preset(
-        "fashion-cnn-noise40",
-        "Fashion-MNIST 5k-image subset with 40% symmetric label noise, small CNN, no "
-        "augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at its "
-        "own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
-        {**_FASHION_CNN, "label_noise": 0.4, "lr": 0.05,
-         "methods": list(_FASHION_CNN_NOISE40_METHODS)},
-        {"augment": False},
-    ),
+    _fashion_cnn_noisy("fashion-cnn-noise40", 0.4, _FASHION_CNN_NOISE40_METHODS),
     Preset(
         "fashion-cnn-clean",
         "Fashion-MNIST 5k-image subset with clean labels, small CNN, no augmentation, 40 "
@@ -234,15 +238,7 @@ for _preset in [
         {**_FASHION_CNN, "lr": 0.05, "methods": list(_FASHION_CNN_CLEAN_METHODS)},
         {"augment": False},
     ),
-    Preset(
-        "fashion-cnn-noise20",
-        "Fashion-MNIST 5k-image subset with 20% symmetric label noise, small CNN, no "
-        "augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at its "
-        "own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
-        {**_FASHION_CNN, "label_noise": 0.2, "lr": 0.05,
-         "methods": list(_FASHION_CNN_NOISE20_METHODS)},
-        {"augment": False},
-    ),
+    _fashion_cnn_noisy("fashion-cnn-noise20", 0.2, _FASHION_CNN_NOISE20_METHODS),
     Preset(
         "fashion-mnist-gpu",
         "Fashion-MNIST, full 60k, small ResNet, crop+flip, 15 epochs, batch 256, 3 seeds; "
