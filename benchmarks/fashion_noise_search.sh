@@ -2,14 +2,15 @@
 # The held-out searches on the `fashion-cnn-noise40` preset's setting
 # (docs/label_noise.md, "Fashion-MNIST: a CPU-sized setting"): Fashion-MNIST, the small CNN
 # without augmentation, a 5k-image subset, 40 epochs, batch 128, cosine schedule; 40 % or
-# 20 % symmetric label noise or clean labels. Every run holds out 20 % of the training set, whose
-# labels carry the same noise, and is scored on it; the test set is never used. Two ksam
-# processes at a time, one thread each; a grid whose runs are on disk is not run again
-# (--resume).
+# 20 % symmetric, 30 % pair label noise or clean labels. Every run holds out 20 % of the
+# training set, whose labels carry the same noise, and is scored on it; the test set is never
+# used. Two ksam processes at a time, one thread each; a grid whose runs are on disk is not run
+# again (--resume).
 #
 #   benchmarks/fashion_noise_search.sh          # 40 % symmetric noise
 #   benchmarks/fashion_noise_search.sh clean    # clean labels
 #   benchmarks/fashion_noise_search.sh noise20  # 20 % symmetric noise
+#   benchmarks/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/fashion-noise-search}
@@ -64,6 +65,29 @@ case ${1:-noise40} in
       grid saf "0.00625 0.0125 0.025 0.05" saf; } &
     grid memory "0.00625 0.0125 0.025 0.05" mesa ksam:rho=0.1,scores=memory &
     wait
+    exit 0 ;;
+  pair30)
+    # Centred on the lr and rho the 20 % and 40 % searches chose, one step either side.
+    OUT=$OUT/pair30
+    mkdir -p "$OUT"
+    COMMON+=(--task-option noisy_validation=true --label-noise 0.3
+             --task-option label_noise_type=pair)
+    { grid sgd-sam "0.00625 0.0125 0.025" sgd saf
+      grid sam "0.0125 0.025 0.05" sam:rho=0.1
+      grid sam-rho "0.025" sam:rho=0.05 sam:rho=0.2; } &
+    { grid ksam-auto "0.0125 0.025 0.05" ksam:select=auto,estimate=0.1,rho=0.1 \
+        ksam:select=auto,estimate=0.1,rho=0.2
+      grid ksam-top "0.025 0.05 0.1" ksam:rho=0.1
+      grid memory "0.00625 0.0125 0.025" mesa ksam:rho=0.1,scores=memory; } &
+    wait
+    # SGD, SAF and SAM (rho 0.1) were best at the smallest lr, SAM rho 0.2 beat rho 0.1 at lr
+    # 0.025 and K-SAM from memory was best at the largest: one step further each
+    { grid small-lr "0.003125" sgd saf
+      grid sam-small "0.00625" sam:rho=0.1; } &
+    { grid sam-rho-0.2 "0.0125 0.05" sam:rho=0.2
+      grid memory-large "0.05" ksam:rho=0.1,scores=memory; } &
+    wait
+    grid sam-rho-0.3 "0.025" sam:rho=0.3  # SAM was best at rho 0.2, the largest tried
     exit 0 ;;
 esac
 COMMON+=(--task-option noisy_validation=true --label-noise 0.4)

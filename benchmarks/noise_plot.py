@@ -26,12 +26,16 @@ METHODS = ["SGD", "SAM", "K-SAM top", "K-SAM band", "K-SAM median", "K-SAM strat
            "K-SAM auto", "OSGD band", "OSGD auto"]
 
 
-def label(spec: str) -> str:
+def label(spec: str) -> str | None:
+    """The figure's name for a method spec; None for a method the figure does not show
+    (SAF, MESA, selection from remembered losses)."""
     method, _, options = spec.partition(":")
-    select = [o.split("=", 1)[1] for o in options.split(",") if o.startswith("select=")]
-    rule = select[0] if select else "top"
-    return {"sgd": "SGD", "sam": "SAM"}.get(method) or \
-        f"{'K-SAM' if method == 'ksam' else 'OSGD'} {rule}"
+    opts = dict(o.split("=", 1) for o in options.split(",") if "=" in o)
+    if method in ("sgd", "sam"):
+        return method.upper()
+    if method not in ("ksam", "osgd") or "scores" in opts:
+        return None
+    return f"{'K-SAM' if method == 'ksam' else 'OSGD'} {opts.get('select', 'top')}"
 
 
 def results(root: Path, prefix: str, setting: str) -> dict[str, list[float]]:
@@ -40,7 +44,9 @@ def results(root: Path, prefix: str, setting: str) -> dict[str, list[float]]:
         path = root / f"{prefix}{setting}{suffix}" / "summary.json"
         if path.exists():
             for row in json.loads(path.read_text())["rows"]:
-                out[label(row["method"])] = row["test_acc_all"]
+                name = label(row["method"])
+                if name is not None:
+                    out[name] = row["test_acc_all"]
     return out
 
 

@@ -40,10 +40,14 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     if "noise" in name:
         noise = {"mnist1d-noise30": 0.3, "fashion-cnn-noise40": 0.4}.get(name, 0.2)
         assert args.label_noise == pytest.approx(noise)
+    if "pair" in name:
+        assert args.label_noise == pytest.approx(0.3)
+        assert args.task_kwargs()["label_noise_type"] == "pair"
 
     # The task accepts every task option the preset sets (unknown ones would be rejected).
     opts = args.task_kwargs()
-    task_specific = set(opts) - {"data_dir", "train_subset", "label_noise", "validation_split"}
+    task_specific = set(opts) - {"data_dir", "train_subset", "label_noise", "validation_split",
+                                 "label_noise_type", "noisy_validation"}
     assert task_specific <= set(TASKS[args.task].options)
 
     base = args.train_config()

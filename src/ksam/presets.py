@@ -172,16 +172,30 @@ _FASHION_CNN_NOISE20_METHODS = [
     "mesa:lr=0.0125",
     "ksam:rho=0.1,scores=memory,lr=0.0125",
 ]
+# 30 % pair noise: benchmarks/fashion_noise_search.sh pair30 (docs/label_noise.md).
+_FASHION_CNN_PAIR30_METHODS = [
+    "sgd:lr=0.00625",
+    "sam:rho=0.2,lr=0.025",
+    "ksam:rho=0.1,lr=0.05",
+    "ksam:select=auto,estimate=0.1,rho=0.1,lr=0.025",
+    "saf:lr=0.00625",
+    "mesa:lr=0.0125",
+    "ksam:rho=0.1,scores=memory,lr=0.05",
+]
 
-def _fashion_cnn_noisy(name: str, noise: float, methods: list[str]) -> Preset:
-    """The Fashion-MNIST CNN setting with ``noise`` symmetric label noise."""
+
+def _fashion_cnn_noisy(name: str, noise: float, methods: list[str],
+                       noise_type: str = "symmetric") -> Preset:
+    """The Fashion-MNIST CNN setting with ``noise`` label noise of ``noise_type``
+    (``"symmetric"``, or ``"pair"``: class c becomes c+1 mod 10)."""
     return Preset(
         name,
-        f"Fashion-MNIST 5k-image subset with {noise:.0%} symmetric label noise, small CNN, no "
-        "augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at its "
-        "own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
+        f"Fashion-MNIST 5k-image subset with {noise:.0%} {noise_type} label noise, small CNN, "
+        "no augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at "
+        "its own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
         {**_FASHION_CNN, "label_noise": noise, "lr": 0.05, "methods": list(methods)},
-        {"augment": False},
+        {"augment": False, **({} if noise_type == "symmetric" else
+                              {"label_noise_type": noise_type})},
     )
 
 
@@ -239,6 +253,7 @@ for _preset in [
         {"augment": False},
     ),
     _fashion_cnn_noisy("fashion-cnn-noise20", 0.2, _FASHION_CNN_NOISE20_METHODS),
+    _fashion_cnn_noisy("fashion-cnn-pair30", 0.3, _FASHION_CNN_PAIR30_METHODS, "pair"),
     Preset(
         "fashion-mnist-gpu",
         "Fashion-MNIST, full 60k, small ResNet, crop+flip, 15 epochs, batch 256, 3 seeds; "
