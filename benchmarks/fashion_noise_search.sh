@@ -12,6 +12,8 @@
 #   benchmarks/fashion_noise_search.sh noise20  # 20 % symmetric noise
 #   benchmarks/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
 #   benchmarks/fashion_noise_search.sh field-pair30  # the rest of the field at 30 % pair noise
+#   benchmarks/fashion_noise_search.sh field-noise40 # ... at 40 % symmetric noise (field-noise20,
+#                                                    # field-clean likewise)
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/fashion-noise-search}
@@ -32,6 +34,23 @@ grid() {  # grid NAME "LR ..." SPEC ...: every spec at every lr of the list
   local start=$SECONDS
   $KSAM compare "${COMMON[@]}" --methods "${specs[@]}" --out "$OUT/$name" --resume
   echo "$name: $((SECONDS - start)) s wall-clock" | tee -a "$OUT/durations.txt"
+}
+
+# field SETTING RHO "SAM-FAMILY LRS" "MSAM LRS" "RULE LRS" [OPTION ...]: the cheap-SAM rivals
+# at SAM's held-out rho (MSAM at its authors' 0.3), K-SAM's other noise rules and Ordered SGD
+# with `auto`, each on three lrs around its family's choice; one seed each. The grids of one
+# setting go to $OUT/SETTING; OPTIONs are that setting's noise.
+field() {
+  local setting=$1 rho=$2 sam_lrs=$3 msam_lrs=$4 rule_lrs=$5; shift 5
+  OUT=$OUT/$setting
+  mkdir -p "$OUT"
+  COMMON+=("$@" --seeds 1)
+  { grid field-sam "$sam_lrs" random-sam:rho="$rho" looksam:rho="$rho" \
+      sam-late:rho="$rho" rst:rho="$rho"
+    grid field-msam "$msam_lrs" msam:rho=0.3; } &
+  { grid field-rules "$rule_lrs" ksam:select=band,rho=0.1 ksam:select=median,rho=0.1 \
+      ksam:select=stratified,rho=0.1 osgd:select=auto,estimate=0.1; } &
+  wait
 }
 
 case ${1:-noise40} in
@@ -91,26 +110,25 @@ case ${1:-noise40} in
     grid sam-rho-0.3 "0.025" sam:rho=0.3  # SAM was best at rho 0.2, the largest tried
     exit 0 ;;
   field-pair30)
-    # The cheap-SAM rivals at SAM's held-out rho (0.2; MSAM at its authors' 0.3), K-SAM's
-    # other noise rules and Ordered SGD with `auto`, each on three lrs around its family's
-    # choice; one seed each.
-    OUT=$OUT/pair30
-    mkdir -p "$OUT"
-    COMMON+=(--task-option noisy_validation=true --label-noise 0.3
-             --task-option label_noise_type=pair --seeds 1)
-    { grid field-sam "0.0125 0.025 0.05" random-sam:rho=0.2 looksam:rho=0.2 \
-        sam-late:rho=0.2 rst:rho=0.2
-      grid field-msam "0.00625 0.0125 0.025" msam:rho=0.3; } &
-    { grid field-rules "0.0125 0.025 0.05" ksam:select=band,rho=0.1 \
-        ksam:select=median,rho=0.1 ksam:select=stratified,rho=0.1 \
-        osgd:select=auto,estimate=0.1; } &
-    wait
+    field pair30 0.2 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
+      --task-option noisy_validation=true --label-noise 0.3 --task-option label_noise_type=pair
     # one lr further where the best sat at an edge of its grid
     grid field-small "0.00625" random-sam:rho=0.2 sam-late:rho=0.2 rst:rho=0.2 \
       osgd:select=auto,estimate=0.1 &
     grid field-large "0.1" looksam:rho=0.2 ksam:select=band,rho=0.1 \
       ksam:select=median,rho=0.1 &
     wait
+    exit 0 ;;
+  field-noise40)
+    field noise40 0.1 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
+      --task-option noisy_validation=true --label-noise 0.4
+    exit 0 ;;
+  field-noise20)
+    field noise20 0.1 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
+      --task-option noisy_validation=true --label-noise 0.2
+    exit 0 ;;
+  field-clean)
+    field clean 0.1 "0.025 0.05 0.1" "0.0125 0.025 0.05" "0.0125 0.025 0.05"
     exit 0 ;;
 esac
 COMMON+=(--task-option noisy_validation=true --label-noise 0.4)
