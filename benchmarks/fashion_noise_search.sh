@@ -131,6 +131,10 @@ case ${1:-noise40} in
   field-noise20)
     field noise20 0.1 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
       --task-option noisy_validation=true --label-noise 0.2
+    # one lr further where the best sat at an edge of its grid
+    grid field-small "0.00625" random-sam:rho=0.1 sam-late:rho=0.1 rst:rho=0.1 &
+    grid field-large "0.1" looksam:rho=0.1 &
+    wait
     exit 0 ;;
   field-clean)
     # K-SAM's noise rules and Ordered SGD with `auto` only: the clean-label question is
@@ -140,6 +144,10 @@ case ${1:-noise40} in
     COMMON+=(--seeds 1)
     grid field-rules "0.0125 0.025 0.05" ksam:select=band,rho=0.1 ksam:select=median,rho=0.1 \
       ksam:select=stratified,rho=0.1 osgd:select=auto,estimate=0.1
+    # one lr further where the best sat at an edge of its grid
+    grid field-small "0.00625" ksam:select=median,rho=0.1 osgd:select=auto,estimate=0.1 &
+    grid field-large "0.1" ksam:select=stratified,rho=0.1 &
+    wait
     exit 0 ;;
 esac
 COMMON+=(--task-option noisy_validation=true --label-noise 0.4)
