@@ -1,15 +1,19 @@
 """Which examples a selection rule trains on under label noise (docs/label_noise.md).
 
-Trains K-SAM (K = B/4, rho 0.02, the default guard) on MNIST-1D with symmetric label noise
-and prints, every few epochs, the share of mislabelled examples in the batch (the noise
-rate) and in the descent subset, the mean rank (in the batch's loss order, 0 = largest) of
-the subset's first row - the skip of a band rule - and the test accuracy. The screening
-variants of ``benchmarks/noise_screen.py`` are known by name too::
+Trains K-SAM (K = B/4, the default guard) on MNIST-1D (rho 0.02) or on the Fashion-MNIST CNN
+setting of the ``fashion-cnn-*`` presets (``--task fashion-cnn``: 5000-image subset, no
+augmentation, rho 0.1) with symmetric or pair label noise and prints, every few epochs, the
+share of mislabelled examples in the batch (the noise rate) and in the descent subset, the
+mean rank (in the batch's loss order, 0 = largest) of the subset's first row - the skip of
+a band rule - and the test accuracy. The screening variants of
+``benchmarks/noise_screen.py`` are known by name too::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0.2 \\
         --select top band median
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0 --lr 0.2 \\
         --select chance10 auto
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --task fashion-cnn \\
+        --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified auto
 """
 
 from __future__ import annotations
@@ -23,16 +27,25 @@ import torch.nn.functional as F
 import ksam
 from ksam.tasks import get_task
 
+# task name -> (get_task arguments, K-SAM's rho there)
+SETTINGS = {
+    "mnist1d": ({"name": "mnist1d"}, 0.02),
+    "fashion-cnn": ({"name": "fashion-mnist", "model": "cnn", "augment": False,
+                     "train_subset": 5000}, 0.1),
+}
 
-def probe(select: str, noise: float, epochs: int, lr: float, seed: int) -> list[str]:
-    task = get_task("mnist1d", label_noise=noise, seed=0)
+
+def probe(select: str, noise: float, epochs: int, lr: float, seed: int,
+          setting: str = "mnist1d", noise_type: str = "symmetric") -> list[str]:
+    options, rho = SETTINGS[setting]
+    task = get_task(**options, label_noise=noise, label_noise_type=noise_type, seed=0)
     torch.manual_seed(seed)
     model = task.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     batch = 128
     per_epoch = task.num_train // batch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch)
-    eng = ksam.KSAM(model, opt, k=32, rho=0.02, select=select, seed=seed)
+    eng = ksam.KSAM(model, opt, k=32, rho=rho, select=select, seed=seed)
     order = torch.Generator().manual_seed(seed)
     noisy = task.noisy_mask if task.noisy_mask is not None \
         else torch.zeros(task.num_train, dtype=torch.bool)
@@ -63,7 +76,9 @@ def probe(select: str, noise: float, epochs: int, lr: float, seed: int) -> list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=sorted(SETTINGS), default="mnist1d")
     p.add_argument("--noise", type=float, default=0.2)
+    p.add_argument("--noise-type", choices=["symmetric", "pair"], default="symmetric")
     p.add_argument("--select", nargs="+", default=["top", "band", "median"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
@@ -71,11 +86,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     ksam.selection.RULES.update(noise_screen.EXTRA)
-    print(f"noise {args.noise:g}: mislabelled share of the batch = {args.noise:.0%}")
+    print(f"{args.task}, {args.noise_type} noise {args.noise:g}: "
+          f"mislabelled share of the batch = {args.noise:.0%}")
     print("| rule | epoch | mislabelled share of the descent subset | first rank | test acc % |")
     print("|---|---|---|---|---|")
     for select in args.select:
-        for line in probe(select, args.noise, args.epochs, args.lr, args.seed):
+        for line in probe(select, args.noise, args.epochs, args.lr, args.seed, args.task,
+                          args.noise_type):
             print(line, flush=True)
 
 
