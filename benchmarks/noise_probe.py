@@ -13,7 +13,7 @@ a band rule - and the test accuracy. The screening variants of
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0 --lr 0.2 \\
         --select chance10 auto
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --task fashion-cnn \\
-        --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified auto
+        --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified median
 """
 
 from __future__ import annotations
