@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ksam.cli import build_parser, config_from_args, main
-from ksam.compare import accuracy_vs_cost, compare
+from ksam.compare import accuracy_vs_cost, compare, method_styles
 from ksam.config import DEFAULT_LR_SWEEP, CliConfig
 from ksam.outputs import MANIFEST, TRAIN_OUTPUTS, folder_contents, load_checkpoint, save_checkpoint
 from ksam.train import RESUME_MAY_CHANGE, TrainConfig
@@ -367,6 +367,15 @@ def test_compare_writes_the_accuracy_vs_cost_chart(tmp_path):
     assert summary["accuracy_vs_cost"][0]["method"] == "sgd"
     png = tmp_path / "c" / "accuracy_vs_cost.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_method_styles_tell_more_methods_than_colours_apart():
+    colours = [f"C{i}" for i in range(10)]
+    styles = method_styles(40, colours)
+    assert styles[:10] == [(f"C{i}", "o", "-") for i in range(10)]
+    assert styles[10] == ("C0", "s", "--")
+    assert len({(c, marker) for c, marker, _ in styles}) == 40  # the cost chart's points
+    assert len({(c, line) for c, _, line in styles}) == 40  # the time chart's lines
 
 
 def test_sgd_at_its_own_lr_is_the_reference(tmp_path):

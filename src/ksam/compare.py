@@ -159,6 +159,28 @@ def _save_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# Past the colour cycle's length (10 in matplotlib's default) the colours repeat; each
+# further round of it changes the marker and line style, so no two methods look alike.
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def method_styles(count: int, colours: list[str]) -> list[tuple[str, str, str]]:
+    """(colour, marker, line style) for each of ``count`` methods, all pairwise distinct
+    while ``count <= len(colours) * 4``."""
+    styles = []
+    for i in range(count):
+        rnd = i // len(colours)
+        styles.append((colours[i % len(colours)], _MARKERS[rnd % len(_MARKERS)],
+                       _LINESTYLES[rnd % len(_LINESTYLES)]))
+    return styles
+
+
+def _legend_outside(ax: Any) -> None:
+    # Beside the axes, not over them: a legend inside can hide a method's point.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | None, str]:
     """The accuracy-vs-time plot's y range (from 10 points below the lowest final accuracy,
     so that the final accuracies are told apart) and its label, which says where the axis
@@ -180,10 +202,10 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, lab in enumerate(labels):
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    styles = method_styles(len(labels), plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for lab, (colour, _, linestyle) in zip(labels, styles):
         # Mean over seeds per epoch (x: mean wall-clock at that epoch), min-max band.
         # Evaluated epochs only (--eval-every leaves the others without an accuracy).
         group = [[e for e in r["epochs"] if e["test_acc"] is not None]
@@ -191,8 +213,7 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
         n = min(len(g) for g in group)
         ts = [statistics.fmean(g[e]["train_time"] for g in group) for e in range(n)]
         accs = [[g[e]["test_acc"] for g in group] for e in range(n)]
-        colour = colours[i % len(colours)]
-        ax.plot(ts, [statistics.fmean(a) for a in accs], color=colour, lw=1.5,
+        ax.plot(ts, [statistics.fmean(a) for a in accs], color=colour, ls=linestyle, lw=1.5,
                 label=f"{lab} ({len(group)} seeds)")
         if len(group) > 1:
             ax.fill_between(ts, [min(a) for a in accs], [max(a) for a in accs],
@@ -204,7 +225,7 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
     if low is not None:
         ax.set_ylim(low, high)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     _save_png(fig, path)
     return True
@@ -218,19 +239,18 @@ def plot_accuracy_vs_cost(points: list[dict[str, Any]], reference: str, path: Pa
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, p in enumerate(points):
-        colour = colours[i % len(colours)]
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    styles = method_styles(len(points), plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for p, (colour, marker, _) in zip(points, styles):
         ax.errorbar(p["cost_mean"], p["acc_mean"], xerr=p["cost_std"], yerr=p["acc_std"],
-                    fmt="o", color=colour, capsize=3, ms=7,
+                    fmt=marker, color=colour, capsize=3, ms=7,
                     mfc=colour if p["frontier"] else "white",
                     label=f"{p['method']}{' (frontier)' if p['frontier'] else ''}")
     ax.set_xlabel(f"training time / {reference}'s (evaluation excluded)")
     ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.text(0.01, 0.01, FRONTIER_CAPTION, fontsize=7, ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save_png(fig, path)
