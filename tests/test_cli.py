@@ -300,7 +300,7 @@ def test_accuracy_plot_says_where_its_axis_starts(tmp_path, monkeypatch):
                                            for i, a in enumerate(accs)]}
 
     runs = [run("sgd", [10.0, 85.0, 90.0]), run("sam", [12.0, 88.0, 94.0])]
-    label = "test accuracy (%); the axis starts at 80 %, lower points cut off"
+    label = "test accuracy (%)\nthe axis starts at 80 %, lower points cut off"
     assert accuracy_axis(runs) == (80.0, 96.0, label)
     # nothing below the axis' start: nothing to say
     assert accuracy_axis([run("sgd", [85.0, 90.0])]) == (80.0, 92.0, "test accuracy (%)")

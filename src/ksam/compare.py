@@ -192,7 +192,8 @@ def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | Non
     every = [e["test_acc"] for r in runs for e in r["epochs"] if e["test_acc"] is not None]
     if min(every) >= low:
         return low, high, "test accuracy (%)"
-    return low, high, f"test accuracy (%); the axis starts at {low:.0f} %, lower points cut off"
+    # Two lines: on one, the label is taller than the 4.5-inch axes and is cut off.
+    return low, high, f"test accuracy (%)\nthe axis starts at {low:.0f} %, lower points cut off"
 
 
 def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -214,7 +215,7 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
         ts = [statistics.fmean(g[e]["train_time"] for g in group) for e in range(n)]
         accs = [[g[e]["test_acc"] for g in group] for e in range(n)]
         ax.plot(ts, [statistics.fmean(a) for a in accs], color=colour, ls=linestyle, lw=1.5,
-                label=f"{lab} ({len(group)} seeds)")
+                label=f"{lab} ({len(group)} seed{'s' if len(group) != 1 else ''})")
         if len(group) > 1:
             ax.fill_between(ts, [min(a) for a in accs], [max(a) for a in accs],
                             color=colour, alpha=0.15, lw=0)
