@@ -69,6 +69,8 @@ case ${1:-noise40} in
         ksam:select=auto,estimate=0.1,rho=0.1 ksam:select=auto,estimate=0.1,rho=0.2
       grid mesa "0.0125 0.025 0.05 0.1" mesa; } &
     wait
+    # K-SAM from memory was best at 0.0125, now the smallest lr: one step further
+    grid memory-small "0.00625" ksam:rho=0.1,scores=memory
     exit 0 ;;
   noise20)
     OUT=$OUT/noise20
@@ -108,6 +110,8 @@ case ${1:-noise40} in
       grid memory-large "0.05" ksam:rho=0.1,scores=memory; } &
     wait
     grid sam-rho-0.3 "0.025" sam:rho=0.3  # SAM was best at rho 0.2, the largest tried
+    # K-SAM from memory was best at 0.05, now the largest lr: one step further
+    grid memory-larger "0.1" ksam:rho=0.1,scores=memory
     exit 0 ;;
   field-pair30)
     field pair30 0.2 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
