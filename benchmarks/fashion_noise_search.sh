@@ -87,6 +87,8 @@ case ${1:-noise40} in
       grid saf "0.00625 0.0125 0.025 0.05" saf; } &
     grid memory "0.00625 0.0125 0.025 0.05" mesa ksam:rho=0.1,scores=memory &
     wait
+    # SAM and K-SAM auto at rho 0.2 were best at 0.05, the largest lr: one step further
+    grid sam-auto-large "0.1" sam:rho=0.2 ksam:select=auto,estimate=0.1,rho=0.2
     exit 0 ;;
   pair30)
     # Centred on the lr and rho the 20 % and 40 % searches chose, one step either side.
