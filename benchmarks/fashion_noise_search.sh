@@ -112,8 +112,9 @@ case ${1:-noise40} in
       grid memory-large "0.05" ksam:rho=0.1,scores=memory; } &
     wait
     grid sam-rho-0.3 "0.025" sam:rho=0.3  # SAM was best at rho 0.2, the largest tried
-    # K-SAM from memory was best at 0.05, now the largest lr: one step further
-    grid memory-larger "0.1" ksam:rho=0.1,scores=memory
+    # K-SAM from memory and K-SAM auto at rho 0.2 were best at 0.05, now the largest lr: one
+    # step further
+    grid memory-larger "0.1" ksam:rho=0.1,scores=memory ksam:select=auto,estimate=0.1,rho=0.2
     exit 0 ;;
   field-pair30)
     field pair30 0.2 "0.0125 0.025 0.05" "0.00625 0.0125 0.025" "0.0125 0.025 0.05" \
