@@ -166,8 +166,9 @@ _LINESTYLES = ("-", "--", ":", "-.")
 
 
 def method_styles(count: int, colours: list[str]) -> list[tuple[str, str, str]]:
-    """(colour, marker, line style) for each of ``count`` methods, all pairwise distinct
-    while ``count <= len(colours) * 4``."""
+    """(colour, marker, line style) for each of ``count`` methods. The cost chart tells
+    methods apart by colour and marker, the time chart by colour and line style; both
+    pairs are distinct across methods while ``count <= len(colours) * 4``."""
     styles = []
     for i in range(count):
         rnd = i // len(colours)
@@ -192,7 +193,7 @@ def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | Non
     every = [e["test_acc"] for r in runs for e in r["epochs"] if e["test_acc"] is not None]
     if min(every) >= low:
         return low, high, "test accuracy (%)"
-    # Two lines: on one, the label is taller than the 4.5-inch axes and is cut off.
+    # Two lines: on one line the label is taller than the axes and the figure cuts it off.
     return low, high, f"test accuracy (%)\nthe axis starts at {low:.0f} %, lower points cut off"
 
 
