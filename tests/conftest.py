@@ -7,6 +7,10 @@ Everything here is deterministic: a model from its seed, a batch from its seed.
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,3 +150,16 @@ def bn_update_pattern(bn: nn.Module, step) -> list[bool]:
         pre.remove()
         post.remove()
     return log
+
+
+# ------------------------------------------------------------------------ data files
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """An IDX file (the format of MNIST and Fashion-MNIST) of ``array`` as uint8, gzipped if
+    ``path`` ends in .gz; ``magic`` 2051 for images, 2049 for labels."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)

@@ -5,7 +5,6 @@ an error of ksam itself keeps its traceback)."""
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 
 from ksam.cli import build_parser, config_from_args, main
 from ksam.compare import accuracy_vs_cost, compare, method_styles
@@ -802,22 +802,16 @@ def test_compare_refuses_a_repeated_seed():
         compare(TrainConfig(epochs=1), ["sgd"], [1, 1], None)
 
 
-def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_out_of_range_labels_fail_before_anything_is_written(tmp_path, capsys):
     data = tmp_path / "fmnist"
     data.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("t10k", 16)):
-        _write_idx(data / f"{split}-images-idx3-ubyte.gz",
+        write_idx(data / f"{split}-images-idx3-ubyte.gz",
                    rng.integers(0, 256, (n, 28, 28)), 2051)
         labels = rng.integers(0, 10, n)
         labels[3] = 12 if split == "train" else labels[3]
-        _write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels, 2049)
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels, 2049)
     out = tmp_path / "run"
     code = main(["train", "--task", "fashion-mnist", "--data-dir", str(data), "--method", "sgd",
                  "--epochs", "1", "--batch-size", "16", "--out", str(out), "--quiet"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import pickle
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 
 from ksam.tasks import (
     TASKS,
@@ -61,16 +61,6 @@ def _image_ids(x: torch.Tensor, mean: float = 0.2860, std: float = 0.3530) -> se
     return set(_ids_in_order(x, mean, std))
 
 
-def _write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    payload = header + arr.astype(np.uint8).tobytes()
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
 def _fashion_arrays() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
@@ -86,7 +76,7 @@ def _write_fashion(folder: Path, gz: bool) -> dict[str, np.ndarray]:
     arrays = _fashion_arrays()
     for key, stem in tdata.FASHION_MNIST_FILES.items():
         magic = tdata.IDX_IMAGES_MAGIC if key.endswith("_x") else tdata.IDX_LABELS_MAGIC
-        _write_idx(folder / (stem + (".gz" if gz else "")), arrays[key], magic)
+        write_idx(folder / (stem + (".gz" if gz else "")), arrays[key], magic)
     return arrays
 
 
@@ -241,10 +231,10 @@ def test_fashion_mnist_missing(tmp_path: Path, fashion_dir: Path) -> None:
 def test_idx_bad_magic_and_truncation(tmp_path: Path) -> None:
     arrays = _write_fashion(tmp_path, gz=False)
     labels = tmp_path / "train-labels-idx1-ubyte"
-    _write_idx(labels, arrays["train_y"], tdata.IDX_IMAGES_MAGIC)  # wrong magic
+    write_idx(labels, arrays["train_y"], tdata.IDX_IMAGES_MAGIC)  # wrong magic
     with pytest.raises(ValueError, match="bad magic number 2051.*expected 2049"):
         get_task("fashion-mnist", data_dir=tmp_path)
-    _write_idx(labels, arrays["train_y"], tdata.IDX_LABELS_MAGIC)
+    write_idx(labels, arrays["train_y"], tdata.IDX_LABELS_MAGIC)
     images = tmp_path / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
@@ -253,7 +243,7 @@ def test_idx_bad_magic_and_truncation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="truncated"):
         tdata.load_idx(images)
     gz = tmp_path / "x.gz"
-    _write_idx(gz, arrays["train_x"], tdata.IDX_IMAGES_MAGIC)
+    write_idx(gz, arrays["train_x"], tdata.IDX_IMAGES_MAGIC)
     gz.write_bytes(gz.read_bytes()[: len(gz.read_bytes()) // 2])
     with pytest.raises(ValueError, match="x.gz"):
         tdata.load_idx(gz, tdata.IDX_IMAGES_MAGIC)
