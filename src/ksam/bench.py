@@ -4,13 +4,16 @@ Each method gets its own copy of the same model (same initial weights) and optim
 steps are interleaved round-robin (method A, B, C, A, B, C, ...) so drifting clocks or a
 busy neighbour hit all methods alike. Warm-up steps are excluded (they include the fast
 path's capture), every step is device-synchronized (CUDA events on the GPU), and the figure
-is the median. Ratios are to SGD *in the same mode* (eager vs eager, fast vs fast).
+is the median. Ratios are to SGD *in the same mode* (eager vs eager, fast vs fast). The
+steps run on random inputs of each case's shape, or (``--inputs data``) on the first
+training examples of its data set, which some operators process at another speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -34,10 +37,14 @@ from .schedule import Schedule
 
 @dataclass
 class Case:
+    """One model and batch shape. ``make_batch`` draws random inputs of the shape; ``task``
+    names the data set whose examples have that shape (``--inputs data``), None if none."""
+
     name: str
     make_model: Callable[[], nn.Module]
     make_batch: Callable[[int, torch.device], tuple[torch.Tensor, torch.Tensor]]
     batch_size: int
+    task: str | None = None
 
 
 def _images(channels: int, size: int, classes: int):
@@ -88,20 +95,48 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
 
     out = []
     if device.type == "cpu":
-        out.append(Case("mnist1d-cnn-b128", lambda: mnist1d_cnn(), _signals(40, 10), 128))
+        out.append(Case("mnist1d-cnn-b128", lambda: mnist1d_cnn(), _signals(40, 10), 128,
+                        "mnist1d"))
         out.append(Case("fashion-resnet-b128", lambda: FashionResNet(),
-                        _images(1, 28, 10), 128))
-        out.append(Case("fashion-cnn-b128", lambda: fashion_cnn(), _images(1, 28, 10), 128))
+                        _images(1, 28, 10), 128, "fashion-mnist"))
+        out.append(Case("fashion-cnn-b128", lambda: fashion_cnn(), _images(1, 28, 10), 128,
+                        "fashion-mnist"))
         if not quick:
-            out.append(Case("resnet18-32px-b128", lambda: ResNet18(10), _images(3, 32, 10), 128))
+            out.append(Case("resnet18-32px-b128", lambda: ResNet18(10), _images(3, 32, 10), 128,
+                            "cifar10"))
         return out
     for b in (128, 512):
-        out.append(Case(f"resnet18-b{b}", lambda: ResNet18(10), _images(3, 32, 10), b))
-        out.append(Case(f"wrn16-8-b{b}", lambda: WideResNet(16, 8, 10), _images(3, 32, 10), b))
+        out.append(Case(f"resnet18-b{b}", lambda: ResNet18(10), _images(3, 32, 10), b,
+                        "cifar10"))
+        out.append(Case(f"wrn16-8-b{b}", lambda: WideResNet(16, 8, 10), _images(3, 32, 10), b,
+                        "cifar10"))
     out.append(Case("bert-base-32x128", lambda: EncoderClassifier(), _tokens(128, 30522, 2), 32))
     if quick:
         out = [c for c in out if c.name in ("resnet18-b128", "wrn16-8-b512")]
     return out
+
+
+def with_data_inputs(case: Case, data_dir: str | None) -> Case:
+    """``case`` stepping on the first ``batch_size`` training examples of its data set
+    (normalized, as training sees them) instead of random inputs: the data set is read here,
+    so a missing file or a case without a data set fails before anything is timed. On one
+    CPU thread some operators cost less on real inputs than on noise (max-pool over the
+    background of a Fashion-MNIST image: docs/benchmarks.md), which moves the ratios."""
+    from .tasks import get_task
+
+    if case.task is None:
+        raise ValueError(f"case {case.name} has no data set: --inputs data takes the cases "
+                         "of Fashion-MNIST, MNIST-1D and CIFAR-10 models")
+    task = get_task(case.task, data_dir=data_dir)
+    if task.num_train < case.batch_size:
+        raise ValueError(f"{case.task} has {task.num_train} training examples, fewer than "
+                         f"case {case.name}'s batch of {case.batch_size}")
+    x, y = task.train_x[:case.batch_size].clone(), task.train_y[:case.batch_size].clone()
+
+    def make(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:b].to(device), y[:b].to(device)
+
+    return dataclasses.replace(case, make_batch=make)
 
 
 def methods_for(batch: int, memory: bool = True) -> list[tuple[str, str, dict[str, Any]]]:
@@ -506,6 +541,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", help="only these methods (sgd is always kept)")
     p.add_argument("--json", type=str, help="also write the rows to this JSON file")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--inputs", choices=["random", "data"], default="random",
+                   help="what the steps run on: random tensors of the case's shape (default) "
+                        "or the first B training examples of the case's data set "
+                        "(Fashion-MNIST, MNIST-1D, CIFAR-10; timing only, not --memory)")
+    p.add_argument("--data-dir", help="where the data set's files are (--inputs data)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="forward passes through torch.compile (compile time is in the warm-up)")
     p.add_argument("--profile", action="store_true",
@@ -553,6 +593,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.inputs == "data":
+        if args.memory:
+            raise ValueError("--inputs data times steps; --memory measures peak memory, "
+                             "which does not depend on the input values")
+        selected = [with_data_inputs(c, args.data_dir) for c in selected]
+    elif args.data_dir is not None:
+        raise ValueError("--data-dir is read with --inputs data only")
     if args.ddp_vs_fsdp:
         rows = _print_ddp_vs_fsdp(args, device, selected, steps, warmup, only)
         if args.json and rows:
@@ -566,7 +613,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = []
     print(f"ksam bench: torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}"
-          f", median of {steps} steps after {warmup} warm-up")
+          f", median of {steps} steps after {warmup} warm-up, "
+          f"{'training examples' if args.inputs == 'data' else 'random inputs'}")
     extra = ""
     if args.profile:
         extra = " ops | kernels | launches |" if cuda else " ops |"
