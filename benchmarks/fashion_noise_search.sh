@@ -12,6 +12,7 @@
 #   benchmarks/fashion_noise_search.sh noise20  # 20 % symmetric noise
 #   benchmarks/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
 #   benchmarks/fashion_noise_search.sh field-pair30  # the rest of the field at 30 % pair noise
+#   benchmarks/fashion_noise_search.sh memory-stratified  # K-SAM from memory, `stratified`, B/8
 #   benchmarks/fashion_noise_search.sh field-noise40 # ... at 40 % symmetric noise (field-noise20
 #                                                    # likewise; field-clean: the noise rules only)
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
@@ -141,6 +142,27 @@ case ${1:-noise40} in
     # one lr further where the best sat at an edge of its grid
     grid field-small "0.00625" random-sam:rho=0.1 sam-late:rho=0.1 rst:rho=0.1 &
     grid field-large "0.1" looksam:rho=0.1 &
+    wait
+    exit 0 ;;
+  memory-stratified)
+    # K-SAM from memory with `stratified` at K = B/8 (beside it the same rule with the
+    # scoring forward) at all four settings, one seed each; lr 0.025 was best everywhere
+    # on 0.025-0.2, so 0.0125 and 0.00625 below it for the memory rule
+    COMMON+=(--seeds 1)
+    setting() {
+      local name=$1; shift
+      ( OUT=$OUT/memory-stratified/$name
+        COMMON+=("$@")
+        mkdir -p "$OUT"
+        grid rules "0.025 0.05 0.1 0.2" ksam:select=stratified,scores=memory,k=0.125,rho=0.1 \
+          ksam:select=stratified,k=0.125,rho=0.1
+        grid memory-small "0.00625 0.0125" ksam:select=stratified,scores=memory,k=0.125,rho=0.1 )
+    }
+    { setting clean
+      setting noise20 --task-option noisy_validation=true --label-noise 0.2; } &
+    { setting noise40 --task-option noisy_validation=true --label-noise 0.4
+      setting pair30 --task-option noisy_validation=true --label-noise 0.3 \
+        --task-option label_noise_type=pair; } &
     wait
     exit 0 ;;
   field-clean)

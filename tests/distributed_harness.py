@@ -158,6 +158,9 @@ MEMORY_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ksam:scores=memory": ("ksam", dict(k=0.25, k_warmup=2, rho=0.1, scores="memory",
                                         num_examples=NUM_EXAMPLES)),
     "osgd:scores=memory": ("osgd", dict(k=0.5, scores="memory", num_examples=NUM_EXAMPLES)),
+    "ksam:stratified+scores=memory": ("ksam", dict(
+        k=0.25, k_warmup=2, rho=0.1, select="stratified", scores="memory",
+        num_examples=NUM_EXAMPLES)),
 }
 #: The methods that take the schedule keywords start_step and p (run without and with them).
 SCHEDULED = ("sam", "asam", "ksam", "ksam-plain", "random-sam", "esam")

@@ -160,8 +160,11 @@ def test_mesa_matches_the_published_algorithm_with_its_average_model():
 
 
 # ------------------------------------------------------------- K-SAM from memory
-def ksam_memory_reference(model, steps, k1: int, k2: int, rho: float = 0.05):
-    """K-SAM whose scores are each example's last loss at w (+inf before its first)."""
+def ksam_memory_reference(model, steps, k1: int, k2: int, rho: float = 0.05,
+                          select: str = "top"):
+    """K-SAM whose scores are each example's last loss at w (+inf before its first): the
+    first K rows of the batch's order by them (``top``) or the rows at ranks
+    ``floor(i * B / K)`` (``stratified``)."""
     opt = opt_of(model)
     memory = torch.full((N,), float("inf"))
     x, y = dataset()
@@ -169,7 +172,10 @@ def ksam_memory_reference(model, steps, k1: int, k2: int, rho: float = 0.05):
     for ids in steps:
         xb, yb = x[ids], y[ids]
         order = torch.sort(memory[ids], descending=True, stable=True).indices
-        a, d = order[:k1], order[:k2]
+        if select == "top":
+            a, d = order[:k1], order[:k2]
+        else:
+            a, d = (order[[i * len(ids) // k for i in range(k)]] for k in (k1, k2))
         losses_a = F.cross_entropy(model(xb[a]), yb[a], reduction="none")
         opt.zero_grad()
         losses_a.mean().backward()
@@ -191,12 +197,13 @@ def ksam_memory_reference(model, steps, k1: int, k2: int, rho: float = 0.05):
     return memory, chosen
 
 
-def test_ksam_with_scores_from_memory_matches_its_reference_without_a_scoring_pass():
+@pytest.mark.parametrize("select", ["top", "stratified"])
+def test_ksam_with_scores_from_memory_matches_its_reference_without_a_scoring_pass(select):
     steps = epochs(4)
     ref_model, model = mlp(), mlp()
-    memory, chosen = ksam_memory_reference(ref_model, steps, k1=4, k2=8)
+    memory, chosen = ksam_memory_reference(ref_model, steps, k1=4, k2=8, select=select)
     eng = ksam.create("ksam", model, opt_of(model), k_ascent=4, k_descent=8, k_warmup=0,
-                      scores="memory", num_examples=N)
+                      scores="memory", num_examples=N, select=select)
     forwards = []
     counting = lambda m, b: forwards.append(len(b[1])) or ce(m, b)  # noqa: E731
     for ids, (a, d) in zip(steps, chosen):
@@ -363,7 +370,12 @@ def test_a_loss_fn_without_logits_is_refused_with_nothing_changed(method, kw):
 @pytest.mark.parametrize("kw,match", [
     ({"scores": "memory"}, "needs num_examples"),
     ({"scores": "memory", "num_examples": 0}, "num_examples must be"),
-    ({"scores": "memory", "num_examples": N, "select": "band"}, "select='top' only"),
+    ({"scores": "memory", "num_examples": N, "select": "band"},
+     "takes select='top' or 'stratified', got 'band': it skips the top ranks"),
+    ({"scores": "memory", "num_examples": N, "select": "auto"},
+     "got 'auto': it compares the losses' values with chance"),
+    ({"scores": "memory", "num_examples": N, "select": ksam.selection.TopLoss},
+     "a rule factory is not one of them"),
     ({"scores": "memory", "num_examples": N, "rescale": True}, "takes no rescale"),
     ({"scores": "remembered", "num_examples": N}, "scores must be"),
     ({"num_examples": N}, "num_examples is for scores='memory'"),

@@ -110,10 +110,12 @@ class KSAM(SharpnessAwareOptimizer):
     given as :class:`ksam.IndexedBatch`) ranks the batch by the loss each example had the
     last time a pass at w computed it (:class:`ksam.memory.RememberedLosses`) instead of a
     scoring forward: two forwards (K1, K2) and two backwards a step. The ascent pass's
-    losses refresh the memory; an example not scored yet ranks first. It takes
-    ``select="top"`` only and no ``rescale`` (both read the batch's whole loss
-    distribution, which a memory has only stale). ``scores="forward"`` (default) is the
-    paper's scoring pass.
+    losses refresh the memory; an example not scored yet ranks first. It takes the rules
+    that read only the order of the scores and always take the first-ranked row,
+    ``select="top"`` or ``"stratified"`` (:data:`MEMORY_RULES`), and no ``rescale``:
+    ``band`` and ``median`` skip the top ranks, where the examples not scored yet sit, so
+    those would never be scored; ``auto`` and ``rescale`` read the losses' values, which a
+    memory has only stale. ``scores="forward"`` (default) is the paper's scoring pass.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -143,11 +145,26 @@ class KSAM(SharpnessAwareOptimizer):
                          remembered=remembered, **engine)
 
 
+#: The rules that may rank by remembered losses (``scores="memory"``): both read only the
+#: order of the scores and take its first row, so a batch with examples not scored yet
+#: (they rank first) scores at least one of them; ``stratified`` takes one in every B/K.
+MEMORY_RULES = ("top", "stratified")
+
+_SKIPS_THE_TOP = ("it skips the top ranks, where the examples not scored yet sit, so those "
+                  "would never be scored")
+_NOT_FROM_MEMORY = {
+    "band": _SKIPS_THE_TOP,
+    "median": _SKIPS_THE_TOP,
+    "auto": "it compares the losses' values with chance, and a memory has them only stale",
+    "balanced": "it has not been measured with a memory",
+}
+
+
 def remembered_scores(scores: str, num_examples: int | None,
                       select: object) -> RememberedLosses | None:
     """The memory of K-SAM's / Ordered SGD's ``scores="memory"`` (None for
     ``"forward"``); ValueError for another value, a missing ``num_examples`` or a
-    ``select`` other than ``"top"``."""
+    ``select`` not in :data:`MEMORY_RULES`."""
     if scores == "forward":
         if num_examples is not None:
             raise ValueError("num_examples is for scores='memory'")
@@ -156,8 +173,11 @@ def remembered_scores(scores: str, num_examples: int | None,
         raise ValueError(f"scores must be 'forward' or 'memory', got {scores!r}")
     if num_examples is None:
         raise ValueError("scores='memory' needs num_examples=N, the size of the training set")
-    if select != "top":
-        raise ValueError(f"scores='memory' takes select='top' only, got {select!r}")
+    if select not in MEMORY_RULES:
+        why = _NOT_FROM_MEMORY.get(select, "it is not one of them") if isinstance(select, str) \
+            else "a rule factory is not one of them"
+        raise ValueError(f"scores='memory' takes select='top' or 'stratified', got "
+                         f"{select!r}: {why}")
     return RememberedLosses(num_examples)
 
 
