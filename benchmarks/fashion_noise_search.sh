@@ -156,7 +156,19 @@ case ${1:-noise40} in
         mkdir -p "$OUT"
         grid rules "0.025 0.05 0.1 0.2" ksam:select=stratified,scores=memory,k=0.125,rho=0.1 \
           ksam:select=stratified,k=0.125,rho=0.1
-        grid memory-small "0.00625 0.0125" ksam:select=stratified,scores=memory,k=0.125,rho=0.1 )
+        grid memory-small "0.00625 0.0125" ksam:select=stratified,scores=memory,k=0.125,rho=0.1
+        # the radius either side of 0.1, and no K warm-up (the larger descent subsets of
+        # the first 300 steps)
+        grid memory-rho "0.0125 0.025 0.05" \
+          ksam:select=stratified,scores=memory,k=0.125,rho=0.05 \
+          ksam:select=stratified,scores=memory,k=0.125,rho=0.2 \
+          ksam:select=stratified,scores=memory,k=0.125,k_warmup=0,rho=0.1
+        # rho 0.05 beat 0.1 at three settings, at the smallest radius (and at 40 % at the
+        # largest lr), and rho 0.2 was best at the largest lr: one step further each
+        grid memory-rho-small "0.0125 0.025 0.05" \
+          ksam:select=stratified,scores=memory,k=0.125,rho=0.025
+        grid memory-rho-large "0.1" ksam:select=stratified,scores=memory,k=0.125,rho=0.05
+        grid memory-rho-0.2-large "0.1" ksam:select=stratified,scores=memory,k=0.125,rho=0.2 )
     }
     { setting clean
       setting noise20 --task-option noisy_validation=true --label-noise 0.2; } &
@@ -164,6 +176,11 @@ case ${1:-noise40} in
       setting pair30 --task-option noisy_validation=true --label-noise 0.3 \
         --task-option label_noise_type=pair; } &
     wait
+    # at 40 % rho 0.025 was best, now the smallest radius: one step further
+    ( OUT=$OUT/memory-stratified/noise40
+      COMMON+=(--task-option noisy_validation=true --label-noise 0.4)
+      grid memory-rho-smaller "0.0125 0.025 0.05" \
+        ksam:select=stratified,scores=memory,k=0.125,rho=0.0125 )
     exit 0 ;;
   field-clean)
     # K-SAM's noise rules and Ordered SGD with `auto` only: the clean-label question is
