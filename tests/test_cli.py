@@ -808,7 +808,7 @@ def test_out_of_range_labels_fail_before_anything_is_written(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("t10k", 16)):
         write_idx(data / f"{split}-images-idx3-ubyte.gz",
-                   rng.integers(0, 256, (n, 28, 28)), 2051)
+                  rng.integers(0, 256, (n, 28, 28)), 2051)
         labels = rng.integers(0, 10, n)
         labels[3] = 12 if split == "train" else labels[3]
         write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels, 2049)

@@ -23,6 +23,8 @@ from conftest import (
 
 import ksam
 from ksam import IndexedBatch
+from ksam.methods import _NOT_FROM_MEMORY, MEMORY_RULES
+from ksam.selection import RULES
 
 N = 48  # training-set size
 B = 16  # batch size
@@ -384,6 +386,18 @@ def test_memory_options_are_checked(kw, match):
     model = mlp()
     with pytest.raises(ValueError, match=match):
         ksam.create("ksam", model, opt_of(model), **kw)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_is_taken_from_memory_or_refused_with_its_reason(rule):
+    model = mlp()
+    build = lambda: ksam.create("ksam", model, opt_of(model), select=rule,  # noqa: E731
+                                scores="memory", num_examples=N)
+    if rule in MEMORY_RULES:
+        assert build().plan.memory is not None
+    else:
+        with pytest.raises(ValueError, match=f"got '{rule}': {_NOT_FROM_MEMORY[rule]}"):
+            build()
 
 
 def test_saf_and_mesa_options_are_checked():

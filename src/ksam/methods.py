@@ -176,8 +176,8 @@ def remembered_scores(scores: str, num_examples: int | None,
     if select not in MEMORY_RULES:
         why = _NOT_FROM_MEMORY.get(select, "it is not one of them") if isinstance(select, str) \
             else "a rule factory is not one of them"
-        raise ValueError(f"scores='memory' takes select='top' or 'stratified', got "
-                         f"{select!r}: {why}")
+        taken = " or ".join(repr(name) for name in MEMORY_RULES)
+        raise ValueError(f"scores='memory' takes select={taken}, got {select!r}: {why}")
     return RememberedLosses(num_examples)
 
 
