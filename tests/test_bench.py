@@ -83,6 +83,13 @@ def test_data_inputs_refuse_a_case_without_its_data(tmp_path, small_fashion):
         with_data_inputs(_cpu_case("fashion-cnn-b128"), str(few))
 
 
+def test_data_inputs_name_bench_s_way_to_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found: .* ksam bench never "
+                                                "downloads .* point --data-dir at the files"):
+        with_data_inputs(next(c for c in cases(False, torch.device("cpu"))
+                              if c.task == "cifar10"), str(tmp_path))
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--inputs", "data", "--data-dir", "EMPTY"], "Fashion-MNIST"),
     (["--inputs", "data", "--memory"], "--memory measures peak memory"),

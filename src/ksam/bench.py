@@ -127,7 +127,13 @@ def with_data_inputs(case: Case, data_dir: str | None) -> Case:
     if case.task is None:
         raise ValueError(f"case {case.name} has no data set: --inputs data takes the cases "
                          "of Fashion-MNIST, MNIST-1D and CIFAR-10 models")
-    task = get_task(case.task, data_dir=data_dir)
+    try:
+        task = get_task(case.task, data_dir=data_dir)
+    except FileNotFoundError as err:  # the loader's hint names train/compare's options
+        raise FileNotFoundError(f"{err} ksam bench never downloads and takes no "
+                                "--task-option: point --data-dir at the files (ksam train "
+                                "and ksam compare fetch them with --task-option "
+                                "download=true)") from None
     if task.num_train < case.batch_size:
         raise ValueError(f"{case.task} has {task.num_train} training examples, fewer than "
                          f"case {case.name}'s batch of {case.batch_size}")
