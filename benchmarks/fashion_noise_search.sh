@@ -13,6 +13,7 @@
 #   benchmarks/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
 #   benchmarks/fashion_noise_search.sh field-pair30  # the rest of the field at 30 % pair noise
 #   benchmarks/fashion_noise_search.sh memory-stratified  # K-SAM from memory, `stratified`, B/8
+#   benchmarks/fashion_noise_search.sh memory-split  # ... with the ascent/descent rows split
 #   benchmarks/fashion_noise_search.sh field-noise40 # ... at 40 % symmetric noise (field-noise20
 #                                                    # likewise; field-clean: the noise rules only)
 #   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
@@ -181,6 +182,42 @@ case ${1:-noise40} in
       COMMON+=(--task-option noisy_validation=true --label-noise 0.4)
       grid memory-rho-smaller "0.0125 0.025 0.05" \
         ksam:select=stratified,scores=memory,k=0.125,rho=0.0125 )
+    exit 0 ;;
+  memory-split)
+    # K-SAM from memory with `stratified` at each setting's held-out rho and lr 0.025 +- one
+    # step, two seeds a cell: the 32 rows of a step split unevenly between the passes (K1 =
+    # 8 or 4 ascent rows, K2 = 24, 28 or 16 descent rows), and the K warm-up at 50 steps a
+    # halving instead of 100; beside them the even split K1 = K2 = 16 at two seeds
+    COMMON+=(--seeds 2)
+    split() {  # split SETTING RHO "NEIGHBOUR-RHOS" [OPTION ...]
+      local name=$1 rho=$2 neighbours=$3; shift 3
+      ( OUT=$OUT/memory-split/$name
+        COMMON+=("$@")
+        mkdir -p "$OUT"
+        local memory=ksam:select=stratified,scores=memory,rho=$rho
+        grid split "0.0125 0.025 0.05" "$memory,k=0.125" "$memory,k_ascent=8,k_descent=24" \
+          "$memory,k_ascent=4,k_descent=28" "$memory,k_ascent=8,k_descent=16" \
+          "$memory,k=0.125,k_warmup=50"
+        # K1 = 8, K2 = 24 was best or level at three settings: the radius either side (half
+        # and twice the setting's), at lr 0.025, where it was best everywhere
+        local around=() r
+        for r in $neighbours; do
+          around+=("ksam:select=stratified,scores=memory,rho=$r,k_ascent=8,k_descent=24")
+        done
+        grid "split-rho-${neighbours// /-}" "0.025" "${around[@]}" )
+    }
+    { split clean 0.05 "0.025 0.1"
+      split noise20 0.05 "0.025 0.1" --task-option noisy_validation=true --label-noise 0.2; } &
+    { split noise40 0.025 "0.0125 0.05" --task-option noisy_validation=true --label-noise 0.4
+      split pair30 0.1 "0.05 0.2" --task-option noisy_validation=true --label-noise 0.3 \
+        --task-option label_noise_type=pair; } &
+    wait
+    # the best radius sat at the grid's edge at 20 % (the smallest) and under pair noise
+    # (the largest): one step further
+    { split noise20 0.05 "0.0125" --task-option noisy_validation=true --label-noise 0.2; } &
+    { split pair30 0.1 "0.4" --task-option noisy_validation=true --label-noise 0.3 \
+        --task-option label_noise_type=pair; } &
+    wait
     exit 0 ;;
   field-clean)
     # K-SAM's noise rules and Ordered SGD with `auto` only: the clean-label question is
