@@ -5,7 +5,8 @@ setting of the ``fashion-cnn-*`` presets (``--task fashion-cnn``: 5000-image sub
 augmentation, rho 0.1) with symmetric or pair label noise and prints, every few epochs, the
 share of mislabelled examples in the batch (the noise rate) and in the descent subset, the
 mean rank (in the batch's loss order, 0 = largest) of the subset's first row - the skip of
-a band rule - and the test accuracy. The screening variants of
+a band rule - and the test accuracy; with ``--per-class``, after the last epoch, each true
+class's test accuracy and its share predicted as the pair label c+1. The screening variants of
 ``benchmarks/noise_screen.py`` are known by name too::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0.2 \\
@@ -13,7 +14,8 @@ a band rule - and the test accuracy. The screening variants of
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0 --lr 0.2 \\
         --select chance10 auto
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --task fashion-cnn \\
-        --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified median
+        --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified median \\
+        --per-class
 """
 
 from __future__ import annotations
@@ -35,8 +37,25 @@ SETTINGS = {
 }
 
 
+def per_class(model: torch.nn.Module, task) -> str:
+    """Test accuracy of each true class, and how many of a class's test examples the model
+    labels with its pair neighbour c+1 (the label pair noise gives it)."""
+    model.eval()
+    with torch.no_grad():
+        pred = model(task.test_x).argmax(1)
+    model.train()
+    cells = []
+    for c in range(task.num_classes):
+        rows = task.test_y == c
+        right = (pred[rows] == c).float().mean().item()
+        pair = (pred[rows] == (c + 1) % task.num_classes).float().mean().item()
+        cells.append(f"{c}: {100 * right:.0f} / {100 * pair:.0f}")
+    return ", ".join(cells)
+
+
 def probe(select: str, noise: float, epochs: int, lr: float, seed: int,
-          setting: str = "mnist1d", noise_type: str = "symmetric") -> list[str]:
+          setting: str = "mnist1d", noise_type: str = "symmetric",
+          classes: bool = False) -> list[str]:
     options, rho = SETTINGS[setting]
     task = get_task(**options, label_noise=noise, label_noise_type=noise_type, seed=0)
     torch.manual_seed(seed)
@@ -71,6 +90,9 @@ def probe(select: str, noise: float, epochs: int, lr: float, seed: int,
             model.train()
             lines.append(f"| {select} | {epoch + 1} | {100 * sum(shares) / len(shares):.0f} % "
                          f"| {sum(firsts) / len(firsts):.1f} | {100 * acc:.1f} |")
+    if classes:
+        lines.append(f"{select}, epoch {epochs}, test % per true class c "
+                     f"(right / labelled c+1): {per_class(model, task)}")
     return lines
 
 
@@ -83,6 +105,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", action="store_true",
+                   help="after the last epoch, each true class's test accuracy and its share "
+                        "labelled c+1 (the pair label)")
     args = p.parse_args()
     torch.set_num_threads(1)
     ksam.selection.RULES.update(noise_screen.EXTRA)
@@ -92,7 +117,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for select in args.select:
         for line in probe(select, args.noise, args.epochs, args.lr, args.seed, args.task,
-                          args.noise_type):
+                          args.noise_type, args.per_class):
             print(line, flush=True)
 
 

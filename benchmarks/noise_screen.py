@@ -19,7 +19,11 @@ Registers, for this process only:
   ``auto10``, ``auto15``, ``auto20`` (margin 1.0, 1.5, 2.0), ``auto15-slow`` (decay
   0.99), and the estimate frozen at the window's mean (``decay=1``): ``auto-frozen10``,
   ``auto-frozen125`` (margin 1.0, 1.25) and ``auto-frozen10-late`` (measured over steps
-  200-399).
+  200-399); ``auto-half`` (:class:`HalfBand`): half of K from ``auto``'s band, half at
+  evenly spaced ranks of the other rows;
+- one rule for K-SAM's ascent and another for its descent (:func:`per_pass`):
+  ``auto/stratified``, ``stratified/auto``, ``top/stratified``, ``stratified/top``
+  (ascent / descent).
 
 Every other argument goes to ``ksam compare``::
 
@@ -131,6 +135,37 @@ class ChanceBand(selection.TopLoss):
         return order.index_select(0, torch.arange(count, device=order.device) + skip)
 
 
+def per_pass(ascent: selection.RuleFactory, descent: selection.RuleFactory):
+    """A factory that gives K-SAM's ascent pass one rule and its descent pass another.
+
+    :class:`ksam.KSAM` builds its descent rule with the guard's ``warmup=`` (and
+    ``rescale=``) and its ascent rule with ``(k, name)`` alone, which is how the factory
+    tells them apart. Each rule keeps its own state (an :class:`ksam.selection.AutoBand`
+    shares an estimate only with another one).
+    """
+    def make(k, name="k", **options):
+        return descent(k, name, **options) if "warmup" in options else ascent(k, name)
+    return make
+
+
+class HalfBand(selection.AutoBand):
+    """:class:`ksam.selection.AutoBand` with half its rows from the band: rows
+    ``s .. s+h-1`` (h = ceil(K/2), s the band's skip) and K-h rows at evenly spaced ranks
+    of the other B-h rows, the top included; evenly spaced ranks until the estimate's
+    window has passed, as ``auto``. The band keeps the hard rows below the skip; the spread
+    keeps the batch's easy rows in the subset."""
+
+    def pick(self, ctx: selection.SelectionContext, order: Tensor, count: int) -> Tensor:
+        band = super().pick(ctx, order, count)
+        if ctx.step < self.estimate_until:
+            return band
+        n, h = ctx.batch_size, (count + 1) // 2
+        skip = (order == band[0]).int().argmax()  # the band's first rank
+        spread = torch.arange(count - h, device=order.device) * (n - h) // (count - h)
+        spread = spread + h * (spread >= skip)  # ranks outside the band's first h rows
+        return torch.cat([band[:h], order.index_select(0, spread)])
+
+
 def _auto(**options) -> functools.partial:
     return functools.partial(selection.AutoBand, **options)
 
@@ -157,6 +192,11 @@ EXTRA = {
     "auto-frozen10": _auto(margin=1.0, decay=1.0),
     "auto-frozen125": _auto(margin=1.25, decay=1.0),
     "auto-frozen10-late": _auto(margin=1.0, decay=1.0, estimate_steps=(200, 400)),
+    "auto-half": HalfBand,
+    "auto/stratified": per_pass(selection.AutoBand, selection.StratifiedLoss),
+    "stratified/auto": per_pass(selection.StratifiedLoss, selection.AutoBand),
+    "top/stratified": per_pass(selection.TopLoss, selection.StratifiedLoss),
+    "stratified/top": per_pass(selection.StratifiedLoss, selection.TopLoss),
 }
 
 if __name__ == "__main__":
