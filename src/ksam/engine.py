@@ -435,11 +435,14 @@ class SharpnessAwareOptimizer:
                                    subset_updates_batchnorm=remembered is not None)
         ctx = SelectionContext(
             batch_size=n, device=passes.device, generator=self.generator, step=self.steps,
-            labels=batch_labels(batch, n) if plan.needs_labels else None)
+            labels=batch_labels(batch, n) if plan.needs_labels else None, ids=ids)
         try:
             # 1. scoring: per-sample losses at w, without gradient
             if remembered is not None:
                 ctx.scores = remembered.read(ids)
+            elif plan.scores_first(sharp) and plan.needs_logits:
+                scores, ctx.logits = passes.score()
+                ctx.scores = scores.float()
             elif plan.scores_first(sharp):
                 ctx.scores = passes.run(None).float()
             # 2. the ascent gradient and w <- w + eps (or eps from the optimizer's state)

@@ -11,6 +11,7 @@ steps before it) and ``p`` (probability that a step is sharpness-aware), see
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -28,6 +29,8 @@ from .perturbation import (
 from .schedule import Schedule
 from .selection import (
     RESCALE_KINDS,
+    RULES,
+    LargestIncreaseTop,
     LargestLossIncrease,
     RandomSubset,
     RuleFactory,
@@ -125,7 +128,13 @@ class KSAM(SharpnessAwareOptimizer):
                  rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
                  start_step: int = 0, p: float = 1.0, select: str | RuleFactory = "top",
                  scores: str = "forward", num_examples: int | None = None, **engine: Any):
-        remembered = remembered_scores(scores, num_examples, select)
+        rule_memory = select in RULES_WITH_MEMORY
+        remembered = remembered_scores(scores, None if rule_memory else num_examples, select)
+        if rule_memory:
+            if num_examples is None:
+                raise ValueError(f"select={select!r} keeps a per-example memory: it needs "
+                                 "num_examples=N, the size of the training set")
+            select = functools.partial(RULES[select], num_examples=num_examples)
         if remembered is not None and not isinstance(rescale, _Auto) and rescale:
             raise ValueError("scores='memory' takes no rescale (its estimate reads the "
                              "batch's losses at w, which the memory has only stale)")
@@ -134,8 +143,10 @@ class KSAM(SharpnessAwareOptimizer):
         if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
-        ascent = build_rule(select, k if k_ascent is None else k_ascent,
-                            "k" if k_ascent is None else "k_ascent")
+        ascent = build_rule(
+            functools.partial(LargestIncreaseTop, descent=False) if select == "increase"
+            else select, k if k_ascent is None else k_ascent,
+            "k" if k_ascent is None else "k_ascent")
         descent = build_rule(select, k if k_descent is None else k_descent,
                              "k" if k_descent is None else "k_descent", warmup=k_warmup,
                              rescale=rescale, loss_kind=loss_kind)
@@ -144,6 +155,10 @@ class KSAM(SharpnessAwareOptimizer):
                          descent=descent, schedule=Schedule(start_step, p),
                          remembered=remembered, **engine)
 
+
+#: The selection rules that keep a per-example memory of their own (they take
+#: ``num_examples`` and batches given as :class:`ksam.IndexedBatch`).
+RULES_WITH_MEMORY = ("aum",)
 
 #: The rules that may rank by remembered losses (``scores="memory"``): both read only the
 #: order of the scores and take its first row, so a batch with examples not scored yet
@@ -354,7 +369,8 @@ METHODS = {
 def takes_num_examples(name: str, options: dict[str, Any]) -> bool:
     """Whether method ``name`` with ``options`` keeps a per-example memory and so takes
     ``num_examples`` (SAF; K-SAM and Ordered SGD with ``scores="memory"``)."""
-    return name.lower() == "saf" or options.get("scores") == "memory"
+    return name.lower() == "saf" or options.get("scores") == "memory" \
+        or options.get("select") in RULES_WITH_MEMORY
 
 
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -166,6 +166,35 @@ class StepPasses:
             self._batchnorm_pending = False
         return torch.cat(parts)
 
+    def score(self) -> tuple[Tensor, Tensor]:
+        """A gradient-free pass over the whole batch: its per-sample losses and the logits
+        ``loss_fn`` returned with them (chunk by chunk with ``micro_batch_size``).
+        ValueError when ``loss_fn`` returns no logits."""
+        p = self.passes
+        step = p.micro_batch_size if self.chunked(self.n) else self.n
+        update = self._updates_batchnorm(None)
+        losses, logits = [], []
+        with p.batchnorm.accumulated() if update and step < self.n \
+                else contextlib.nullcontext():
+            for start in range(0, self.n, step):
+                stop = min(start + step, self.n)
+                rows = None if step == self.n else slice(start, stop)
+                inner = loss_batch(index_batch(self.batch, rows))
+                with p.batchnorm.frozen(not update or step < self.n), \
+                        p.autocast(self.device), torch.no_grad():
+                    part, part_logits = split_output(self.loss_fn(p.forward_model, inner),
+                                                     stop - start)
+                if part_logits is None:
+                    raise ValueError("this selection rule reads the logits: loss_fn must "
+                                     "return ksam.LossOutput(losses, logits)")
+                losses.append(part.detach())
+                logits.append(part_logits.detach())
+        if update:
+            self._batchnorm_pending = False
+        if len(losses) == 1:
+            return losses[0], logits[0]
+        return torch.cat(losses), torch.cat(logits)
+
     def _updates_batchnorm(self, index: Tensor | None) -> bool:
         return self._batchnorm_pending and (index is None or self.subset_updates_batchnorm)
 

@@ -58,6 +58,8 @@ class StepPlan:
     scores_plain: bool = field(init=False)
     #: a rule reads the batch's class labels
     needs_labels: bool = field(init=False)
+    #: a rule reads the scoring pass's logits
+    needs_logits: bool = field(init=False)
     #: the perturbation comes from the optimizer's state, with no ascent pass (MSAM)
     perturbs_from_state: bool = field(init=False)
     #: why a step draws random numbers on the host (None: it does not)
@@ -89,10 +91,10 @@ class StepPlan:
                                  or (descent.needs_scores and not ascent_is_full)),
             "scores_plain": plain.needs_scores,
             "needs_labels": any(r.needs_labels for r in rules),
+            "needs_logits": any(r.needs_logits for r in rules),
             "perturbs_from_state": perturbation is not None and not perturbation.needs_ascent,
             "host_randomness": _host_randomness(rules, perturbation),
-            "memory": self.remembered.memory if self.remembered is not None
-            else getattr(self.term, "memory", None),
+            "memory": _one_memory(self.remembered, self.term, *rules),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -178,6 +180,16 @@ def _host_randomness(rules: list[SelectionRule],
     if perturbation is not None and perturbation.draws_on_host:
         return f"{perturbation!r} draws its mask on the host"
     return None
+
+
+def _one_memory(*holders: object) -> ExampleMemory | None:
+    """The per-example memory the rules keep (None: none); ValueError for two."""
+    memories = {id(m): m for h in holders if h is not None
+                for m in [getattr(h, "memory", None)] if m is not None}
+    if len(memories) > 1:
+        raise ValueError("a method may keep one per-example memory: these rules keep "
+                         f"{len(memories)}")
+    return next(iter(memories.values()), None)
 
 
 def _kind(rule: object) -> str | None:

@@ -97,6 +97,12 @@ class SelectionContext:
     generator: torch.Generator | None = None
     step: int = 0
     cache: dict = field(default_factory=dict)
+    #: the scoring pass's logits at w (detached), filled only for a rule with
+    #: ``needs_logits`` (from a ``loss_fn`` that returns :class:`ksam.memory.LossOutput`)
+    logits: Tensor | None = None
+    #: the rows' example ids (an :class:`ksam.batch.IndexedBatch`'s), filled only for a
+    #: plan with a per-example memory
+    ids: Tensor | None = None
 
 
 def top_indices(values: Tensor, count: int) -> Tensor:
@@ -128,7 +134,11 @@ class SelectionRule:
     needs_scores: bool = False
     needs_perturbed_losses: bool = False
     needs_labels: bool = False
+    needs_logits: bool = False
     draws_on_host: bool = False
+    #: a per-example memory the rule reads and writes (:class:`ksam.memory.ExampleMemory`;
+    #: the batch must carry example ids), or None
+    memory = None
 
     def size(self, batch_size: int) -> int:
         """How many examples the rule selects from a batch of ``batch_size``."""
@@ -484,6 +494,11 @@ AUTO_MAX_SKIP = 0.5
 AUTO_ESTIMATE_FRACTION = 0.1
 
 
+#: What :class:`AutoBand` counts (``criterion``): ``"chance"`` the rows below chance,
+#: ``"either"`` also the rows the model confidently contradicts (reads the logits).
+CRITERIA = ("chance", "either")
+
+
 def auto_window(fraction: float, steps_total: int) -> tuple[int, int]:
     """:class:`AutoBand`'s ``estimate_steps`` for a run of ``steps_total`` steps when the CLI
     says ``estimate=FRACTION``: steps ``[round(F*T), round(2*F*T))``, at least one step."""
@@ -551,8 +566,13 @@ class AutoBand(TopLoss):
                  margin: float = AUTO_MARGIN,
                  estimate_steps: tuple[int, int] = AUTO_ESTIMATE_STEPS,
                  decay: float = AUTO_DECAY, max_skip: float = AUTO_MAX_SKIP,
-                 classes: int | None = None) -> None:
+                 classes: int | None = None, criterion: str = "chance") -> None:
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got "
+                             f"{criterion!r}")
+        self.criterion = criterion
+        self.needs_logits = criterion != "chance"
         if self.loss_kind != "ce":
             raise ValueError(f"{type(self).__name__} compares losses with chance level ln C: "
                              f"it needs cross-entropy losses, got loss_kind={loss_kind!r}")
@@ -569,7 +589,7 @@ class AutoBand(TopLoss):
                 classes, Integral) or classes < 2):
             raise ValueError(f"classes must be an int >= 2 or None, got {classes!r}")
         self.classes = None if classes is None else int(classes)
-        self.needs_labels = classes is None
+        self.needs_labels = classes is None or criterion != "chance"
         self._estimate = _Estimate()
 
     def graph_key(self, step: int) -> object:
@@ -589,7 +609,7 @@ class AutoBand(TopLoss):
             return _spread_rows(order, n, count)
         est = self._estimate
         (total, steps, mean, low, started), new = est.views(order.device)
-        below = (ctx.scores.float() > self._chance_loss(ctx)).float().mean()
+        below = self.flagged(ctx).float().mean()
         new_total, new_steps, new_mean, new_low, new_started = new
         est.pending = True
         if ctx.step < self.estimate_until:
@@ -612,6 +632,15 @@ class AutoBand(TopLoss):
 
     def commit(self, keep: bool | Tensor) -> None:
         self._estimate.commit(keep)
+
+    def flagged(self, ctx: SelectionContext) -> Tensor:
+        """Per row, whether it counts towards the measured share: below chance (loss >
+        ln C), or with ``criterion="either"`` also confidently contradicted
+        (:func:`confidently_contradicted`)."""
+        below = ctx.scores.float() > self._chance_loss(ctx)
+        if self.criterion == "chance":
+            return below
+        return below | confidently_contradicted(ctx)
 
     def estimate(self) -> float | None:
         """The current (committed) estimate of the share to skip, before the margin (host
@@ -698,6 +727,239 @@ def _check_window(steps: tuple[int, int]) -> tuple[int, int]:
 def _spread_rows(order: Tensor, n: int, count: int) -> Tensor:
     """Rows at evenly spaced ranks ``floor(i * n / count)`` of ``order``."""
     return order.index_select(0, torch.arange(count, device=order.device) * n // count)
+
+
+# ----------------------------------------------- rules that read logits, memory or noise
+
+def label_margins(ctx: SelectionContext) -> Tensor:
+    r"""Per row, the labelled class's logit minus the largest other logit at w
+    (:math:`z_y - \max_{c \ne y} z_c`; negative: the model contradicts the label), fp32,
+    from the scoring pass's logits; computed once per step (``ctx.cache``)."""
+    cached = ctx.cache.get("label_margins")
+    if cached is not None:
+        return cached
+    if ctx.logits is None or ctx.labels is None:
+        raise ValueError("this selection rule reads the logits and the labels: give batches "
+                         "as (inputs, labels) and a loss_fn that returns "
+                         "ksam.LossOutput(losses, logits)")
+    z = ctx.logits.detach().float()
+    y = ctx.labels.to(z.device, non_blocking=True).long().unsqueeze(1)
+    labelled = z.gather(1, y).squeeze(1)
+    other = z.scatter(1, y, -math.inf).amax(1)
+    margins = ctx.cache["label_margins"] = labelled - other
+    return margins
+
+
+def _kept_first(order: Tensor, dropped: Tensor) -> Tensor:
+    """``order`` with the rows not ``dropped`` first, each group in its order (a stable
+    sort on the group: static shapes, no host sync)."""
+    key = dropped.index_select(0, order).to(torch.uint8)
+    return order.index_select(0, torch.sort(key, stable=True).indices)
+
+
+class TopLossUncontradicted(TopLoss):
+    r"""Top-K among the rows the model does not *confidently contradict*, then the others,
+    each group largest loss first.
+
+    A row is confidently contradicted at w when the model's most likely class is not the
+    label and has probability at least 1/2 (:math:`\arg\max_c z_c \ne y` and
+    :math:`\max_c \operatorname{softmax}(z)_c \ge 1/2`). A mislabelled example - symmetric
+    noise, or a class flipped to a fixed other class - is one the model predicts as its
+    true class once it has learned that class from the correctly labelled majority: it is
+    confidently contradicted, whatever the noise structure, and left out. A hard clean
+    example, and every example early in training, gets a spread-out prediction (no class
+    at 1/2) and stays in: the rule is top-K until the model is sure of something. No
+    state, no estimate, no window. Reads the labels and the logits of the scoring pass.
+    ``warmup`` and ``rescale`` as in :class:`TopLoss`."""
+
+    needs_labels = True
+    needs_logits = True
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        cached = ctx.cache.get("uncontradicted_order")
+        if cached is None or cached[0] is not order:
+            cached = ctx.cache["uncontradicted_order"] = (
+                order, _kept_first(order, confidently_contradicted(ctx)))
+        return cached[1][:count]
+
+
+def confidently_contradicted(ctx: SelectionContext) -> Tensor:
+    """Per row: the model's most likely class is not the label and has probability >= 1/2
+    (see :class:`TopLossUncontradicted`)."""
+    probs = torch.softmax(ctx.logits.detach().float(), dim=1)
+    return (label_margins(ctx) < 0) & (probs.amax(1) >= 0.5)
+
+
+#: Default of :class:`FitGatedBand`'s ``gate``: the band starts once the running mean of
+#: the share of the batch the model misclassifies is at most 1/2.
+GATE_SHARE = 0.5
+
+
+class FitGatedBand(AutoBand):
+    r""":class:`AutoBand` with its estimate window set by the model's fit instead of step
+    counts: K rows at evenly spaced ranks while :math:`g_t`, the running mean (``decay``)
+    of the share of the batch the model misclassifies, is above ``gate`` (1/2); from the
+    first step with :math:`g_t \le \text{gate}` on, the band, whose skip follows the
+    running mean of the measured share (:meth:`AutoBand.flagged`) started at that step,
+    downwards only. Reads the labels and the scoring pass's logits."""
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 margin: float = AUTO_MARGIN, decay: float = AUTO_DECAY,
+                 max_skip: float = AUTO_MAX_SKIP, criterion: str = "chance",
+                 gate: float = GATE_SHARE) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind,
+                         margin=margin, decay=decay, max_skip=max_skip, criterion=criterion)
+        self.gate = _check_share(gate, "gate")
+        self.needs_labels = self.needs_logits = True
+
+    def graph_key(self, step: int) -> object:
+        return None
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        n = ctx.batch_size
+        # state: (gate's running mean, measured, running mean, its minimum, open)
+        (fit, measured, mean, low, opened), new = self._estimate.views(order.device)
+        new_fit, new_measured, new_mean, new_low, new_opened = new
+        self._estimate.pending = True
+        wrong = (label_margins(ctx) < 0).float().mean()
+        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
+                                  wrong))
+        new_measured.fill_(1.0)
+        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
+        share = self.flagged(ctx).float().mean()
+        new_mean.copy_(torch.where(opened > 0, self.decay * mean + (1 - self.decay) * share,
+                                   share))
+        new_low.copy_(torch.where(opened > 0, torch.minimum(low, new_mean), new_mean))
+        cap = min(round(self.max_skip * n), n - count)
+        skip = torch.ceil(self.margin * new_low * n).clamp(0, cap).long()
+        band = order.index_select(0, torch.arange(count, device=order.device) + skip)
+        return torch.where(new_opened > 0, band, _spread_rows(order, n, count))
+
+
+#: Default of :class:`AreaUnderMargin`'s ``threshold``: a remembered margin below -ln 2
+#: means the model rates another class at least twice as likely as the label, on average
+#: over the example's visits.
+AUM_THRESHOLD = -math.log(2.0)
+#: Default of :class:`AreaUnderMargin`'s ``decay``: the weight of an example's earlier
+#: visits in its remembered margin.
+AUM_DECAY = 0.5
+
+
+class AreaUnderMargin(TopLoss):
+    r"""Top-K among the examples whose *remembered* label margin is at least ``threshold``
+    (-ln 2), then the others, each group largest loss first (after Pleiss et al. 2020,
+    "area under the margin"): per example, a running mean over its visits of
+    :func:`label_margins`, :math:`a \leftarrow \text{decay}\cdot a + (1-\text{decay})
+    \cdot\text{margin}` (the first visit's margin as it is), this visit included.
+    Examples the model persistently rates another class above their label, by more than
+    twice the odds, are left out, whatever the noise structure; early in training every
+    margin is near 0 and the rule is top-K. Keeps one fp32 value and a visit count per
+    example (``num_examples`` rows; batches given as :class:`ksam.IndexedBatch`), in the
+    engine's :meth:`state_dict`; a skipped step leaves it as it was. Reads the labels and
+    the logits of the scoring pass."""
+
+    needs_labels = True
+    needs_logits = True
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce", *,
+                 num_examples: int, threshold: float = AUM_THRESHOLD,
+                 decay: float = AUM_DECAY) -> None:
+        from .memory import ExampleMemory
+
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) \
+                or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        self.decay, self.threshold = float(decay), float(threshold)
+        self.memory = ExampleMemory(num_examples)
+
+    def share_state(self, other: SelectionRule) -> None:
+        if isinstance(other, AreaUnderMargin):
+            self.memory = other.memory
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        cached = ctx.cache.get("aum_order")
+        if cached is None or cached[0] is not order:
+            if ctx.ids is None:
+                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
+                                 "ksam.IndexedBatch(batch, index)")
+            margins = label_margins(ctx)
+            mem = self.memory
+            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
+            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
+                0, ctx.ids)
+            new = torch.where(visits > 0, self.decay * mean + (1 - self.decay) * margins,
+                              margins)
+            mem.stage(ctx.ids, aum=new, aum_visits=visits + 1)
+            cached = ctx.cache["aum_order"] = (order, _kept_first(order, new < self.threshold))
+        return cached[1][:count]
+
+    def _repr_options(self) -> str:
+        return f"{super()._repr_options()}, num_examples={self.memory.num_examples}"
+
+
+#: Default of :class:`LossSampled`'s ``uniform``: the share of the sampling weight spread
+#: evenly over the batch, so that no example can own the subset.
+SAMPLE_UNIFORM = 0.5
+
+
+class LossSampled(TopLoss):
+    r"""K rows drawn without replacement with probability growing with the loss at w
+    (AUSAM, Zhao et al. 2025, samples by a remembered score; here the step's own losses),
+
+    .. math:: p_i \propto (1 - u)\,\frac{l_i}{\sum_j l_j} + \frac{u}{B},
+
+    ``u`` = ``uniform``: every example keeps at least :math:`u/B` of the weight, so no
+    example can own the subset. One draw a step (Gumbel top-K over the whole batch, from
+    the engine's generator on the host), shared by K-SAM's ascent and descent rules:
+    the ascent takes the first K1 rows of the drawn order, the descent the first K2.
+    """
+
+    draws_on_host = True
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 uniform: float = SAMPLE_UNIFORM) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        self.uniform = _check_share(uniform, "uniform") if uniform != 1 else 1.0
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        cached = ctx.cache.get("sampled_order")
+        if cached is None or cached[0] is not ctx.scores:
+            losses = ctx.scores.detach().float().clamp_min(0)
+            total = losses.sum().clamp_min(1e-12)
+            weights = (1 - self.uniform) * losses / total + self.uniform / ctx.batch_size
+            gen = ctx.generator
+            u = torch.rand(ctx.batch_size, generator=gen,
+                           device=gen.device if gen is not None else "cpu")
+            gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
+            keys = weights.log() + gumbel.to(weights.device, non_blocking=True)
+            cached = ctx.cache["sampled_order"] = (ctx.scores, descending_order(keys))
+        return cached[1][:count]
+
+
+class LargestIncreaseTop(TopLoss):
+    """The K rows whose loss rises most from w to w+eps (ESAM's and AUSAM's sharpness
+    score) for K-SAM's descent; a full forward at w+eps gives the losses. K-SAM's ascent
+    with this rule takes evenly spaced ranks of the loss order (as :class:`StratifiedLoss`):
+    the score exists only once eps does. ``warmup`` and ``rescale`` as in :class:`TopLoss`
+    (the rescale reads the losses at w)."""
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 descent: bool = True) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        self.needs_perturbed_losses = bool(descent)
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        if not self.needs_perturbed_losses:
+            return _spread_rows(order, ctx.batch_size, count)
+        assert ctx.perturbed_losses is not None
+        return top_indices(ctx.perturbed_losses - ctx.scores.float(), count)
 
 
 #: What makes a rule of the top-K family: ``factory(k, name, warmup=, rescale=, loss_kind=)``.

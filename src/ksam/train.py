@@ -238,10 +238,10 @@ def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float
     from .tasks import cross_entropy_output, per_sample_cross_entropy
 
     cfg, device = run.cfg, run.device
-    # SAF and MESA read the logits; a method with a memory, the examples' ids (global
-    # positions in the training set, also under DDP).
+    # SAF, MESA and the rules of the label margin read the logits; a method with a memory,
+    # the examples' ids (global positions in the training set, also under DDP).
     loss_fn = per_sample_cross_entropy if run.engine.plan.term is None \
-        else cross_entropy_output
+        and not run.engine.plan.needs_logits else cross_entropy_output
     with_ids = run.engine.plan.memory is not None
     order = torch.randperm(len(run.train_x), device=device, generator=run.data_gen)
     if run.world > 1:
