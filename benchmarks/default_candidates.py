@@ -28,6 +28,8 @@ CANDIDATES = {
     "aum": selection.AreaUnderMargin,
     "sample": selection.LossSampled,
     "increase": selection.LargestIncreaseTop,
+    "fit-confident": selection.GatedUncontradicted,
+    "fit-aum": selection.GatedAreaUnderMargin,
 }
 
 if __name__ == "__main__":

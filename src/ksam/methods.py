@@ -158,7 +158,7 @@ class KSAM(SharpnessAwareOptimizer):
 
 #: The selection rules that keep a per-example memory of their own (they take
 #: ``num_examples`` and batches given as :class:`ksam.IndexedBatch`).
-RULES_WITH_MEMORY = ("aum",)
+RULES_WITH_MEMORY = ("aum", "fit-aum")
 
 #: The rules that may rank by remembered losses (``scores="memory"``): both read only the
 #: order of the scores and take its first row, so a batch with examples not scored yet

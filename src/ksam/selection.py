@@ -790,6 +790,112 @@ def confidently_contradicted(ctx: SelectionContext) -> Tensor:
     return (label_margins(ctx) < 0) & (probs.amax(1) >= 0.5)
 
 
+class FitGated(TopLoss):
+    r"""A rule of two phases, switched by the model's fit, not by a step count: K rows at
+    evenly spaced ranks of the loss order (as :class:`StratifiedLoss`: the model learns
+    from every part of the batch, mislabelled rows at the batch's rate) while :math:`g_t`,
+    the running mean (``decay``) of the share of the batch the model misclassifies, is
+    above ``gate`` (1/2); from the first step with :math:`g_t \le \text{gate}` on, the rows
+    of :meth:`filtered`. Reads the labels and the scoring pass's logits."""
+
+    needs_labels = True
+    needs_logits = True
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce",
+                 gate: float = 0.5, decay: float = AUTO_DECAY) -> None:
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
+        self.gate = _check_share(gate, "gate")
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self._estimate = _Estimate()
+
+    def share_state(self, other: SelectionRule) -> None:
+        if isinstance(other, FitGated):
+            self._estimate = other._estimate
+
+    def commit(self, keep: bool | Tensor) -> None:
+        self._estimate.commit(keep)
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        (fit, measured, _, _, opened), new = self._estimate.views(order.device)
+        new_fit, new_measured, _, _, new_opened = new
+        self._estimate.pending = True
+        wrong = (label_margins(ctx) < 0).float().mean()
+        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
+                                  wrong))
+        new_measured.fill_(1.0)
+        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
+        filtered = self.filtered(ctx, order, count)
+        return torch.where(new_opened > 0, filtered,
+                           _spread_rows(order, ctx.batch_size, count))
+
+    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        state = self._estimate.state
+        return {} if state is None else {"estimate": state.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._estimate.load(state.get("estimate"))
+
+
+class GatedUncontradicted(FitGated):
+    """:class:`FitGated`, then top-K among the rows the model does not confidently
+    contradict (:func:`confidently_contradicted`), then the others."""
+
+    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        return _kept_first(order, confidently_contradicted(ctx))[:count]
+
+
+class GatedAreaUnderMargin(FitGated):
+    """:class:`FitGated`, then top-K among the examples whose remembered label margin (a
+    running mean over visits, ``visit_decay``, kept in a per-example memory from the first
+    step on) is at least ``threshold``, then the others."""
+
+    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
+                 rescale: bool | float = False, loss_kind: str = "ce", *,
+                 num_examples: int, gate: float = 0.5, decay: float = AUTO_DECAY,
+                 visit_decay: float = 0.5, threshold: float = 0.0) -> None:
+        from .memory import ExampleMemory
+
+        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind,
+                         gate=gate, decay=decay)
+        self.visit_decay, self.threshold = float(visit_decay), float(threshold)
+        self.memory = ExampleMemory(num_examples)
+
+    def share_state(self, other: SelectionRule) -> None:
+        super().share_state(other)
+        if isinstance(other, GatedAreaUnderMargin):
+            self.memory = other.memory
+
+    def remembered(self, ctx: SelectionContext) -> Tensor:
+        cached = ctx.cache.get("gated_aum")
+        if cached is None:
+            if ctx.ids is None:
+                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
+                                 "ksam.IndexedBatch(batch, index)")
+            margins = label_margins(ctx)
+            mem = self.memory
+            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
+            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
+                0, ctx.ids)
+            d = self.visit_decay
+            cached = torch.where(visits > 0, d * mean + (1 - d) * margins, margins)
+            mem.stage(ctx.ids, aum=cached, aum_visits=visits + 1)
+            ctx.cache["gated_aum"] = cached
+        return cached
+
+    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        self.remembered(ctx)
+        return super().pick(ctx, order, count)
+
+    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
+        return _kept_first(order, self.remembered(ctx) < self.threshold)[:count]
+
+
 #: Default of :class:`FitGatedBand`'s ``gate``: the band starts once the running mean of
 #: the share of the batch the model misclassifies is at most 1/2.
 GATE_SHARE = 0.5
