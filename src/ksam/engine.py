@@ -72,6 +72,7 @@ from .plan import StepPlan
 from .schedule import Schedule
 from .selection import SelectionContext, SelectionRule
 from .transform import GradientTransform
+from .validate import check_bool, check_callable, check_int
 
 __all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "LossFn",
            "compile_backend"]
@@ -79,6 +80,8 @@ __all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "
 #: ``finite_reducer``: combines this process's 0-d bool "the step is finite" with the other
 #: processes' verdicts (DDP, FSDP2: all ranks skip together).
 FiniteReducer = Callable[[Tensor], Tensor]
+#: The largest seed of the engine's generator (``torch.Generator.manual_seed`` takes 64 bits).
+MAX_GENERATOR_SEED = 2**64 - 1
 
 
 class SharpnessAwareOptimizer:
@@ -92,8 +95,8 @@ class SharpnessAwareOptimizer:
             Ordered SGD, and Momentum-SAM (whose perturbation comes from the optimizer).
         perturbation: how the ascent gradient becomes eps (required with ``ascent``).
         descent: selection rule of the descent pass.
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training; a step whose gradients
-            overflow is then skipped and the scale backs off.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training (or None); a step whose
+            gradients overflow is then skipped and the scale backs off.
         autocast_dtype: run the forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``); ``None`` leaves precision to you.
         fast_path: ``True`` captures whole steps as CUDA graphs where possible (see
@@ -105,8 +108,8 @@ class SharpnessAwareOptimizer:
             passes to a couple of graphs; ESAM computes (and drops) the gradients its
             weight mask leaves out rather than recompile for every mask.
         seed: seed of the engine's own generator (random subsets, ESAM's weight mask, the
-            schedule's draws). Defaults to a draw from torch's global generator, so
-            ``torch.manual_seed`` makes runs reproducible.
+            schedule's draws), an int in [0, 2**64 - 1]. Defaults to a draw from torch's
+            global generator, so ``torch.manual_seed`` makes runs reproducible.
         sync_perturbation: with DistributedDataParallel, average the ascent gradient
             across ranks (``False``, the default for DDP: each rank perturbs with its own
             ascent gradient, and the ascent pass sends nothing). An FSDP2-sharded model's
@@ -190,6 +193,13 @@ class SharpnessAwareOptimizer:
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
         backend = compile_backend(compile)
+        check_bool("fast_path", fast_path)
+        if seed is not None:
+            seed = check_int("seed", seed, high=MAX_GENERATOR_SEED)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{grad_scaler!r}")
+        check_callable("finite_reducer", finite_reducer)
         self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
         self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.model = model
@@ -224,7 +234,7 @@ class SharpnessAwareOptimizer:
             transform.bind(self.params.local(self.params.params))
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(seed)
         #: steps taken, skipped ones included: written only by :meth:`step` (and
         #: :meth:`load_state_dict`)
         self.steps = 0
