@@ -150,6 +150,20 @@ class SharpnessAwareOptimizer:
     where that check would sync, such a step is skipped instead). Under DDP every rank keeps
     all N rows and writes every rank's rows (:class:`ksam.memory.ExampleMemory`).
 
+    **The optimizer's param groups are read at every step.** A group added after the engine
+    was built (``optimizer.add_param_group(...)``: progressive unfreezing) is perturbed,
+    restored, checked for non-finite gradients and stepped from the next step on, as if it
+    had been there, frozen, from the start: the start of every step compares the groups'
+    parameter lists with those it last saw (one look per group) and, when they changed,
+    rebuilds what depends on them (:meth:`follow_optimizer`); LookSAM's stored direction
+    keeps its entries and is zero on the new parameters, and the fast path drops its
+    captured graphs and captures them anew.
+
+    Options are checked once, at construction (ValueError): ``seed`` an int in
+    [0, 2**64 - 1] (not a bool, float or string), ``fast_path`` a bool, ``grad_scaler`` a
+    ``torch.amp.GradScaler`` or None, ``finite_reducer`` a function or None. A step that
+    raises changes nothing, the engine's generator included (:meth:`step`).
+
     The rules and what follows from them are the engine's :attr:`plan` (a
     :class:`ksam.plan.StepPlan`). One step is three public stages, which the executors
     (:class:`ksam.executor.EagerExecutor`, :class:`ksam.fast.SyncFreeExecutor`) run:
@@ -250,7 +264,15 @@ class SharpnessAwareOptimizer:
     # ----------------------------------------------------------------------------- API
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
         """One optimizer step on ``batch``; ``loss_fn(model, batch)`` returns per-sample
-        losses of shape [n]."""
+        losses of shape [n].
+
+        The step first takes in the optimizer's current param groups
+        (:meth:`follow_optimizer`). A step that raises (bad input, a ``loss_fn`` that
+        returns no per-sample losses, a failing optimizer) changes nothing: weights,
+        BatchNorm statistics, optimizer and rule state, the step counter, and the engine's
+        generator, whose draws of the step are put back, so the next steps are those of a
+        run without the failed call."""
+        self.follow_optimizer()
         n = batch_size(batch)
         self.check_batch(n)
         if self.plan.needs_labels:
@@ -264,6 +286,30 @@ class SharpnessAwareOptimizer:
         result = self.executor.step(batch, loss_fn, n, sharp)
         self.steps += 1
         return result
+
+    def follow_optimizer(self) -> None:
+        """Take in the optimizer's current param groups if their parameter lists changed
+        since the engine last looked (``optimizer.add_param_group(...)``, progressive
+        unfreezing; a group's list grown or shrunk): everything that depends on the
+        parameters is rebuilt for the new list (the parameter set the step perturbs,
+        restores and checks for NaN, LookSAM's stored direction, which keeps its entries
+        for the parameters it had and is zero on the new ones, and on the fast path the
+        captured graphs and the optimizer's preparation). Cheap when nothing changed (one
+        look per group); :meth:`step`, :meth:`compute`, :meth:`state_dict` and
+        :meth:`load_state_dict` call it. ValueError, nothing changed, when the new
+        parameters are refused (not the model's, all frozen)."""
+        if self.params.follows(self.optimizer):
+            return
+        params = ParameterSet(self.model, self.optimizer,
+                              replica_group=self.params.replica_group)
+        if params.sharded != self.params.sharded:
+            raise ValueError("the optimizer's new parameters are sharded differently from "
+                             "those the engine was built with: build a new engine")
+        transform = self.plan.transform
+        if transform is not None:  # refuses before it changes anything
+            transform.bind(params.local(params.params))
+        self.params = params
+        self.executor.optimizer_changed()
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
@@ -330,6 +376,7 @@ class SharpnessAwareOptimizer:
     def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: the base optimizer's state included, unless
         ``include_optimizer=False`` (a trainer that saves the optimizer on its own)."""
+        self.follow_optimizer()
         plan = self.plan
         state = {
             **self.identity(),
@@ -429,6 +476,7 @@ class SharpnessAwareOptimizer:
         code runs eagerly and inside a CUDA graph capture. On an exception the gradients
         are cleared, the BatchNorm statistics and the weights put back, and it propagates.
         """
+        self.follow_optimizer()
         plan = self.plan
         n = batch_size(batch) if n is None else n
         self.zero_grad()
