@@ -282,8 +282,15 @@ class SharpnessAwareOptimizer:
             ids = batch_index(batch)
             if ids is None or not (self.fast_path_active and ids.is_cuda):
                 memory.check_ids(ids, n)
-        sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
-        result = self.executor.step(batch, loss_fn, n, sharp)
+        # The schedule, random subsets and ESAM's mask draw from the generator before the
+        # passes that may still refuse the step: its state is put back if they do.
+        drawn = self.generator.get_state()
+        try:
+            sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
+            result = self.executor.step(batch, loss_fn, n, sharp)
+        except BaseException:
+            self.generator.set_state(drawn)
+            raise
         self.steps += 1
         return result
 
