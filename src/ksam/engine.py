@@ -414,8 +414,16 @@ class SharpnessAwareOptimizer:
         Refused (TypeError / ValueError, nothing changed): a state of another method, with
         other kinds of rules or of another optimizer class, one saved with the other
         ``fast_path`` setting (the fast path steps with the optimizer's fused kernel, the
-        eager path with the kernel you chose, so a run would not continue exactly), and any
-        state that fails to load part of the way: the engine is put back as it was."""
+        eager path with the kernel you chose, so a run would not continue exactly), and one
+        that does not fit this engine or is not sound: step counters that are not integers
+        >= 0 (or more skipped or sharp steps than steps), an optimizer state whose
+        parameter tensors do not have the shapes and dtypes of the optimizer's parameters,
+        whose hyper-parameters (``lr``, ``momentum``, ...) are not finite numbers >= 0 or
+        whose tensors are not finite, a missing or incomplete state of the method's memory
+        (its tables, with their shapes), LookSAM's transform (``v``) or MESA's term (the
+        average model); and any state that fails to load part of the way: the engine is
+        put back as it was."""
+        self.follow_optimizer()
         self._check_state(state)
         before = copy.deepcopy(self.state_dict())
         try:
@@ -433,11 +441,12 @@ class SharpnessAwareOptimizer:
             plan.ascent.load_state_dict(state.get("ascent", {}))
         plan.descent.load_state_dict(state.get("descent", {}))
         if plan.transform is not None:
-            plan.transform.load_state_dict(state.get("transform", {}))
+            plan.transform.load_state_dict(state["transform"])
         if plan.term is not None:
-            plan.term.load_state_dict(state.get("term", {}))
+            plan.term.load_state_dict(state["term"])
         if plan.memory is not None:
-            plan.memory.load_state_dict(state.get("memory", {}))
+            applied = int(state["steps"]) - int(state["skipped_steps"])
+            plan.memory.load_state_dict(state["memory"], complete=applied > 0)
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
@@ -468,6 +477,26 @@ class SharpnessAwareOptimizer:
         generator = state["generator"]
         if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
             raise ValueError("not a ksam state_dict: 'generator' is not a generator state")
+        self._check_counters(state)
+        parts = {"transform": self.plan.transform, "term": self.plan.term,
+                 "memory": self.plan.memory}
+        lacking = [key for key, part in parts.items() if part is not None and key not in state]
+        if lacking:
+            raise ValueError(f"this state_dict lacks the method's {', '.join(lacking)} state: "
+                             "it would keep this engine's own, and the run would not "
+                             "continue exactly")
+        if "optimizer" in state:
+            _check_optimizer_state(state["optimizer"], self.optimizer)
+
+    @staticmethod
+    def _check_counters(state: dict[str, Any]) -> None:
+        """The step counters: integers >= 0, no more skipped or sharp steps than steps."""
+        steps = check_int("state_dict 'steps'", state["steps"])
+        for key in ("skipped_steps", "sharp_steps"):
+            if key in state and check_int(f"state_dict {key!r}", state[key]) > steps:
+                raise ValueError(f"this state_dict counts {state[key]} {key.replace('_', ' ')} "
+                                 f"in {steps} steps")
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ascent={self.ascent!r}, "
                 f"perturbation={self.perturbation!r}, descent={self.descent!r})")
@@ -734,6 +763,75 @@ class _Ascent:
 
 
 _NO_ASCENT = _Ascent(None)
+
+
+#: Hyper-parameters of torch's optimizers that are numbers >= 0 (the others only finite).
+_NON_NEGATIVE = ("lr", "momentum", "dampening", "weight_decay", "eps", "alpha")
+#: Per-parameter state of torch's optimizers that has its parameter's shape and dtype (the
+#: others, such as Adafactor's factored moments, are checked against the optimizer's own
+#: state where it has one).
+_PARAM_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf",
+                 "square_avg", "acc_delta", "sum", "ax", "grad_avg", "prev", "step_size")
+
+
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless ``saved`` (an optimizer ``state_dict``) fits ``optimizer``: as many
+    groups and parameters, finite hyper-parameters (those of :data:`_NON_NEGATIVE` >= 0),
+    and per parameter finite state whose tensors have the shape and dtype of the
+    parameter (:data:`_PARAM_SHAPED`) or of the optimizer's present state."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        raise ValueError("the optimizer state is not an optimizer's state_dict")
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            not isinstance(g, dict) or not isinstance(g.get("params"), list)
+            or len(g["params"]) != len(mine["params"])
+            for g, mine in zip(groups, optimizer.param_groups)):
+        raise ValueError("the optimizer state has other param groups than this optimizer "
+                         f"({[len(g['params']) for g in optimizer.param_groups]} parameters)")
+    param_of = {key: p for g, mine in zip(groups, optimizer.param_groups)
+                for key, p in zip(g["params"], mine["params"])}
+    for i, group in enumerate(groups):
+        for key, value in group.items():
+            if key != "params":
+                _check_hyper(f"param group {i} {key!r}", value, key in _NON_NEGATIVE)
+    for key, entries in saved["state"].items():
+        param = param_of.get(key)
+        if param is None or not isinstance(entries, dict):
+            raise ValueError(f"the optimizer state holds an entry {key!r} for no parameter "
+                             "of this optimizer")
+        present = optimizer.state.get(param, {})
+        for name, value in entries.items():
+            like = param if name in _PARAM_SHAPED else present.get(name)
+            _check_param_state(f"the optimizer state's {name!r} of parameter {key}", value,
+                               like if isinstance(like, Tensor) else None)
+
+
+def _check_hyper(what: str, value: Any, non_negative: bool) -> None:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _check_hyper(what, v, non_negative)
+        return
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return  # flags (nesterov, fused), None
+    if not math.isfinite(float(value)) or (non_negative and value < 0):
+        bound = "a finite number >= 0" if non_negative else "a finite number"
+        raise ValueError(f"{what} must be {bound}, got {value!r}")
+
+
+def _check_param_state(what: str, value: Any, like: Tensor | None) -> None:
+    """``value`` finite and, where ``like`` is given, of its shape and dtype."""
+    if isinstance(value, Tensor):
+        if like is not None and (value.shape != like.shape or value.dtype != like.dtype):
+            raise ValueError(f"{what} has shape {list(value.shape)} and dtype {value.dtype}, "
+                             f"this optimizer's {list(like.shape)} and {like.dtype}")
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ValueError(f"{what} is not finite")
+    elif isinstance(value, Real) and not isinstance(value, bool) \
+            and not math.isfinite(float(value)):
+        raise ValueError(f"{what} is not finite")
 
 
 def _check_sync_perturbation(value: bool | None, params: ParameterSet) -> bool:

@@ -176,12 +176,17 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         return {"v": None if self._v is None else self._v.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        v = state.get("v")
-        if v is None or self._v is None:
-            return
-        if v.shape != self._v.shape:
-            raise ValueError(f"LookSAM state: v has {v.numel()} entries, the model "
-                             f"{self._v.numel()}")
+        """Restore :meth:`state_dict`: ValueError, nothing changed, unless it holds v, a
+        finite vector with one entry per parameter entry, of the parameters' dtype."""
+        assert self._v is not None, "bind() first"
+        v = state.get("v") if isinstance(state, dict) else None
+        if not isinstance(v, Tensor):
+            raise ValueError("LookSAM's state lacks its stored direction v")
+        if v.shape != self._v.shape or v.dtype != self._v.dtype:
+            raise ValueError(f"LookSAM state: v has {v.numel()} entries of {v.dtype}, the "
+                             f"parameters {self._v.numel()} of {self._v.dtype}")
+        if not bool(v.isfinite().all()):
+            raise ValueError("LookSAM state: v is not finite")
         self._v.copy_(v)
 
     def __repr__(self) -> str:
