@@ -334,7 +334,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
     """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
     ``config.json`` of a run interrupted before its first one) is sound and continues its
     run (else ValueError)."""
-    from .outputs import check_folder_command
+    from .outputs import check_folder_command, check_own_outputs
     from .train import check_resumable, resume_point, saved_run_config
 
     if out_dir is None or not out_dir.is_dir():
@@ -346,6 +346,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
             if not is_resumable(run_dir):
                 continue
             check_folder_command(run_dir, "train")
+            check_own_outputs(run_dir, "train")
             point = resume_point(run_dir)
             check_resumable(_run_config(cfg, spec, shared, seed), saved_run_config(point),
                             point)

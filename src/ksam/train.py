@@ -31,6 +31,7 @@ from .methods import create, takes_num_examples
 from .outputs import (
     OutputFolder,
     check_folder_command,
+    check_own_outputs,
     checkpoint_path,
     load_checkpoint,
     open_output,
@@ -345,8 +346,11 @@ def saved_run_config(point: Path) -> dict[str, Any]:
 
 
 def _resume(run: _Run, out_dir: Path) -> list[dict[str, Any]]:
-    """Check what ``out_dir`` holds against the run and restore it; the history so far."""
+    """Check what ``out_dir`` holds against the run and restore it; the history so far.
+    ValueError (nothing written) for a folder or checkpoint that does not continue the
+    run."""
     check_folder_command(Path(out_dir), "train")
+    check_own_outputs(Path(out_dir), "train")
     point = resume_point(out_dir)
     if point.name == "config.json":  # no checkpoint yet: the same run starts from scratch
         check_resumable(run.cfg, saved_run_config(point), point)
