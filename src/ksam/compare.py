@@ -323,10 +323,13 @@ def _run_name(spec: MethodSpec, seed: int) -> str:
 
 
 def is_resumable(run_dir: Path) -> bool:
-    """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew)."""
+    """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew):
+    it holds a checkpoint (or a link to one), its ``config.json`` or its metrics (which
+    :func:`ksam.train.resume_point` then refuses without a checkpoint)."""
     from .outputs import checkpoint_path
 
-    return checkpoint_path(run_dir).exists() or (run_dir / "config.json").exists()
+    return checkpoint_path(run_dir).is_symlink() or any(
+        (run_dir / name).exists() for name in ("checkpoint.pt", "config.json", "metrics.jsonl"))
 
 
 def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,

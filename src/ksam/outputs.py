@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -95,11 +96,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     keys = ("config", "epoch", "model", "engine", "scheduler", "history")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise ValueError(f"checkpoint {path} lacks some of {', '.join(keys)}")
+    if not isinstance(state["model"], dict) or not isinstance(state["engine"], dict):
+        raise ValueError(f"checkpoint {path} holds no model or engine state")
     bad = [name for name, t in state["model"].items()
            if isinstance(t, Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise ValueError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])})")
+    for what, optimizer in (("optimizer", state["engine"].get("optimizer")),
+                            ("FSDP optimizer", state.get("fsdp_optimizer"))):
+        if _non_finite(optimizer):
+            raise ValueError(f"checkpoint {path} holds a non-finite {what} state")
+    _check_history(state, path)
     return state
+
+
+def _non_finite(tree: Any) -> bool:
+    """Whether a nested dict / list of tensors and numbers holds a non-finite float."""
+    if isinstance(tree, Tensor):
+        return tree.is_floating_point() and not bool(tree.isfinite().all())
+    if isinstance(tree, float):
+        return not math.isfinite(tree)
+    if isinstance(tree, dict):
+        return any(_non_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_non_finite(v) for v in tree)
+    return False
+
+
+def _check_history(state: dict[str, Any], path: Path) -> None:
+    """ValueError unless the checkpoint's history is the rows of epochs 1, ..., ``epoch``:
+    an emptied or cut history would have the restored weights trained again."""
+    epoch, history = state["epoch"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"checkpoint {path}: its epoch {epoch!r} is not an epoch number")
+    if not isinstance(history, list) or [
+            r.get("epoch") if isinstance(r, dict) else None for r in history] != \
+            list(range(1, epoch + 1)):
+        count = len(history) if isinstance(history, list) else 0
+        raise ValueError(f"checkpoint {path} is at epoch {epoch} but its history does not "
+                         f"hold epochs 1 to {epoch} ({count} rows)")
 
 
 # --------------------------------------------------------------------------- output folders
