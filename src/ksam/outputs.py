@@ -30,12 +30,35 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a folder that went read-only); the message
+    names the file. The file as it was is left in place."""
+
+    @classmethod
+    def of(cls, path: Path, exc: OSError) -> WriteError:
+        """The error ``exc`` of writing ``path``, naming it (its errno kept)."""
+        return cls._made(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+
+    def with_note(self, note: str) -> WriteError:
+        """This error with ``note`` added to its message."""
+        message = self.strerror if self.errno is not None else str(self)
+        return self._made(self.errno, f"{message}; {note}")
+
+    @classmethod
+    def _made(cls, code: int | None, message: str) -> WriteError:
+        return cls(code, message) if code is not None else cls(message)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
     half-written one (write to a temporary file in the same folder, fsync, rename). The file
-    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask)."""
+    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask).
+    :class:`WriteError`, naming ``path``, when the system refuses the write."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise WriteError.of(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
@@ -43,8 +66,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError.of(path, exc) from exc
         raise
 
 

@@ -31,6 +31,7 @@ from .engine import SharpnessAwareOptimizer
 from .methods import create, takes_num_examples
 from .outputs import (
     OutputFolder,
+    WriteError,
     atomic_write_text,
     check_folder_command,
     check_own_outputs,
@@ -461,7 +462,12 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
     try:
         if folder is not None and not history:
             folder.write_text("config.json", json.dumps(run.cfg.to_dict(), indent=2))
-        _train_epochs(run, history, folder, on_epoch, saving=out_dir is not None)
+        try:
+            _train_epochs(run, history, folder, on_epoch, saving=out_dir is not None)
+        except WriteError as exc:
+            raise exc.with_note(f"every file in {out_dir} is as it was before that write "
+                                "(files are replaced atomically): make room and continue "
+                                "the run with --resume (resume=True)") from exc
     finally:
         if folder is not None:
             folder.close()
