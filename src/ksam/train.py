@@ -79,7 +79,8 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                  steps_total: int, num_examples: int | None = None
                  ) -> tuple[SharpnessAwareOptimizer, Any]:
     """The base optimizer (momentum SGD), the LR schedule and the method around them;
-    ``num_examples`` (the training set's size) for a method with a per-example memory."""
+    ``num_examples`` (the training set's size) for a method with a per-example memory
+    (ValueError for method options that give it another)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=False)
     if cfg.lr_schedule == "cosine":
@@ -95,7 +96,11 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                    **rule_options(schedule_options(method, cfg.method_options, steps_total),
                                   steps_total))
     if num_examples is not None and takes_num_examples(method, options):
-        options.setdefault("num_examples", num_examples)
+        given = options.setdefault("num_examples", num_examples)
+        if given != num_examples:  # its ids would fail the first step, after writing
+            raise ValueError(f"num_examples={given!r}, but the training set has "
+                             f"{num_examples} examples: the run sets num_examples to the "
+                             "training set's size itself; leave it out of the spec")
     from . import distributed
 
     if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
