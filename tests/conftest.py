@@ -8,9 +8,11 @@ Everything here is deterministic: a model from its seed, a batch from its seed.
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +36,10 @@ def ce_logits(model: nn.Module, batch) -> ksam.LossOutput:
     return ksam.LossOutput(F.cross_entropy(logits.float(), y, reduction="none"), logits)
 
 
-def mlp(seed: int = 0) -> nn.Module:
-    """6 inputs, 4 classes, no BatchNorm."""
+def mlp(seed: int = 0, hidden: int = 16) -> nn.Module:
+    """6 inputs, ``hidden`` units, 4 classes, no BatchNorm."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 4))
 
 
 def bn_net(seed: int = 0, momentum: float | None = 0.1, sync: bool = False) -> nn.Module:
@@ -163,3 +165,47 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
             f.write(payload)
     else:
         path.write_bytes(payload)
+
+
+# ----------------------------------------------------------------------- the command line
+#: A short ``ksam train`` / ``compare`` on MNIST-1D: 240 training examples, batches of 32.
+CLI_SMALL = ["--task-option", "num_samples=300", "--batch-size", "32", "--quiet"]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (by its relative path) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error(capsys, code: int, needle: str) -> str:
+    """The command exited 2 with exactly one ``ksam: error:`` line that holds ``needle``;
+    returns the line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("ksam: error:"), err
+    assert needle in err[0], err[0]
+    return err[0]
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """A copy of the files of ``source`` in ``target`` (made)."""
+    target.mkdir(parents=True)
+    for name, content in files_of(source).items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(content)
+    return target
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(tmp_path_factory) -> Path:
+    """The folder of a finished ``ksam train --method sgd --epochs 2`` (:data:`CLI_SMALL`);
+    copy it (:func:`copy_folder`) before changing anything there."""
+    from ksam.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--method", "sgd", "--epochs", "2", "--out", str(out),
+                 *CLI_SMALL]) == 0
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2]
+    return out

@@ -178,3 +178,30 @@ def test_namedtuple_and_mapping_batches_are_captured():
         leaves = static if isinstance(static, tuple) else list(static.values())
         firsts = first if isinstance(first, tuple) else list(first.values())
         assert all(s.data_ptr() != f.data_ptr() for s, f in zip(leaves, firsts))
+
+
+def test_a_param_group_added_after_capture_is_captured_anew():
+    """Progressive unfreezing on the fast path: the graphs captured for the last layer are
+    dropped when the optimizer gets the others, and the steps after equal the eager ones."""
+    a = net()
+    b = copy.deepcopy(a)
+    engines = [ksam.create("ksam", m, torch.optim.SGD(m[5].parameters(), lr=0.05,
+                                                      momentum=0.9), seed=0, k=8,
+                           fast_path=fast) for m, fast in ((a, False), (b, True))]
+    data = batches(12)
+    for batch in data[:6]:
+        for engine in engines:
+            engine.step(batch, ce)
+    ea, eb = engines
+    assert any(e.graph is not None for e in eb.executor._entries.values())
+    conv = b[0].weight.detach().clone()
+    for m, engine in ((a, ea), (b, eb)):
+        engine.optimizer.add_param_group({"params": list(m[:2].parameters())})
+    for batch in data[6:]:
+        ra, rb = ea.step(batch, ce), eb.step(batch, ce)
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
+    assert eb.executor.reason is None
+    assert any(e.graph is not None for e in eb.executor._entries.values())
+    assert not torch.equal(b[0].weight, conv)
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)

@@ -241,18 +241,22 @@ def config_from_args(args: argparse.Namespace) -> CliConfig:
 
 def check_out_dir(out: Path, command: str, *, resume: bool, overwrite: bool) -> None:
     """ValueError unless ``out`` can take ``command``'s results: a new or empty folder, or
-    one with results under ``resume``/``overwrite`` (not another command's); never a file;
-    writable."""
-    from .outputs import check_folder_command
+    one with results under ``resume``/``overwrite`` (not another command's, no file of the
+    command's names that ksam did not write); never a file; writable; not in use by another
+    command (its lock's message first: a busy folder is not empty either)."""
+    from .outputs import check_folder_command, check_own_outputs, check_unlocked
 
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if existing == out:
+        check_unlocked(out)
     if existing == out and any(out.iterdir()):
         if not (resume or overwrite):
             raise ValueError(f"--out {out} is not empty; give --resume to continue the "
                              "results there or --overwrite to replace them")
         check_folder_command(out, command)
+        check_own_outputs(out, command)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
 

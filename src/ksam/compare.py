@@ -323,10 +323,13 @@ def _run_name(spec: MethodSpec, seed: int) -> str:
 
 
 def is_resumable(run_dir: Path) -> bool:
-    """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew)."""
+    """Whether a resumed comparison continues the run in ``run_dir`` (else it runs anew):
+    it holds a checkpoint (or a link to one), its ``config.json`` or its metrics (which
+    :func:`ksam.train.resume_point` then refuses without a checkpoint)."""
     from .outputs import checkpoint_path
 
-    return checkpoint_path(run_dir).exists() or (run_dir / "config.json").exists()
+    return checkpoint_path(run_dir).is_symlink() or any(
+        (run_dir / name).exists() for name in ("checkpoint.pt", "config.json", "metrics.jsonl"))
 
 
 def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
@@ -334,7 +337,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
     """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
     ``config.json`` of a run interrupted before its first one) is sound and continues its
     run (else ValueError)."""
-    from .outputs import check_folder_command
+    from .outputs import check_folder_command, check_own_outputs
     from .train import check_resumable, resume_point, saved_run_config
 
     if out_dir is None or not out_dir.is_dir():
@@ -346,6 +349,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
             if not is_resumable(run_dir):
                 continue
             check_folder_command(run_dir, "train")
+            check_own_outputs(run_dir, "train")
             point = resume_point(run_dir)
             check_resumable(_run_config(cfg, spec, shared, seed), saved_run_config(point),
                             point)

@@ -101,7 +101,7 @@ class MethodSpec:
     @classmethod
     def parse(cls, spec: str | MethodSpec) -> MethodSpec:
         """Parse ``spec``; ValueError for an unknown method, an option the method does not
-        take, an item that is not ``key=value`` or a non-finite number."""
+        take or given twice, an item that is not ``key=value`` or a non-finite number."""
         if isinstance(spec, MethodSpec):
             return spec
         name, _, rest = str(spec).partition(":")
@@ -120,6 +120,8 @@ class MethodSpec:
             if key not in allowed:
                 raise ValueError(f"method {name!r} takes no option {key!r} "
                                  f"(it takes: {', '.join(sorted(allowed)) or 'none'})")
+            if key in options:
+                raise ValueError(f"method option {key} is given twice in {spec!r}")
             try:
                 options[key] = parse_value(text.strip())
             except ValueError as exc:

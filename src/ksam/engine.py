@@ -72,6 +72,7 @@ from .plan import StepPlan
 from .schedule import Schedule
 from .selection import SelectionContext, SelectionRule
 from .transform import GradientTransform
+from .validate import check_bool, check_callable, check_int
 
 __all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "LossFn",
            "compile_backend"]
@@ -79,6 +80,8 @@ __all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "
 #: ``finite_reducer``: combines this process's 0-d bool "the step is finite" with the other
 #: processes' verdicts (DDP, FSDP2: all ranks skip together).
 FiniteReducer = Callable[[Tensor], Tensor]
+#: The largest seed of the engine's generator (``torch.Generator.manual_seed`` takes 64 bits).
+MAX_GENERATOR_SEED = 2**64 - 1
 
 
 class SharpnessAwareOptimizer:
@@ -92,8 +95,8 @@ class SharpnessAwareOptimizer:
             Ordered SGD, and Momentum-SAM (whose perturbation comes from the optimizer).
         perturbation: how the ascent gradient becomes eps (required with ``ascent``).
         descent: selection rule of the descent pass.
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training; a step whose gradients
-            overflow is then skipped and the scale backs off.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training (or None); a step whose
+            gradients overflow is then skipped and the scale backs off.
         autocast_dtype: run the forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``); ``None`` leaves precision to you.
         fast_path: ``True`` captures whole steps as CUDA graphs where possible (see
@@ -105,8 +108,8 @@ class SharpnessAwareOptimizer:
             passes to a couple of graphs; ESAM computes (and drops) the gradients its
             weight mask leaves out rather than recompile for every mask.
         seed: seed of the engine's own generator (random subsets, ESAM's weight mask, the
-            schedule's draws). Defaults to a draw from torch's global generator, so
-            ``torch.manual_seed`` makes runs reproducible.
+            schedule's draws), an int in [0, 2**64 - 1]. Defaults to a draw from torch's
+            global generator, so ``torch.manual_seed`` makes runs reproducible.
         sync_perturbation: with DistributedDataParallel, average the ascent gradient
             across ranks (``False``, the default for DDP: each rank perturbs with its own
             ascent gradient, and the ascent pass sends nothing). An FSDP2-sharded model's
@@ -146,6 +149,20 @@ class SharpnessAwareOptimizer:
     or whose ids are not in [0, N) (ValueError, nothing changed; on the fast path on a GPU,
     where that check would sync, such a step is skipped instead). Under DDP every rank keeps
     all N rows and writes every rank's rows (:class:`ksam.memory.ExampleMemory`).
+
+    **The optimizer's param groups are read at every step.** A group added after the engine
+    was built (``optimizer.add_param_group(...)``: progressive unfreezing) is perturbed,
+    restored, checked for non-finite gradients and stepped from the next step on, as if it
+    had been there, frozen, from the start: the start of every step compares the groups'
+    parameter lists with those it last saw (one look per group) and, when they changed,
+    rebuilds what depends on them (:meth:`follow_optimizer`); LookSAM's stored direction
+    keeps its entries and is zero on the new parameters, and the fast path drops its
+    captured graphs and captures them anew.
+
+    Options are checked once, at construction (ValueError): ``seed`` an int in
+    [0, 2**64 - 1] (not a bool, float or string), ``fast_path`` a bool, ``grad_scaler`` a
+    ``torch.amp.GradScaler`` or None, ``finite_reducer`` a function or None. A step that
+    raises changes nothing, the engine's generator included (:meth:`step`).
 
     The rules and what follows from them are the engine's :attr:`plan` (a
     :class:`ksam.plan.StepPlan`). One step is three public stages, which the executors
@@ -190,6 +207,13 @@ class SharpnessAwareOptimizer:
             raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {autocast_dtype!r}")
         backend = compile_backend(compile)
+        check_bool("fast_path", fast_path)
+        if seed is not None:
+            seed = check_int("seed", seed, high=MAX_GENERATOR_SEED)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{grad_scaler!r}")
+        check_callable("finite_reducer", finite_reducer)
         self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
         self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
         self.model = model
@@ -224,7 +248,7 @@ class SharpnessAwareOptimizer:
             transform.bind(self.params.local(self.params.params))
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(seed)
         #: steps taken, skipped ones included: written only by :meth:`step` (and
         #: :meth:`load_state_dict`)
         self.steps = 0
@@ -240,7 +264,15 @@ class SharpnessAwareOptimizer:
     # ----------------------------------------------------------------------------- API
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
         """One optimizer step on ``batch``; ``loss_fn(model, batch)`` returns per-sample
-        losses of shape [n]."""
+        losses of shape [n].
+
+        The step first takes in the optimizer's current param groups
+        (:meth:`follow_optimizer`). A step that raises (bad input, a ``loss_fn`` that
+        returns no per-sample losses, a failing optimizer) changes nothing: weights,
+        BatchNorm statistics, optimizer and rule state, the step counter, and the engine's
+        generator, whose draws of the step are put back, so the next steps are those of a
+        run without the failed call."""
+        self.follow_optimizer()
         n = batch_size(batch)
         self.check_batch(n)
         if self.plan.needs_labels:
@@ -250,10 +282,41 @@ class SharpnessAwareOptimizer:
             ids = batch_index(batch)
             if ids is None or not (self.fast_path_active and ids.is_cuda):
                 memory.check_ids(ids, n)
-        sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
-        result = self.executor.step(batch, loss_fn, n, sharp)
+        # The schedule, random subsets and ESAM's mask draw from the generator before the
+        # passes that may still refuse the step: its state is put back if they do.
+        drawn = self.generator.get_state()
+        try:
+            sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
+            result = self.executor.step(batch, loss_fn, n, sharp)
+        except BaseException:
+            self.generator.set_state(drawn)
+            raise
         self.steps += 1
         return result
+
+    def follow_optimizer(self) -> None:
+        """Take in the optimizer's current param groups if their parameter lists changed
+        since the engine last looked (``optimizer.add_param_group(...)``, progressive
+        unfreezing; a group's list grown or shrunk): everything that depends on the
+        parameters is rebuilt for the new list (the parameter set the step perturbs,
+        restores and checks for NaN, LookSAM's stored direction, which keeps its entries
+        for the parameters it had and is zero on the new ones, and on the fast path the
+        captured graphs and the optimizer's preparation). Cheap when nothing changed (one
+        look per group); :meth:`step`, :meth:`compute`, :meth:`state_dict` and
+        :meth:`load_state_dict` call it. ValueError, nothing changed, when the new
+        parameters are refused (not the model's, all frozen)."""
+        if self.params.follows(self.optimizer):
+            return
+        params = ParameterSet(self.model, self.optimizer,
+                              replica_group=self.params.replica_group)
+        if params.sharded != self.params.sharded:
+            raise ValueError("the optimizer's new parameters are sharded differently from "
+                             "those the engine was built with: build a new engine")
+        transform = self.plan.transform
+        if transform is not None:  # refuses before it changes anything
+            transform.bind(params.local(params.params))
+        self.params = params
+        self.executor.optimizer_changed()
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
@@ -320,6 +383,7 @@ class SharpnessAwareOptimizer:
     def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: the base optimizer's state included, unless
         ``include_optimizer=False`` (a trainer that saves the optimizer on its own)."""
+        self.follow_optimizer()
         plan = self.plan
         state = {
             **self.identity(),
@@ -350,8 +414,16 @@ class SharpnessAwareOptimizer:
         Refused (TypeError / ValueError, nothing changed): a state of another method, with
         other kinds of rules or of another optimizer class, one saved with the other
         ``fast_path`` setting (the fast path steps with the optimizer's fused kernel, the
-        eager path with the kernel you chose, so a run would not continue exactly), and any
-        state that fails to load part of the way: the engine is put back as it was."""
+        eager path with the kernel you chose, so a run would not continue exactly), and one
+        that does not fit this engine or is not sound: step counters that are not integers
+        >= 0 (or more skipped or sharp steps than steps), an optimizer state whose
+        parameter tensors do not have the shapes and dtypes of the optimizer's parameters,
+        whose hyper-parameters (``lr``, ``momentum``, ...) are not finite numbers >= 0 or
+        whose tensors are not finite, a missing or incomplete state of the method's memory
+        (its tables, with their shapes), LookSAM's transform (``v``) or MESA's term (the
+        average model); and any state that fails to load part of the way: the engine is
+        put back as it was."""
+        self.follow_optimizer()
         self._check_state(state)
         before = copy.deepcopy(self.state_dict())
         try:
@@ -369,11 +441,12 @@ class SharpnessAwareOptimizer:
             plan.ascent.load_state_dict(state.get("ascent", {}))
         plan.descent.load_state_dict(state.get("descent", {}))
         if plan.transform is not None:
-            plan.transform.load_state_dict(state.get("transform", {}))
+            plan.transform.load_state_dict(state["transform"])
         if plan.term is not None:
-            plan.term.load_state_dict(state.get("term", {}))
+            plan.term.load_state_dict(state["term"])
         if plan.memory is not None:
-            plan.memory.load_state_dict(state.get("memory", {}))
+            applied = int(state["steps"]) - int(state["skipped_steps"])
+            plan.memory.load_state_dict(state["memory"], complete=applied > 0)
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
@@ -404,6 +477,26 @@ class SharpnessAwareOptimizer:
         generator = state["generator"]
         if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
             raise ValueError("not a ksam state_dict: 'generator' is not a generator state")
+        self._check_counters(state)
+        parts = {"transform": self.plan.transform, "term": self.plan.term,
+                 "memory": self.plan.memory}
+        lacking = [key for key, part in parts.items() if part is not None and key not in state]
+        if lacking:
+            raise ValueError(f"this state_dict lacks the method's {', '.join(lacking)} state: "
+                             "it would keep this engine's own, and the run would not "
+                             "continue exactly")
+        if "optimizer" in state:
+            _check_optimizer_state(state["optimizer"], self.optimizer)
+
+    @staticmethod
+    def _check_counters(state: dict[str, Any]) -> None:
+        """The step counters: integers >= 0, no more skipped or sharp steps than steps."""
+        steps = check_int("state_dict 'steps'", state["steps"])
+        for key in ("skipped_steps", "sharp_steps"):
+            if key in state and check_int(f"state_dict {key!r}", state[key]) > steps:
+                raise ValueError(f"this state_dict counts {state[key]} {key.replace('_', ' ')} "
+                                 f"in {steps} steps")
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ascent={self.ascent!r}, "
                 f"perturbation={self.perturbation!r}, descent={self.descent!r})")
@@ -419,6 +512,7 @@ class SharpnessAwareOptimizer:
         code runs eagerly and inside a CUDA graph capture. On an exception the gradients
         are cleared, the BatchNorm statistics and the weights put back, and it propagates.
         """
+        self.follow_optimizer()
         plan = self.plan
         n = batch_size(batch) if n is None else n
         self.zero_grad()
@@ -672,6 +766,75 @@ class _Ascent:
 
 
 _NO_ASCENT = _Ascent(None)
+
+
+#: Hyper-parameters of torch's optimizers that are numbers >= 0 (the others only finite).
+_NON_NEGATIVE = ("lr", "momentum", "dampening", "weight_decay", "eps", "alpha")
+#: Per-parameter state of torch's optimizers that has its parameter's shape and dtype (the
+#: others, such as Adafactor's factored moments, are checked against the optimizer's own
+#: state where it has one).
+_PARAM_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf",
+                 "square_avg", "acc_delta", "sum", "ax", "grad_avg", "prev", "step_size")
+
+
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless ``saved`` (an optimizer ``state_dict``) fits ``optimizer``: as many
+    groups and parameters, finite hyper-parameters (those of :data:`_NON_NEGATIVE` >= 0),
+    and per parameter finite state whose tensors have the shape and dtype of the
+    parameter (:data:`_PARAM_SHAPED`) or of the optimizer's present state."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        raise ValueError("the optimizer state is not an optimizer's state_dict")
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            not isinstance(g, dict) or not isinstance(g.get("params"), list)
+            or len(g["params"]) != len(mine["params"])
+            for g, mine in zip(groups, optimizer.param_groups)):
+        raise ValueError("the optimizer state has other param groups than this optimizer "
+                         f"({[len(g['params']) for g in optimizer.param_groups]} parameters)")
+    param_of = {key: p for g, mine in zip(groups, optimizer.param_groups)
+                for key, p in zip(g["params"], mine["params"])}
+    for i, group in enumerate(groups):
+        for key, value in group.items():
+            if key != "params":
+                _check_hyper(f"param group {i} {key!r}", value, key in _NON_NEGATIVE)
+    for key, entries in saved["state"].items():
+        param = param_of.get(key)
+        if param is None or not isinstance(entries, dict):
+            raise ValueError(f"the optimizer state holds an entry {key!r} for no parameter "
+                             "of this optimizer")
+        present = optimizer.state.get(param, {})
+        for name, value in entries.items():
+            like = param if name in _PARAM_SHAPED else present.get(name)
+            _check_param_state(f"the optimizer state's {name!r} of parameter {key}", value,
+                               like if isinstance(like, Tensor) else None)
+
+
+def _check_hyper(what: str, value: Any, non_negative: bool) -> None:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _check_hyper(what, v, non_negative)
+        return
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return  # flags (nesterov, fused), None
+    if not math.isfinite(float(value)) or (non_negative and value < 0):
+        bound = "a finite number >= 0" if non_negative else "a finite number"
+        raise ValueError(f"{what} must be {bound}, got {value!r}")
+
+
+def _check_param_state(what: str, value: Any, like: Tensor | None) -> None:
+    """``value`` finite and, where ``like`` is given, of its shape and dtype."""
+    if isinstance(value, Tensor):
+        if like is not None and (value.shape != like.shape or value.dtype != like.dtype):
+            raise ValueError(f"{what} has shape {list(value.shape)} and dtype {value.dtype}, "
+                             f"this optimizer's {list(like.shape)} and {like.dtype}")
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ValueError(f"{what} is not finite")
+    elif isinstance(value, Real) and not isinstance(value, bool) \
+            and not math.isfinite(float(value)):
+        raise ValueError(f"{what} is not finite")
 
 
 def _check_sync_perturbation(value: bool | None, params: ParameterSet) -> bool:

@@ -144,6 +144,9 @@ class EagerExecutor:
         """Start over from a loaded state with ``skipped_steps`` skipped so far."""
         self._skipped = int(skipped_steps)
 
+    def optimizer_changed(self) -> None:
+        """The optimizer's parameters changed: nothing of this executor depends on them."""
+
     def step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> StepResult:
         e = self.engine
         computed = e.compute(batch, loss_fn, n, sharp)

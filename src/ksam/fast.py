@@ -18,7 +18,8 @@ What makes a step capturable, and how this module gets it:
 - static inputs: each batch is copied into buffers the graph reads.
 
 What the fast path does to your optimizer, at its first step (and again after
-``load_state_dict``): every param group gets ``fused=True``, ``foreach=False``,
+``load_state_dict`` or a change of its param groups, which also drops the captured graphs):
+every param group gets ``fused=True``, ``foreach=False``,
 ``capturable=True`` where the optimizer has that option (Adam, AdamW), and its ``lr``
 becomes a 0-d tensor on the device (float64 on the CPU, so that schedulers round as with a
 float). The optimizer must therefore support ``fused=True``
@@ -31,7 +32,8 @@ load_state_dict` refuses a state saved with the other setting. The skip flag rea
 optimizer that holds the parameters through the integrations' proxy optimizers
 (:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
 
-Until one step has been applied (again after ``load_state_dict``) the steps run eagerly:
+Until one step has been applied (again after ``load_state_dict`` or a change of the
+param groups) the steps run eagerly:
 the optimizer creates its state at its first step, and a fused kernel told to skip that
 step would leave SGD's new momentum buffers uninitialized.
 
@@ -141,6 +143,16 @@ class SyncFreeExecutor:
         self._state_ready = False
         self._skipped_base = int(skipped_steps)
         self._eager.reset()
+
+    def optimizer_changed(self) -> None:
+        """The optimizer's parameters changed (a param group added): the captured graphs
+        step the old parameter list, so they are dropped and captured anew; the new groups
+        are prepared (fused kernel, lr on the device) at the next step, which runs eagerly
+        until one is applied (the new parameters have no optimizer state yet); the count of
+        skipped steps is kept."""
+        if self.reason is None:
+            self.reason = self._unsupported()
+        self.reset(self.skipped_steps)
 
     @property
     def skipped_steps(self) -> int:

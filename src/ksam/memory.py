@@ -61,11 +61,18 @@ class ExampleMemory:
     """Tables of ``num_examples`` rows on the device (see the module docstring).
 
     A table is made at its first use (:meth:`table`), on the device and with the row shape
-    of what is stored in it; :meth:`state_dict` holds them all.
+    of what is stored in it; :meth:`state_dict` holds them all. ``tables`` declares the
+    tables its owner keeps: name -> (row shape, None for a size known only at first use;
+    dtype; fill); :meth:`load_state_dict` then refuses a state with other tables or of other
+    shapes or dtypes.
     """
 
-    def __init__(self, num_examples: int) -> None:
+    def __init__(self, num_examples: int,
+                 tables: dict[str, tuple[tuple[int | None, ...], torch.dtype, float]]
+                 | None = None) -> None:
         self.num_examples = check_num_examples(num_examples)
+        #: the declared tables (None: any)
+        self.schema = tables
         #: name -> tensor of N + 1 rows (row N takes the writes that are not kept)
         self.tables: dict[str, Tensor] = {}
         self._fill: dict[str, float] = {}
@@ -176,22 +183,49 @@ class ExampleMemory:
         return {"num_examples": self.num_examples,
                 "tables": {k: v.clone() for k, v in self.tables.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (ValueError for a memory of another N)."""
-        if not state:
+    def load_state_dict(self, state: dict, *, complete: bool = False) -> None:
+        """Restore :meth:`state_dict`. ValueError, nothing changed, for a memory of another
+        N, a table that is not a tensor of N + 1 rows, one not declared (a renamed table)
+        or of another row shape or dtype, NaN entries (or non-finite ones other than the
+        table's fill), and with ``complete`` (a state of a run that has applied steps,
+        which wrote every declared table) a declared table missing."""
+        if not state and not complete:
             self.tables = {}
             return
-        if int(state["num_examples"]) != self.num_examples:
-            raise ValueError(f"this state's memory has num_examples={state['num_examples']}, "
-                             f"this engine's {self.num_examples}")
-        tables = {}
-        for name, t in state["tables"].items():
-            if not isinstance(t, Tensor) or t.shape[0] != self.num_examples + 1:
-                raise ValueError(f"the memory's table {name!r} does not have "
-                                 f"{self.num_examples + 1} rows")
-            tables[name] = t.clone()
+        if not isinstance(state, dict) or not isinstance(state.get("tables"), dict):
+            raise ValueError("the memory's state lacks its tables")
+        if state.get("num_examples") != self.num_examples:
+            raise ValueError(f"this state's memory has num_examples="
+                             f"{state.get('num_examples')}, this engine's {self.num_examples}")
+        tables = {name: self._checked(name, t) for name, t in state["tables"].items()}
+        missing = sorted(set(self.schema or {}) - set(tables)) if complete else []
+        if missing:
+            raise ValueError(f"the memory's state lacks its table(s) {', '.join(missing)} "
+                             "(a state of applied steps has them all)")
         self.tables = tables
         self._staged = []
+
+    def _checked(self, name: str, t: object) -> Tensor:
+        """A copy of the saved table ``name``, checked (see :meth:`load_state_dict`)."""
+        if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != self.num_examples + 1:
+            raise ValueError(f"the memory's table {name!r} does not have "
+                             f"{self.num_examples + 1} rows")
+        fill = 0.0
+        if self.schema is not None:
+            if name not in self.schema:
+                raise ValueError(f"the memory has no table {name!r} (its tables: "
+                                 f"{', '.join(sorted(self.schema))})")
+            rows, dtype, fill = self.schema[name]
+            shape = tuple(t.shape[1:])
+            if t.dtype != dtype or len(shape) != len(rows) or any(
+                    want is not None and want != got for want, got in zip(rows, shape)):
+                raise ValueError(f"the memory's table {name!r} has rows {list(shape)} of "
+                                 f"{t.dtype}, this memory keeps {list(rows)} of {dtype}")
+        ok = torch.isfinite(t) | (t == fill) if t.is_floating_point() else t >= 0
+        if not bool(ok.all()):
+            raise ValueError(f"the memory's table {name!r} holds "
+                             f"{'non-finite' if t.is_floating_point() else 'negative'} entries")
+        return t.clone()
 
 
 def _check_positive(value: object, name: str, *, integer: bool = False,
@@ -260,10 +294,12 @@ class TrajectoryKL(LossTerm):
 
     def __init__(self, num_examples: int, *, lam: float = 0.16, temperature: float = 5.0,
                  delay: int = 3, start_epoch: int = 5) -> None:
-        self.memory = ExampleMemory(num_examples)
         self.lam = _check_positive(lam, "lam", open_low=False)
         self.temperature = _check_positive(temperature, "temperature")
         self.delay = int(_check_positive(delay, "delay", integer=True))
+        self.memory = ExampleMemory(num_examples, tables={
+            "logits": ((self.delay + 1, None), torch.float32, 0.0),
+            "visits": ((), torch.long, 0.0)})
         self.start_epoch = int(_check_positive(start_epoch, "start_epoch", integer=True,
                                                open_low=False))
 
@@ -339,8 +375,23 @@ class EMAKL(LossTerm):
         return {"ema": {k: v.clone() for k, v in self.ema.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if "ema" in state:
-            self.ema.load_state_dict(state["ema"])
+        """Restore :meth:`state_dict`: ValueError, nothing changed, unless it holds the
+        whole average, every entry of the model's ``state_dict`` with its shape and dtype,
+        finite."""
+        saved = state.get("ema") if isinstance(state, dict) else None
+        mine = self.ema.state_dict()
+        if not isinstance(saved, dict) or set(saved) != set(mine):
+            missing = sorted(set(mine) - set(saved or {}))[:3]
+            raise ValueError("MESA's state lacks its average model"
+                             + (f" (missing {', '.join(missing)})" if missing else ""))
+        for key, t in mine.items():
+            new = saved[key]
+            if not isinstance(new, Tensor) or new.shape != t.shape or new.dtype != t.dtype:
+                raise ValueError(f"MESA's average: {key} does not fit the model "
+                                 f"({list(t.shape)} {t.dtype})")
+            if new.is_floating_point() and not bool(new.isfinite().all()):
+                raise ValueError(f"MESA's average: {key} is not finite")
+        self.ema.load_state_dict(saved)
 
     def __repr__(self) -> str:
         return (f"EMAKL(lam={self.lam:g}, temperature={self.temperature:g}, "
@@ -354,7 +405,8 @@ class RememberedLosses:
     every example is picked once before stale losses compete. No scoring forward."""
 
     def __init__(self, num_examples: int) -> None:
-        self.memory = ExampleMemory(num_examples)
+        self.memory = ExampleMemory(num_examples,
+                                    tables={"loss": ((), torch.float32, math.inf)})
 
     def read(self, ids: Tensor) -> Tensor:
         table = self.memory.table("loss", (), torch.float32, ids.device, fill=math.inf)

@@ -24,6 +24,7 @@ from .perturbation import (
     AdaptivePerturbation,
     GradientNormPerturbation,
     MomentumPerturbation,
+    PerturbationRule,
     StochasticWeightPerturbation,
 )
 from .schedule import Schedule
@@ -39,6 +40,7 @@ from .selection import (
     check_loss_kind,
 )
 from .transform import LookSAMRule
+from .validate import check_bool, check_finite_number
 
 
 class SGD(SharpnessAwareOptimizer):
@@ -49,6 +51,14 @@ class SGD(SharpnessAwareOptimizer):
                          descent=WholeBatch(), **engine)
 
 
+def sam_perturbation(rho: float, adaptive: bool, eta: float) -> PerturbationRule:
+    """SAM's perturbation, or ASAM's with ``adaptive=True`` (a bool). ``eta`` is checked
+    either way: an option is refused when it is bad, not only when it is used."""
+    check_bool("adaptive", adaptive)
+    check_finite_number("eta", eta)
+    return AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
+
+
 class SAM(SharpnessAwareOptimizer):
     """Sharpness-aware minimization (Foret et al. 2021); ``adaptive=True`` is ASAM (Kwon et
     al. 2021) with its ``eta``. Both gradients over the whole batch."""
@@ -56,7 +66,7 @@ class SAM(SharpnessAwareOptimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
                  start_step: int = 0, p: float = 1.0, **engine: Any):
-        rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
+        rule = sam_perturbation(rho, adaptive, eta)
         super().__init__(model, optimizer, ascent=WholeBatch(), perturbation=rule,
                          descent=WholeBatch(), schedule=Schedule(start_step, p), **engine)
 
@@ -142,7 +152,7 @@ class KSAM(SharpnessAwareOptimizer):
             rescale = False
         if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
-        rule = AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
+        rule = sam_perturbation(rho, adaptive, eta)
         ascent = build_rule(
             functools.partial(LargestIncreaseTop, descent=False) if select == "increase"
             else select, k if k_ascent is None else k_ascent,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,12 +30,35 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a folder that went read-only); the message
+    names the file. The file as it was is left in place."""
+
+    @classmethod
+    def of(cls, path: Path, exc: OSError) -> WriteError:
+        """The error ``exc`` of writing ``path``, naming it (its errno kept)."""
+        return cls._made(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
+
+    def with_note(self, note: str) -> WriteError:
+        """This error with ``note`` added to its message."""
+        message = self.strerror if self.errno is not None else str(self)
+        return self._made(self.errno, f"{message}; {note}")
+
+    @classmethod
+    def _made(cls, code: int | None, message: str) -> WriteError:
+        return cls(code, message) if code is not None else cls(message)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
     half-written one (write to a temporary file in the same folder, fsync, rename). The file
-    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask)."""
+    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask).
+    :class:`WriteError`, naming ``path``, when the system refuses the write."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise WriteError.of(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
@@ -42,8 +66,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError.of(path, exc) from exc
         raise
 
 
@@ -95,11 +121,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     keys = ("config", "epoch", "model", "engine", "scheduler", "history")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise ValueError(f"checkpoint {path} lacks some of {', '.join(keys)}")
+    if not isinstance(state["model"], dict) or not isinstance(state["engine"], dict):
+        raise ValueError(f"checkpoint {path} holds no model or engine state")
     bad = [name for name, t in state["model"].items()
            if isinstance(t, Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise ValueError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])})")
+    for what, optimizer in (("optimizer", state["engine"].get("optimizer")),
+                            ("FSDP optimizer", state.get("fsdp_optimizer"))):
+        if _non_finite(optimizer):
+            raise ValueError(f"checkpoint {path} holds a non-finite {what} state")
+    _check_history(state, path)
     return state
+
+
+def _non_finite(tree: Any) -> bool:
+    """Whether a nested dict / list of tensors and numbers holds a non-finite float."""
+    if isinstance(tree, Tensor):
+        return tree.is_floating_point() and not bool(tree.isfinite().all())
+    if isinstance(tree, float):
+        return not math.isfinite(tree)
+    if isinstance(tree, dict):
+        return any(_non_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_non_finite(v) for v in tree)
+    return False
+
+
+def _check_history(state: dict[str, Any], path: Path) -> None:
+    """ValueError unless the checkpoint's history is the rows of epochs 1, ..., ``epoch``:
+    an emptied or cut history would have the restored weights trained again."""
+    epoch, history = state["epoch"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"checkpoint {path}: its epoch {epoch!r} is not an epoch number")
+    if not isinstance(history, list) or [
+            r.get("epoch") if isinstance(r, dict) else None for r in history] != \
+            list(range(1, epoch + 1)):
+        count = len(history) if isinstance(history, list) else 0
+        raise ValueError(f"checkpoint {path} is at epoch {epoch} but its history does not "
+                         f"hold epochs 1 to {epoch} ({count} rows)")
 
 
 # --------------------------------------------------------------------------- output folders
@@ -122,17 +182,43 @@ COMMAND_SUBFOLDERS = {"train": {}, "compare": {"runs": "train", "lr-sweep": "com
 PROBE_PREFIX = ".ksam-probe-"
 
 
+def manifest_path(folder: Path, name: object) -> Path:
+    """The path in ``folder`` of ``name``, a path a manifest lists: ValueError unless it is
+    strictly inside ``folder`` - a relative path without ``..`` that names something below
+    the folder, no symbolic link on its way that leads out of it. (The last part may
+    itself be a link: ksam removes the link, never what it points to.)"""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"{name!r} is not a path")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or rel == Path("."):
+        raise ValueError(f"{name!r} is not a path inside the folder")
+    target = folder / rel
+    base = folder.resolve()
+    if not target.parent.resolve().is_relative_to(base):
+        raise ValueError(f"{name!r} leads out of the folder through a symbolic link")
+    return target
+
+
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of ``folder`` (None where there is none). ValueError for one that is not
+    ksam's: not JSON, another shape, or a path that is not strictly inside the folder
+    (:func:`manifest_path`)."""
     path = folder / MANIFEST
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except ValueError:
+    except (OSError, ValueError):
         manifest = None
     if not (isinstance(manifest, dict) and manifest.get("command") in COMMAND_OUTPUTS
             and isinstance(manifest.get("paths"), list)):
         raise ValueError(f"{path} is damaged: not the manifest of a ksam command")
+    for name in manifest["paths"]:
+        try:
+            manifest_path(folder, name)
+        except ValueError as exc:
+            raise ValueError(f"{path} is damaged or not ksam's: {exc}; ksam touches nothing "
+                             "outside --out (remove the manifest to go on)") from None
     return manifest
 
 
@@ -169,23 +255,50 @@ def check_folder_command(folder: Path, command: str) -> None:
                          f"`ksam {command}` neither resumes nor replaces; choose another --out")
 
 
+def foreign_outputs(folder: Path, command: str) -> list[str]:
+    """The files ``command`` writes in ``folder`` (its ``config.json``, ...) that are there
+    but that ksam did not write (its manifest does not list them; a folder older than
+    manifests: its ``config.json`` is not a ksam configuration)."""
+    _, paths = folder_contents(folder)
+    return [name for name in COMMAND_OUTPUTS[command] if name not in paths
+            and ((folder / name).exists() or (folder / name).is_symlink())]
+
+
+def check_own_outputs(folder: Path, command: str) -> None:
+    """ValueError if ``folder`` holds a file of ``command``'s name that ksam did not write:
+    ksam neither reads it as its own nor replaces it."""
+    foreign = foreign_outputs(folder, command)
+    if foreign:
+        raise ValueError(f"{folder / foreign[0]} was not written by ksam (the folder's "
+                         f"{MANIFEST} does not list it): ksam neither reads nor replaces "
+                         "it; move it away or choose another --out")
+
+
 def _clear(folder: Path) -> None:
     """Remove what ksam wrote in ``folder`` (recursively through its sub-folders' own
-    manifests), then the folders it made that are left empty; nothing else."""
+    manifests), then the folders it made that are left empty; nothing else, and nothing
+    outside ``folder`` (every path is checked by :func:`manifest_path`)."""
     _, paths = folder_contents(folder)
     for name in paths:
-        target = folder / name
+        target = manifest_path(folder, name)
         if target.is_dir() and not target.is_symlink():
             _clear(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-        while target != folder:
-            if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
-                target.rmdir()
-            target = target.parent
+        _remove_empty_below(target, folder)
     for probe in folder.glob(f"{PROBE_PREFIX}*"):
         probe.unlink()
     (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def _remove_empty_below(target: Path, folder: Path) -> None:
+    """Remove ``target`` and the folders above it that are left empty, up to ``folder``
+    (kept); the climb stops at ``folder``, or at the first path not below it."""
+    for path in (target, *target.parents):
+        if path == folder or folder not in path.parents:
+            return
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _remove_empty(path: Path, top: Path | None) -> None:
@@ -249,16 +362,17 @@ class OutputFolder:
         self.close()
 
 
-def _lock(path: Path) -> int | None:
-    """An open descriptor of ``path`` holding its exclusive lock; ValueError if another
-    process holds it. None where the system has no ``flock`` (no lock is taken)."""
+def _lock(path: Path, *, shared: bool = False) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock (``shared``: a shared one,
+    which only an exclusive holder refuses); ValueError if another process holds it. None
+    where the system has no ``flock`` (no lock is taken)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ValueError(f"--out {path} is in use: another ksam command holds its lock (an "
@@ -267,12 +381,25 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
+def check_unlocked(path: Path) -> None:
+    """ValueError (the lock's message) if another command holds the lock of the folder
+    ``path``; a shared lock is taken and given back at once (shared: the ranks of one
+    torchrun command may look at the same time). Nothing when this process holds it."""
+    if str(Path(path).resolve()) in OutputFolder._open:
+        return
+    fd = _lock(Path(path), shared=True)
+    if fd is not None:
+        os.close(fd)
+
+
 def open_output(path: Path, command: str, *, resume: bool = False,
                 overwrite: bool = False) -> OutputFolder:
     """Make ``path``, lock it and check it for ``command``: ValueError if another command
-    holds the lock, if it holds another command's results, or if it holds results and
-    neither ``resume`` nor ``overwrite`` is given; ``overwrite`` then removes what ksam
-    wrote there (nothing else). A folder this process holds already is returned as it is."""
+    holds the lock, if it holds another command's results, if it holds results and
+    neither ``resume`` nor ``overwrite`` is given, if its manifest is not ksam's
+    (:func:`manifest_path`), or if it holds a file of the command's names that ksam did
+    not write (:func:`check_own_outputs`); ``overwrite`` then removes what ksam wrote there
+    (nothing else). A folder this process holds already is returned as it is."""
     path = Path(path)
     held = OutputFolder._open.get(str(path.resolve()))
     if held is not None:
@@ -287,6 +414,7 @@ def open_output(path: Path, command: str, *, resume: bool = False,
         if _has_results(path) and not (resume or overwrite):
             raise ValueError(f"--out {path} is not empty; give --resume to continue the "
                              "results there or --overwrite to replace them")
+        check_own_outputs(path, command)
         if overwrite:
             _clear(path)
         folder = OutputFolder(path, command, fd)

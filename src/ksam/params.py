@@ -137,12 +137,23 @@ class ParameterSet:
                 "build it over model.parameters()")
         #: the optimizer's parameters, in its order (DTensors under FSDP2)
         self.params: list[Tensor] = params
+        # The groups' parameter lists as they were (held, so that no other list can take
+        # one's id) and their lengths: what :meth:`follows` compares.
+        self._lists = [(g["params"], len(g["params"])) for g in optimizer.param_groups]
         self._model = model
         #: FSDP2's sharding of the parameters (None: whole tensors)
         self.sharding = Sharding.of(params)
         self.replica_group = replica_group
         self._saved: dict[int, Tensor] = {}
         self._restore_to: list[Tensor] = []
+
+    def follows(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer``'s param groups still hold the parameter lists this set was
+        made from, of the same lengths (False after ``add_param_group``). One look per
+        group: no walk over the parameters."""
+        groups = optimizer.param_groups
+        return len(groups) == len(self._lists) and all(
+            g["params"] is held and len(held) == n for g, (held, n) in zip(groups, self._lists))
 
     # ------------------------------------------------------------------------ views
     @property

@@ -208,6 +208,13 @@ class StepPasses:
         with p.batchnorm.frozen(freeze), p.autocast(self.device), torch.set_grad_enabled(grad):
             out = self.loss_fn(p.forward_model, inner)
             losses, logits = split_output(out, expected)
+            if grad and not losses.requires_grad:
+                # A loss term would still give a gradient through the logits: refuse it
+                # here, for every method alike, rather than train on the term alone.
+                raise ValueError("loss_fn returned losses that do not require grad in a "
+                                 "gradient pass (detached, or computed under "
+                                 "torch.no_grad()): return the losses of the model's "
+                                 "forward as they are")
             if self.term is None or not grad:
                 return losses, losses
             if logits is None:

@@ -665,7 +665,8 @@ class AutoBand(TopLoss):
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("estimate")
-        if saved is not None and (not isinstance(saved, Tensor) or saved.shape != (5,)):
+        if saved is not None and (not isinstance(saved, Tensor) or saved.shape != (5,)
+                                  or not bool(saved.isfinite().all())):
             raise ValueError(f"not a state of {type(self).__name__}: {state!r}")
         self._estimate.load(saved)
 

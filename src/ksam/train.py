@@ -14,6 +14,7 @@ Fairness rules (what makes runs of different methods comparable):
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +31,10 @@ from .engine import SharpnessAwareOptimizer
 from .methods import create, takes_num_examples
 from .outputs import (
     OutputFolder,
+    WriteError,
+    atomic_write_text,
     check_folder_command,
+    check_own_outputs,
     checkpoint_path,
     load_checkpoint,
     open_output,
@@ -75,7 +79,8 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                  steps_total: int, num_examples: int | None = None
                  ) -> tuple[SharpnessAwareOptimizer, Any]:
     """The base optimizer (momentum SGD), the LR schedule and the method around them;
-    ``num_examples`` (the training set's size) for a method with a per-example memory."""
+    ``num_examples`` (the training set's size) for a method with a per-example memory
+    (ValueError for method options that give it another)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=False)
     if cfg.lr_schedule == "cosine":
@@ -91,7 +96,11 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                    **rule_options(schedule_options(method, cfg.method_options, steps_total),
                                   steps_total))
     if num_examples is not None and takes_num_examples(method, options):
-        options.setdefault("num_examples", num_examples)
+        given = options.setdefault("num_examples", num_examples)
+        if given != num_examples:  # its ids would fail the first step, after writing
+            raise ValueError(f"num_examples={given!r}, but the training set has "
+                             f"{num_examples} examples: the run sets num_examples to the "
+                             "training set's size itself; leave it out of the spec")
     from . import distributed
 
     if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
@@ -319,19 +328,43 @@ def _checkpoint_state(run: _Run, history: list[dict[str, Any]],
 def resume_point(out_dir: Path) -> Path:
     """What a resumed run in ``out_dir`` starts from: its checkpoint, else the
     ``config.json`` of a run interrupted before its first checkpoint (which then starts
-    from scratch). FileNotFoundError when there is neither."""
+    from scratch). FileNotFoundError when there is neither. ValueError when the checkpoint
+    is missing but the folder shows that the run got further (``metrics.jsonl`` is
+    written only after a checkpoint; a link to a checkpoint that is gone): starting from
+    scratch would train those epochs again in silence."""
     ckpt, config = checkpoint_path(out_dir), Path(out_dir) / "config.json"
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if ckpt.is_symlink() and not ckpt.exists():
+        raise ValueError(f"{ckpt} is a link to {os.readlink(ckpt)}, which is gone: restore "
+                         "the checkpoint to resume, or give --overwrite to start over")
     if ckpt.exists():
         return ckpt
+    if metrics.exists() or metrics.is_symlink():
+        raise ValueError(f"{ckpt} is missing, but {metrics} shows {_epochs_in(metrics)} "
+                         "finished: resuming would train the run again from scratch; "
+                         "restore the checkpoint, or give --overwrite to start over")
     if config.exists():
         return config
     raise FileNotFoundError(f"no checkpoint to resume from at {ckpt} (nor the config.json "
                             "of a run interrupted before its first checkpoint)")
 
 
+def _epochs_in(metrics: Path) -> str:
+    try:
+        count = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return "the run's progress"
+    return f"{count} epoch{'s' if count != 1 else ''}"
+
+
+#: Fields every ``config.json`` of a ksam run has.
+_RUN_FIELDS = ("task", "method", "seed")
+
+
 def saved_run_config(point: Path) -> dict[str, Any]:
     """The configuration a run was saved with, from its checkpoint (verified) or its
-    ``config.json`` (a :func:`resume_point`). ValueError for a damaged file."""
+    ``config.json`` (a :func:`resume_point`). ValueError for a damaged file, or a
+    ``config.json`` that is not a ksam run's."""
     point = Path(point)
     if point.name != "config.json":
         return load_checkpoint(point)["config"]
@@ -339,22 +372,66 @@ def saved_run_config(point: Path) -> dict[str, Any]:
         saved = json.loads(point.read_text())
     except ValueError:
         saved = None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{point} is damaged: not the configuration of a ksam run")
+    if not isinstance(saved, dict) or any(k not in saved for k in _RUN_FIELDS):
+        raise ValueError(f"{point} is not the configuration of a ksam run (it lacks "
+                         f"{', '.join(_RUN_FIELDS)}): damaged, or not written by ksam")
     return saved
 
 
 def _resume(run: _Run, out_dir: Path) -> list[dict[str, Any]]:
-    """Check what ``out_dir`` holds against the run and restore it; the history so far."""
+    """Check what ``out_dir`` holds against the run and restore it; the history so far.
+    ValueError (nothing written) for a folder or checkpoint that does not continue the
+    run."""
     check_folder_command(Path(out_dir), "train")
+    check_own_outputs(Path(out_dir), "train")
     point = resume_point(out_dir)
     if point.name == "config.json":  # no checkpoint yet: the same run starts from scratch
         check_resumable(run.cfg, saved_run_config(point), point)
         return []
     ckpt = load_checkpoint(point)
     check_resumable(run.cfg, ckpt["config"], point)
-    _restore(run, ckpt)
+    if ckpt["epoch"] > run.cfg.epochs:
+        raise ValueError(f"{point} holds epoch {ckpt['epoch']} of a run of "
+                         f"{run.cfg.epochs} epochs")
+    _check_metrics(Path(out_dir) / "metrics.jsonl", ckpt["history"], point)
+    _check_weights(run.model, ckpt["model"], point)
+    try:
+        _restore(run, ckpt)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{point} does not fit this run: {exc}") from None
     return ckpt["history"]
+
+
+def _check_metrics(metrics: Path, history: list[dict[str, Any]], point: Path) -> None:
+    """ValueError unless ``metrics.jsonl`` (when there) agrees with the checkpoint's
+    history: the same rows, or all but the last (a run stopped between writing its
+    checkpoint and its metrics)."""
+    if not metrics.exists():
+        return
+    try:
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{metrics} cannot be read: {exc}") from None
+    rows = [json.dumps(r) for r in history]
+    if lines != rows[:len(lines)] or len(lines) < len(rows) - 1:
+        raise ValueError(f"{metrics} ({len(lines)} epochs) does not agree with the history "
+                         f"of {point} ({len(rows)} epochs): one of them is not this run's")
+
+
+def _check_weights(model: torch.nn.Module, weights: dict[str, Any], point: Path) -> None:
+    """ValueError unless ``weights`` has the entries of ``model``'s ``state_dict``, each
+    with its shape and dtype."""
+    mine = model.state_dict()
+    if set(weights) != set(mine):
+        odd = sorted(set(weights) ^ set(mine))[:3]
+        raise ValueError(f"{point} holds the weights of another model ({', '.join(odd)})")
+    for key, t in mine.items():
+        saved = weights[key]
+        if not isinstance(saved, Tensor) or saved.shape != t.shape or saved.dtype != t.dtype:
+            raise ValueError(f"{point} holds the weights of another model: {key} is "
+                             f"{list(getattr(saved, 'shape', []))} "
+                             f"{getattr(saved, 'dtype', type(saved).__name__)}, the model's "
+                             f"{list(t.shape)} {t.dtype}")
 
 
 def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False,
@@ -390,7 +467,12 @@ def train(cfg: TrainConfig, *, out_dir: Path | None = None, resume: bool = False
     try:
         if folder is not None and not history:
             folder.write_text("config.json", json.dumps(run.cfg.to_dict(), indent=2))
-        _train_epochs(run, history, folder, on_epoch, saving=out_dir is not None)
+        try:
+            _train_epochs(run, history, folder, on_epoch, saving=out_dir is not None)
+        except WriteError as exc:
+            raise exc.with_note(f"every file in {out_dir} is as it was before that write "
+                                "(files are replaced atomically): make room and continue "
+                                "the run with --resume (resume=True)") from exc
     finally:
         if folder is not None:
             folder.close()
@@ -436,9 +518,10 @@ def _train_epochs(run: _Run, history: list[dict[str, Any]], folder: OutputFolder
         history.append(_epoch_row(run, epoch, loss_sum, epoch_time, train_time, steps))
         # FSDP2: every rank takes part in gathering the shards; rank 0 writes them.
         sharded = _gathered_state(run) if saving else None
-        if folder is not None:
-            folder.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if folder is not None:  # the checkpoint first: the metrics never run ahead of it
+            metrics = folder.record("metrics.jsonl")
             save_checkpoint(_checkpoint_state(run, history, sharded),
                             folder.record("checkpoint.pt"))
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
         if on_epoch is not None:
             on_epoch(history[-1])

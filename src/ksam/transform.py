@@ -41,16 +41,19 @@ if TYPE_CHECKING:
 class GradientTransform:
     """Base class of the engine's descent-gradient hook.
 
-    The engine calls :meth:`bind` once with the optimizer's parameters (their local shards
-    under FSDP2), :meth:`transform_` with the descent gradient of every step (``sharp``: the
-    step ran its ascent pass; ``space``, the :class:`ksam.params.ParameterSet`, gives norms
-    and sums over all shards and averages over replicas), and
+    The engine calls :meth:`bind` with the optimizer's parameters (their local shards
+    under FSDP2; again when they change), :meth:`transform_` with the descent gradient of
+    every step (``sharp``: the step ran its ascent pass; ``space``, the
+    :class:`ksam.params.ParameterSet`, gives norms and sums over all shards and averages
+    over replicas), and
     :meth:`commit` once the step is known to be applied (``keep``: a bool, or on the fast
     path a 0-d bool device tensor), so a skipped step leaves the rule's state as it was.
     """
 
     def bind(self, params: list[Tensor]) -> None:
-        """Called once by the engine with the parameters it steps, before any step."""
+        """Called by the engine with the parameters it steps: before any step, and again
+        when the optimizer's parameters change (a param group added); a rule keeps its
+        state for the parameters it had."""
 
     def transform_(self, params: list[Tensor], grads: list[Tensor], sharp: bool,
                    space: ParameterSet) -> None:
@@ -79,20 +82,27 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         self._offsets: list[int] = [0]
         self._shapes: list[torch.Size] = []
         self._all_views: dict[int, list[Tensor]] = {}
+        self._bound: list[Tensor] = []  # the parameters of the last bind()
         self._unit: Tensor | None = None  # g/|g| of this step's ascent gradient
         self._v: Tensor | None = None  # the stored unit orthogonal component
         self._next: Tensor | None = None  # scratch: the new v, or alpha |g| v
 
     def bind(self, params: list[Tensor]) -> None:
+        """The flat buffers for ``params``. Bound again (the optimizer's parameters changed),
+        the stored direction v keeps its entries for the parameters it had and is zero on
+        the new ones (its component along parameters no longer stepped is dropped)."""
         kinds = {(p.device, p.dtype) for p in params}
         if len(kinds) != 1:
             raise ValueError("LookSAM keeps its vectors in one flat buffer: all parameters "
                              f"must share one device and dtype, got {sorted(map(str, kinds))}")
+        kept = {} if self._v is None else {
+            id(p): v for p, v in zip(self._bound, self._views(self._v, self._bound))}
         total = sum(p.numel() for p in params)
         like = params[0]
         self._unit = like.new_zeros(total)
         self._v = like.new_zeros(total)
         self._next = like.new_zeros(total)
+        self._bound = list(params)  # held: a kept entry's id is never another tensor's
         self._index = {id(p): i for i, p in enumerate(params)}
         self._offsets = [0]
         for p in params:
@@ -100,6 +110,10 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         self._shapes = [p.shape for p in params]
         # Views over all parameters, made once: the usual step has a gradient for each.
         self._all_views = {id(f): self._views(f, params) for f in (self._unit, self._next)}
+        for p, v in zip(params, self._views(self._v, params)):
+            old = kept.get(id(p))
+            if old is not None and old.shape == v.shape:
+                v.copy_(old)
 
     def _views(self, flat: Tensor, params: list[Tensor]) -> list[Tensor]:
         """Views of ``flat`` shaped as ``params`` (all of bind()'s or a subset of them)."""
@@ -162,12 +176,17 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         return {"v": None if self._v is None else self._v.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        v = state.get("v")
-        if v is None or self._v is None:
-            return
-        if v.shape != self._v.shape:
-            raise ValueError(f"LookSAM state: v has {v.numel()} entries, the model "
-                             f"{self._v.numel()}")
+        """Restore :meth:`state_dict`: ValueError, nothing changed, unless it holds v, a
+        finite vector with one entry per parameter entry, of the parameters' dtype."""
+        assert self._v is not None, "bind() first"
+        v = state.get("v") if isinstance(state, dict) else None
+        if not isinstance(v, Tensor):
+            raise ValueError("LookSAM's state lacks its stored direction v")
+        if v.shape != self._v.shape or v.dtype != self._v.dtype:
+            raise ValueError(f"LookSAM state: v has {v.numel()} entries of {v.dtype}, the "
+                             f"parameters {self._v.numel()} of {self._v.dtype}")
+        if not bool(v.isfinite().all()):
+            raise ValueError("LookSAM state: v is not finite")
         self._v.copy_(v)
 
     def __repr__(self) -> str:

@@ -124,6 +124,14 @@ def load_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
+def check_data_dir(folder: Path) -> None:
+    """NotADirectoryError when ``folder`` (a task's ``data_dir``) is a file: the data is
+    looked for in a folder, and "not found" would mislead."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"data dir {folder} is a file, not a folder: give "
+                                 "--data-dir the folder that holds the data files")
+
+
 def _fashion_missing(msg: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{msg}. Get Fashion-MNIST with `apt-get install dataset-fashion-mnist` (installs into "
@@ -149,6 +157,7 @@ def load_fashion_mnist(
     sub-folder that does; defaults to ``/usr/share/datasets/fashion-mnist``.
     """
     folder = Path(data_dir) if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
+    check_data_dir(folder)
     if not folder.is_dir():
         raise _fashion_missing(f"Fashion-MNIST directory {folder} does not exist")
     sub = folder / "fashion-mnist"
@@ -291,6 +300,7 @@ def load_cifar(
     """CIFAR-10/100 (python pickle release) as uint8 ``[N, 3, 32, 32]`` and int64 labels."""
     train, test, label_key = _cifar_files(num_classes)
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    check_data_dir(root)
     folder = find_cifar_dir(root, num_classes)
     if folder is None:
         if not download:
