@@ -51,7 +51,7 @@ def main() -> None:
     batch = 128
     per_epoch = task.num_train // batch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * per_epoch)
-    engine = ksam.SGD(model, opt)
+    engine = ksam.Plain(model, opt)
     noisy = task.noisy_mask if task.noisy_mask is not None \
         else torch.zeros(task.num_train, dtype=torch.bool)
     order = torch.Generator().manual_seed(args.seed)

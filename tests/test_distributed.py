@@ -529,7 +529,7 @@ def _helper_ranks(info: kd.DistInfo) -> dict:
         # ties: global scores [1 3 3 0 | 3 2 0 3]; top 3 = global rows 1, 2, 4 (lower index
         # wins a tie), i.e. rows [1, 2] of rank 0 and row [0] of rank 1
         scores = torch.tensor([[1.0, 3, 3, 0], [3, 2, 0, 3]])[info.rank]
-        ctx = ksam.SelectionContext(batch_size=4, device=device, scores=scores)
+        ctx = ksam.selection.SelectionContext(batch_size=4, device=device, scores=scores)
         a, d = kd.GlobalTopLoss(3), kd.GlobalTopLoss(3)
         sel_a = a.select(ctx)
         ties = sel_a.index.tolist()
@@ -540,7 +540,8 @@ def _helper_ranks(info: kd.DistInfo) -> dict:
         # k=1: the global top row is on rank 0; rank 1 runs a weight-0 stand-in
         scores = torch.tensor([[5.0, 0, 0, 0], [1, 4, 1, 1]])[info.rank]
         rule = kd.GlobalTopLoss(1)
-        sel = rule.select(ksam.SelectionContext(batch_size=4, device=device, scores=scores))
+        sel = rule.select(ksam.selection.SelectionContext(batch_size=4, device=device,
+                                                          scores=scores))
         idx = sel.index
         loss = torch.tensor([2.0], requires_grad=True)
         red = rule.reduce(loss, sel)
@@ -706,10 +707,10 @@ def test_single_process_fallbacks(monkeypatch):
     assert kd.wrap(model, "cpu") is model and kd.unwrap(model) is model
     # without a process group the global rule is TopLoss
     scores = torch.tensor([0.5, 2.0, 2.0, 1.0, 3.0])
-    ctx = ksam.SelectionContext(batch_size=5, device=torch.device("cpu"), scores=scores)
+    ctx = ksam.selection.SelectionContext(batch_size=5, device=torch.device("cpu"), scores=scores)
     rule = kd.GlobalTopLoss(0.6)
     sel = rule.select(ctx)
-    assert torch.equal(sel.index, ksam.TopLoss(0.6).select(ctx).index)
+    assert torch.equal(sel.index, ksam.selection.TopLoss(0.6).select(ctx).index)
     losses = torch.tensor([1.0, 2.0, 4.0])
     assert rule.reduce(losses, sel) == losses.mean()
     # single-process kd.create with selection="global" equals ksam.create bit for bit

@@ -13,7 +13,8 @@ from torch import nn
 
 import ksam
 import ksam.distributed as kd
-from ksam.executor import ComputedStep
+from ksam import core
+from ksam.core import ComputedStep
 
 
 def test_dist_timeout_from_the_environment():
@@ -38,8 +39,8 @@ def test_verdict_goes_through_the_finite_reducer():
 
     model = FakeDDP()
     calls = []
-    eng = ksam.SGD(model, sgd(model), finite_reducer=lambda f: calls.append(f) or f)
+    eng = ksam.Plain(model, sgd(model), finite_reducer=lambda f: calls.append(f) or f)
     computed = ComputedStep(loss=torch.tensor(1.0), ascent_indices=torch.arange(0),
                             descent_indices=torch.arange(2), losses=None,
                             ascent_grad_norm=None, checks=[torch.tensor(1.0)])
-    assert bool(eng.verdict(computed).finite) and len(calls) == 1
+    assert bool(core.verdict(eng._rt, computed).finite) and len(calls) == 1

@@ -6,6 +6,7 @@ round trips and refusals, and bad input refused early."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -31,8 +32,9 @@ from conftest import (
 from torch import nn
 
 import ksam
-from ksam.executor import ComputedStep
-from ksam.selection import TopLoss
+from ksam import core
+from ksam.core import ComputedStep
+from ksam.selection import AutoBand, TopLoss
 
 
 # ---------------------------------------------------------------- restore exactly
@@ -84,25 +86,34 @@ def test_ordered_sgd_full_batch_equals_sgd():
     assert_same(params(a), params(b), atol=1e-6)
 
 
-# ------------------------------------------------------------------- the two stages
-def test_compute_then_apply_is_a_step():
-    """The public stages, run by hand, make exactly the step that step() makes."""
+# ------------------------------------------------------------------ the core's stages
+def test_the_core_functions_make_the_step():
+    """ksam.core's compute, verdict and apply, run by hand with the step number and the
+    schedule's decision, make exactly the steps that step() makes: through K-SAM's
+    descent warm-up (subset sizes 32, 16, 8) and AutoBand's phases."""
     a, b = bn_net(), bn_net()
-    ea = ksam.KSAM(a, sgd(a), k=8, seed=0)
-    eb = ksam.KSAM(b, sgd(b), k=8, seed=0)
-    for s in range(3):
+    rule = functools.partial(AutoBand, estimate_steps=(2, 4))
+    ea = ksam.KSAM(a, sgd(a), k=8, k_warmup=2, select=rule, seed=0)
+    eb = ksam.KSAM(b, sgd(b), k=8, k_warmup=2, select=rule, seed=0)
+    sizes = []
+    for s in range(8):
         batch = data(seed=s)
         ra = ea.step(batch, ce)
-        computed = eb.compute(batch, ce)
+        sharp = eb.plan.schedule.is_sharp(eb.steps, eb.generator)
+        computed = core.compute(eb._rt, batch, ce, 32, eb.steps, sharp)
         assert isinstance(computed, ComputedStep)
         assert computed.descent_indices.tolist() == ra.descent_indices.tolist()
-        verdict = eb.verdict(computed)
+        verdict = core.verdict(eb._rt, computed)
         skip = not bool(verdict.finite)
-        eb.apply(computed, verdict, skip)
+        core.apply(eb._rt, computed, verdict, skip)
+        eb.steps += 1
         assert float(computed.loss) == ra.loss and skip == ra.skipped
-    assert ea.steps == 3
+        sizes.append(ra.descent_indices.numel())
+    assert sizes == [32, 32, 16, 16, 8, 8, 8, 8]
+    assert ea.steps == 8 and ea.descent.estimate() is not None
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(p, q)
+    assert torch.equal(ea.descent.state_dict()["estimate"], eb.descent.state_dict()["estimate"])
 
 
 # --------------------------------------------------------------------- BatchNorm

@@ -59,8 +59,8 @@ def test_graph_replay_equals_eager(method, kw):
     for batch in batches(16):  # 3 warm-up steps, capture, replays (and re-captures)
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-    assert eb.executor.reason is None and eb.executor._entries
-    assert any(e.graph is not None for e in eb.executor._entries.values())
+    assert eb._executor.reason is None and eb._executor._entries
+    assert any(e.graph is not None for e in eb._executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
 
@@ -98,7 +98,7 @@ def test_bf16_graph_runs():
     a, b, ea, eb = _pair("ksam", k=8, k_warmup=0, autocast_dtype=torch.bfloat16)
     for batch in batches(6):
         res = eb.step(batch, ce)
-    assert not res.skipped and eb.executor.reason is None
+    assert not res.skipped and eb._executor.reason is None
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
@@ -118,8 +118,8 @@ def test_compiled_passes_on_cuda_equal_eager(fast_path):
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
     if fast_path:
-        assert eb.executor.reason is None
-        assert any(e.graph is not None for e in eb.executor._entries.values())
+        assert eb._executor.reason is None
+        assert any(e.graph is not None for e in eb._executor._entries.values())
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-4, msg=ka)
 
@@ -127,7 +127,7 @@ def test_compiled_passes_on_cuda_equal_eager(fast_path):
 def test_replayed_result_indices_are_not_overwritten():
     a, b, ea, eb = _pair("ksam", k=8, k_warmup=0)
     results = [eb.step(batch, ce) for batch in batches(8)]
-    assert any(e.graph is not None for e in eb.executor._entries.values())
+    assert any(e.graph is not None for e in eb._executor._entries.values())
     refs = [ea.step(batch, ce) for batch in batches(8)]
     for r, ref in zip(results, refs):  # earlier results kept their own indices
         assert r.descent_indices.tolist() == ref.descent_indices.tolist()
@@ -143,7 +143,7 @@ def test_closures_with_the_same_code_get_their_own_graphs():
         w = 1.0 if i % 2 == 0 else 3.0
         ra, rb = ea.step(batch, losses[w]), eb.step(batch, losses[w])
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-    assert eb.executor.reason is None
+    assert eb._executor.reason is None
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
 
@@ -171,9 +171,9 @@ def test_namedtuple_and_mapping_batches_are_captured():
             first = first or wrapped
             ra, rb = ea.step(wrapped, loss_fn), eb.step(wrapped, loss_fn)
             assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-        assert eb.executor.reason is None
-        assert any(e.graph is not None for e in eb.executor._entries.values())
-        static = next(iter(eb.executor._entries.values())).static_batch
+        assert eb._executor.reason is None
+        assert any(e.graph is not None for e in eb._executor._entries.values())
+        static = next(iter(eb._executor._entries.values())).static_batch
         assert type(static) is type(first)
         leaves = static if isinstance(static, tuple) else list(static.values())
         firsts = first if isinstance(first, tuple) else list(first.values())
@@ -193,15 +193,15 @@ def test_a_param_group_added_after_capture_is_captured_anew():
         for engine in engines:
             engine.step(batch, ce)
     ea, eb = engines
-    assert any(e.graph is not None for e in eb.executor._entries.values())
+    assert any(e.graph is not None for e in eb._executor._entries.values())
     conv = b[0].weight.detach().clone()
     for m, engine in ((a, ea), (b, eb)):
         engine.optimizer.add_param_group({"params": list(m[:2].parameters())})
     for batch in data[6:]:
         ra, rb = ea.step(batch, ce), eb.step(batch, ce)
         assert ra.loss == pytest.approx(rb.loss, rel=1e-4, abs=1e-5)
-    assert eb.executor.reason is None
-    assert any(e.graph is not None for e in eb.executor._entries.values())
+    assert eb._executor.reason is None
+    assert any(e.graph is not None for e in eb._executor._entries.values())
     assert not torch.equal(b[0].weight, conv)
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)

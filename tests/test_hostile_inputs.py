@@ -58,12 +58,12 @@ SPECS = {
 
 
 def build(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None,
-          **kw) -> ksam.SharpnessAwareOptimizer:
+          **kw) -> ksam.Method:
     method, options = SPECS.get(name, (name, {}))
     return ksam.create(method, model, opt or sgd(model), seed=0, **{**options, **kw})
 
 
-def batch_for(engine: ksam.SharpnessAwareOptimizer, seed: int):
+def batch_for(engine: ksam.Method, seed: int):
     """The ``seed``-th batch of 32, with example ids (two halves of 64) for a memory."""
     b = data(32, seed=seed)
     if engine.plan.memory is None:
@@ -71,11 +71,11 @@ def batch_for(engine: ksam.SharpnessAwareOptimizer, seed: int):
     return ksam.IndexedBatch(b, torch.arange(32) + 32 * (seed % 2))
 
 
-def loss_for(engine: ksam.SharpnessAwareOptimizer):
+def loss_for(engine: ksam.Method):
     return ce_logits if engine.plan.term is not None else ce
 
 
-def take_steps(engine: ksam.SharpnessAwareOptimizer, seeds) -> None:
+def take_steps(engine: ksam.Method, seeds) -> None:
     for s in seeds:
         engine.step(batch_for(engine, s), loss_for(engine))
 

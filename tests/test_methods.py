@@ -388,7 +388,7 @@ def test_esam_step_with_no_parameter_drawn_for_the_perturbation():
     assert not all(torch.equal(a, b) for a, b in zip(before, params(model)))
 
 
-def _subset_sizes(eng: ksam.SharpnessAwareOptimizer, steps: int) -> list[tuple[int, int]]:
+def _subset_sizes(eng: ksam.Method, steps: int) -> list[tuple[int, int]]:
     out = []
     for s in range(steps):
         r = eng.step(data(seed=s), ce)
@@ -422,8 +422,8 @@ def test_plain_mode_matches_a_hand_built_engine():
     engines = [
         ksam.KSAM(models[0], sgd(models[0]), k=8, k_warmup=0, rescale=False, seed=0),
         ksam.create("ksam-plain", models[1], sgd(models[1]), k=8, seed=0),
-        ksam.SharpnessAwareOptimizer(models[2], sgd(models[2]), ascent=TopLoss(8),
-                                     perturbation=ksam.GradientNormPerturbation(0.05),
+        ksam.Method(models[2], sgd(models[2]), ascent=TopLoss(8),
+                                     perturbation=ksam.perturbation.GradientNormPerturbation(0.05),
                                      descent=TopLoss(8), seed=0),
     ]
     for s in range(4):

@@ -312,7 +312,7 @@ def test_rescale_on_mse_scales_the_descent_step():
         torch.manual_seed(1)
         model = nn.Linear(6, 1)
         w0 = model.weight.detach().clone()
-        eng = ksam.SharpnessAwareOptimizer(
+        eng = ksam.Method(
             model, torch.optim.SGD(model.parameters(), lr=0.1), ascent=None,
             perturbation=None, descent=TopLoss(4, **kw))
         res = eng.step((x, y), mse)
@@ -589,12 +589,12 @@ def test_asam_perturbation_formula():
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
     expect = [pi + rho * ti**2 * gi / norm for pi, ti, gi in zip(p, t, g)]
     pp, gg = [x.clone() for x in p], [x.clone() for x in g]
-    ksam.AdaptivePerturbation(rho, eta).perturb_(pp, gg, _space(p))
+    ksam.perturbation.AdaptivePerturbation(rho, eta).perturb_(pp, gg, _space(p))
     assert_same(pp, expect, atol=1e-6)
 
 
 def test_asam_reuses_its_buffers():
-    rule = ksam.AdaptivePerturbation(0.5, 0.01)
+    rule = ksam.perturbation.AdaptivePerturbation(0.5, 0.01)
     weights = [torch.randn(3, 4), torch.randn(5)]
     space = _space(weights)
     rule.perturb_([p.clone() for p in weights], [torch.randn_like(p) for p in weights], space)
@@ -612,9 +612,9 @@ def test_asam_reuses_its_buffers():
 
 def test_non_finite_rule_options_are_refused():
     with pytest.raises(ValueError, match="finite"):
-        ksam.GradientNormPerturbation(math.inf)
+        ksam.perturbation.GradientNormPerturbation(math.inf)
     with pytest.raises(ValueError, match="finite"):
-        ksam.AdaptivePerturbation(0.5, math.nan)
+        ksam.perturbation.AdaptivePerturbation(0.5, math.nan)
 
 
 # --------------------------------------------------------------------------- schedule

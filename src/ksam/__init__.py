@@ -1,15 +1,28 @@
 """ksam: sharpness-aware training at SGD's cost.
 
-K-SAM and the methods it is measured against, all on one two-pass step engine::
+K-SAM and the methods it is measured against, each a :class:`Method` bound to your model
+and optimizer; one :meth:`Method.step` per batch does all its passes and the update::
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ksam_opt = ksam.KSAM(model, opt, rho=0.05, k=0.25)
-    result = ksam_opt.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+    method = ksam.KSAM(model, opt, rho=0.05, k=0.25)
+    result = method.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+
+The rules a method is made of live in :mod:`ksam.selection`, :mod:`ksam.perturbation`,
+:mod:`ksam.schedule` and :mod:`ksam.transform`; multi-process training in
+:mod:`ksam.distributed`; the step itself, top to bottom, in :mod:`ksam.core`.
 """
 
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from . import perturbation, schedule, selection, transform
 from .batch import IndexedBatch
-from .engine import ComputedStep, SharpnessAwareOptimizer, StepResult, Verdict
-from .memory import ExampleMemory, LossOutput
+from .core import StepResult
+from .engine import Method
+from .memory import LossOutput
 from .methods import (
     ESAM,
     KSAM,
@@ -18,41 +31,59 @@ from .methods import (
     MSAM,
     SAF,
     SAM,
-    SGD,
     LookSAM,
     OrderedSGD,
+    Plain,
     RandomSubsetSAM,
     create,
 )
-from .perturbation import (
-    AdaptivePerturbation,
-    GradientNormPerturbation,
-    MomentumPerturbation,
-    PerturbationRule,
-    StochasticWeightPerturbation,
-)
-from .plan import StepPlan
-from .schedule import Schedule
-from .selection import (
-    LargestLossIncrease,
-    RandomSubset,
-    Selection,
-    SelectionContext,
-    SelectionRule,
-    TopLoss,
-    WholeBatch,
-)
-from .transform import GradientTransform, LookSAMRule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "SharpnessAwareOptimizer", "StepPlan", "StepResult", "ComputedStep", "Verdict", "create",
-    "METHODS", "IndexedBatch", "LossOutput", "ExampleMemory",
-    "SGD", "SAM", "KSAM", "RandomSubsetSAM", "ESAM", "OrderedSGD", "MSAM", "LookSAM",
-    "SAF", "MESA",
-    "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss", "RandomSubset",
-    "LargestLossIncrease", "PerturbationRule", "GradientNormPerturbation",
-    "AdaptivePerturbation", "StochasticWeightPerturbation", "MomentumPerturbation",
-    "Schedule", "GradientTransform", "LookSAMRule",
+    "Method", "create", "METHODS", "compare",
+    "Plain", "SAM", "KSAM", "OrderedSGD", "ESAM", "RandomSubsetSAM", "MSAM", "LookSAM", "SAF",
+    "MESA",
+    "IndexedBatch", "LossOutput", "StepResult",
+    "selection", "perturbation", "schedule", "transform",
 ]
+
+#: Names ``import ksam`` gave before 0.2, with where they live now: still given, with a
+#: DeprecationWarning, until 0.3.
+_MOVED = {
+    "SharpnessAwareOptimizer": ("ksam.engine", "Method"),
+    "SGD": ("ksam.methods", "Plain"),
+    "StepPlan": ("ksam.plan", "StepPlan"),
+    "ComputedStep": ("ksam.core", "ComputedStep"),
+    "Verdict": ("ksam.core", "Verdict"),
+    "ExampleMemory": ("ksam.memory", "ExampleMemory"),
+    **{name: ("ksam.selection", name) for name in (
+        "SelectionRule", "Selection", "SelectionContext", "WholeBatch", "TopLoss",
+        "RandomSubset", "LargestLossIncrease")},
+    **{name: ("ksam.perturbation", name) for name in (
+        "PerturbationRule", "GradientNormPerturbation", "AdaptivePerturbation",
+        "StochasticWeightPerturbation", "MomentumPerturbation")},
+    "Schedule": ("ksam.schedule", "Schedule"),
+    "GradientTransform": ("ksam.transform", "GradientTransform"),
+    "LookSAMRule": ("ksam.transform", "LookSAMRule"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "compare":  # the comparison harness, imported only when asked for
+        from .api import compare
+
+        return compare
+    if name == "distributed":
+        return importlib.import_module("ksam.distributed")
+    moved = _MOVED.get(name)
+    if moved is None:
+        raise AttributeError(f"module 'ksam' has no attribute {name!r}")
+    module, attr = moved
+    warnings.warn(f"ksam.{name} is deprecated and goes in 0.3: use {module}.{attr}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), attr)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -87,7 +87,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .batch import Batch, batch_device, batch_size, index_batch
-from .engine import SharpnessAwareOptimizer
+from .engine import Method
 from .methods import create as _create_method
 from .params import all_ranks_true, is_dtensor
 from .selection import (
@@ -367,7 +367,7 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def state_dict(engine: SharpnessAwareOptimizer, *, full: bool = True) -> dict[str, Any]:
+def state_dict(engine: Method, *, full: bool = True) -> dict[str, Any]:
     """Model, optimizer and engine state of a (possibly FSDP-sharded) run, through the
     distributed checkpoint API (:func:`torch.distributed.checkpoint.state_dict.get_state_dict`).
 
@@ -389,7 +389,7 @@ def state_dict(engine: SharpnessAwareOptimizer, *, full: bool = True) -> dict[st
             "engine": engine.state_dict(include_optimizer=False)}
 
 
-def load_state_dict(engine: SharpnessAwareOptimizer, state: dict[str, Any]) -> None:
+def load_state_dict(engine: Method, state: dict[str, Any]) -> None:
     """Load a :func:`state_dict` (full or sharded) into the engine's model and optimizer
     (:func:`torch.distributed.checkpoint.state_dict.set_state_dict`; every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -620,8 +620,8 @@ class GlobalTopLoss(SelectionRule):
         return f"Global{self.inner!r}"
 
 
-def use_global_selection(engine: SharpnessAwareOptimizer,
-                         group: Any = None) -> SharpnessAwareOptimizer:
+def use_global_selection(engine: Method,
+                         group: Any = None) -> Method:
     """Replace the engine's :class:`TopLoss` rules (K-SAM's two, Ordered SGD's one) by
     :class:`GlobalTopLoss` with the same options, in a new step plan (so a plain step's rows
     come from the global rule too); returns the engine."""
@@ -649,7 +649,7 @@ def _syncs_buffers_in_forward(model: nn.Module) -> bool:
 
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
            selection: str = "local", group: Any = None,
-           **kwargs: Any) -> SharpnessAwareOptimizer:
+           **kwargs: Any) -> Method:
     """:func:`ksam.create` for DDP: the method ``name`` with ``selection="local"``
     (default: each rank's own top-K) or ``"global"`` (:class:`GlobalTopLoss`).
 

@@ -1,81 +1,41 @@
-r"""The two-pass step engine that every method of ksam runs on.
+r"""The method object: a choice of rules bound to a model and an existing optimizer.
 
-One step, for a mini-batch B and weights w:
-
-1. *scoring* (only if a selection rule needs losses at w and no full-batch pass at w comes
-   first): one gradient-free forward over B gives per-sample losses :math:`l = L_B(w)`;
-2. *ascent subset* :math:`A` = ascent rule (e.g. top-K1 of l);
-   ascent gradient :math:`g = \nabla_w \frac{1}{|A|}\sum_{i\in A} l_i(w)`;
-3. *perturbation* :math:`\epsilon` = perturbation rule applied to g (e.g.
-   :math:`\rho g/\lVert g\rVert`), :math:`w \leftarrow w + \epsilon`;
-4. *descent subset* :math:`D` = descent rule (e.g. top-K2 of the same l);
-   descent gradient :math:`\nabla \frac{1}{|D|}\sum_{i\in D} l_i(w+\epsilon)`;
-5. *restore* w bit-for-bit (copy back, never subtract eps), then the base optimizer steps
-   with the descent gradient.
-
-A method is a choice of ascent rule (or none), perturbation rule and descent rule:
-
-=============== =============== ============================== ======================
-method          ascent subset   perturbation                   descent subset
-=============== =============== ============================== ======================
-SGD             (no ascent)     -                              whole batch
-SAM / ASAM      whole batch     rho g/|g|  /  rho T^2 g/|Tg|   whole batch
-K-SAM           top-K1 of l     rho g/|g|                      top-K2 of l
-random-SAM      random K        rho g/|g|                      whole batch
-ESAM            whole batch     stochastic weights, 1/beta     largest loss increase
-Ordered SGD     (no ascent)     -                              top-K of l
-Momentum-SAM    (no ascent)     -rho v/|v|, v the momentum     whole batch
-=============== =============== ============================== ======================
-
-A method may add a per-example *loss term* to its gradient passes (SAF, MESA: a KL to
-remembered or averaged logits, from a ``loss_fn`` that returns
-:class:`ksam.memory.LossOutput` ``(losses, logits)``), and K-SAM and Ordered SGD may take
-their scores from a per-example memory instead of the scoring forward
-(``scores="memory"``). Both read the example ids of an :class:`ksam.batch.IndexedBatch`
-``(batch, index)``, ``index`` the examples' positions in the training set (global under
-DDP); ``loss_fn`` sees only ``batch``. The memory (:class:`ksam.memory.ExampleMemory`, N rows
-on the device) is written only by applied steps and is part of :meth:`state_dict`.
-
-A *schedule* (:mod:`ksam.schedule`) decides per step whether the step is sharpness-aware;
-on the other steps a method runs one plain pass over its descent subset at w (late-phase
-SAM, RST, LookSAM's interval). A *transform* (:mod:`ksam.transform`) may rewrite the descent
-gradient before the optimizer step (LookSAM).
-
-BatchNorm running statistics change only in the step's first full-batch pass (at w, but for
-random-subset SAM whose only full-batch pass is the perturbed descent); the others run
-with them frozen (see :mod:`ksam.batchnorm`). A step whose losses or gradients are not finite
-is skipped: weights, BatchNorm statistics and optimizer state stay exactly as they were.
+:class:`Method` checks its options once, holds the rules (its :attr:`~Method.plan`), the
+step counter and the method's generator, and runs each step through an executor
+(:mod:`ksam.executor`, :mod:`ksam.fast`) of the functional core (:mod:`ksam.core`, where
+the step reads top to bottom). Every method of ksam (:mod:`ksam.methods`) is a
+:class:`Method` with one choice of rules. Its state (:meth:`Method.state_dict`) holds
+everything needed to resume exactly: counters, generator, the state of every part with
+state (:meth:`ksam.plan.StepPlan.stateful`) and the base optimizer's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, IndexedBatch, batch_index, batch_labels, batch_size
-from .executor import ComputedStep, EagerExecutor, StepResult, Verdict
+from .batch import Batch, batch_index, batch_labels, batch_size
+from .core import Runtime, StepResult
+from .executor import EagerExecutor
 from .fast import SyncFreeExecutor
 from .memory import LossTerm, RememberedLosses
-from .params import ParameterSet, all_ranks_true
-from .passes import LossFn, Passes, StepPasses
+from .params import ParameterSet, all_ranks_true, is_ddp
+from .passes import LossFn, Passes
 from .perturbation import PerturbationRule
 from .plan import StepPlan
 from .schedule import Schedule
-from .selection import SelectionContext, SelectionRule
+from .selection import SelectionRule
 from .transform import GradientTransform
 from .validate import check_bool, check_callable, check_int
 
-__all__ = ["SharpnessAwareOptimizer", "StepResult", "ComputedStep", "Verdict", "LossFn",
-           "compile_backend"]
+__all__ = ["Method", "StepResult", "LossFn", "compile_backend"]
 
 #: ``finite_reducer``: combines this process's 0-d bool "the step is finite" with the other
 #: processes' verdicts (DDP, FSDP2: all ranks skip together).
@@ -84,8 +44,9 @@ FiniteReducer = Callable[[Tensor], Tensor]
 MAX_GENERATOR_SEED = 2**64 - 1
 
 
-class SharpnessAwareOptimizer:
-    """Runs any method of the two-pass family on a model and an existing optimizer.
+class Method:
+    """A method of the two-pass family bound to a model and an existing optimizer: one
+    :meth:`step` per batch does all the method's passes and the optimizer's update.
 
     Args:
         model: the model, or its DistributedDataParallel wrapper, or an FSDP2-sharded model.
@@ -164,11 +125,10 @@ class SharpnessAwareOptimizer:
     ``torch.amp.GradScaler`` or None, ``finite_reducer`` a function or None. A step that
     raises changes nothing, the engine's generator included (:meth:`step`).
 
-    The rules and what follows from them are the engine's :attr:`plan` (a
-    :class:`ksam.plan.StepPlan`). One step is three public stages, which the executors
-    (:class:`ksam.executor.EagerExecutor`, :class:`ksam.fast.SyncFreeExecutor`) run:
-    :meth:`compute` (the passes), :meth:`verdict` (may the step be applied?) and
-    :meth:`apply` (the optimizer step, or the skip).
+    The rules and what follows from them are the method's :attr:`plan` (a
+    :class:`ksam.plan.StepPlan`); a step runs the functions of :mod:`ksam.core` through an
+    executor (:class:`ksam.executor.EagerExecutor`, or :class:`ksam.fast.SyncFreeExecutor`
+    with ``fast_path``).
     """
 
     def __init__(
@@ -216,60 +176,68 @@ class SharpnessAwareOptimizer:
         check_callable("finite_reducer", finite_reducer)
         self.micro_batch_size = _check_micro_batch_size(micro_batch_size)
         self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
+        #: the model and the base optimizer the method steps
         self.model = model
         self.optimizer = optimizer
+        #: the torch.compile backend of the passes (None: no compile)
         self.compile = backend
-        #: the optimizer's parameters and the arithmetic on them (the one place that knows
-        #: FSDP2's shards)
-        self.params = ParameterSet(model, optimizer)
-        ddp = hasattr(model, "no_sync")
-        self.sync_perturbation = _check_sync_perturbation(sync_perturbation, self.params)
-        if ddp and not self.sync_perturbation:  # the replicas' ascent gradients differ
-            self.params.replica_group = getattr(model, "process_group", None)
-        if ddp and self.sync_perturbation and perturbation is not None \
-                and perturbation.masks_ascent and not getattr(model, "find_unused_parameters",
-                                                              False):
+        params = ParameterSet(model, optimizer)
+        ddp = is_ddp(model)
+        sync = _check_sync_perturbation(sync_perturbation, params)
+        if ddp and not sync:  # the replicas' ascent gradients differ
+            params.replica_group = getattr(model, "process_group", None)
+        if ddp and sync and perturbation is not None and perturbation.masks_ascent \
+                and not getattr(model, "find_unused_parameters", False):
             raise ValueError(f"{perturbation!r} with sync_perturbation=True leaves parameters "
                              "without an ascent gradient, which DDP's all-reduce cannot "
                              "bucket: build DDP with find_unused_parameters=True (and the "
                              "same seed on all ranks), or keep the per-rank perturbation")
         memory = self.plan.memory
-        if memory is not None and (ddp or self.params.sharded):  # one memory on all ranks
-            memory.replicated = True
-            memory.group = getattr(model, "process_group", None) if ddp else None
-        if finite_reducer is None and (ddp or self.params.sharded):
-            group = getattr(model, "process_group", None) if ddp else None
+        group = getattr(model, "process_group", None) if ddp else None
+        if memory is not None and (ddp or params.sharded):  # one memory on all ranks
+            memory.replicated, memory.group = True, group
+        if finite_reducer is None and (ddp or params.sharded):
             finite_reducer = functools.partial(all_ranks_true, group=group)
-        self.finite_reducer = finite_reducer
-        #: runs the forward and backward passes
-        self.passes = Passes(model, compile_backend=backend, autocast_dtype=autocast_dtype,
-                             grad_scaler=grad_scaler, micro_batch_size=self.micro_batch_size)
+        passes = Passes(model, compile_backend=backend, autocast_dtype=autocast_dtype,
+                        grad_scaler=grad_scaler, micro_batch_size=self.micro_batch_size)
         if transform is not None:
-            transform.bind(self.params.local(self.params.params))
+            transform.bind(params.local(params.params))
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        #: the method's own generator (random subsets, ESAM's mask, the schedule's draws)
         self.generator = torch.Generator().manual_seed(seed)
         #: steps taken, skipped ones included: written only by :meth:`step` (and
         #: :meth:`load_state_dict`)
         self.steps = 0
-        # Sharpness-aware steps applied (see sharp_steps): counted on the host, or on the
-        # device where the skip is decided there.
-        self._sharp_applied = 0
-        self._sharp_on_device: Tensor | None = None
-        self._row_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._rt = Runtime(plan=self.plan, model=model, optimizer=optimizer, params=params,
+                           passes=passes, generator=self.generator, sync_perturbation=sync,
+                           compiled=backend is not None, finite_reducer=finite_reducer,
+                           max_grad_norm=self.max_grad_norm)
         #: runs the steps: :class:`SyncFreeExecutor` with ``fast_path``, else eager
-        self.executor: EagerExecutor | SyncFreeExecutor = (
-            SyncFreeExecutor(self) if fast_path else EagerExecutor(self))
+        self._executor: EagerExecutor | SyncFreeExecutor = (
+            SyncFreeExecutor(self._rt) if fast_path else EagerExecutor(self._rt))
 
     # ----------------------------------------------------------------------------- API
+    @property
+    def plan(self) -> StepPlan:
+        """The method's rules and the facts derived from them (:class:`ksam.plan.StepPlan`)."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: StepPlan) -> None:
+        self._plan = plan
+        rt = getattr(self, "_rt", None)
+        if rt is not None:
+            rt.plan = plan
+
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
         """One optimizer step on ``batch``; ``loss_fn(model, batch)`` returns per-sample
-        losses of shape [n].
+        losses of shape [n] (or :class:`ksam.LossOutput` ``(losses, logits)``).
 
         The step first takes in the optimizer's current param groups
         (:meth:`follow_optimizer`). A step that raises (bad input, a ``loss_fn`` that
         returns no per-sample losses, a failing optimizer) changes nothing: weights,
-        BatchNorm statistics, optimizer and rule state, the step counter, and the engine's
+        BatchNorm statistics, optimizer and rule state, the step counter, and the method's
         generator, whose draws of the step are put back, so the next steps are those of a
         run without the failed call."""
         self.follow_optimizer()
@@ -287,7 +255,7 @@ class SharpnessAwareOptimizer:
         drawn = self.generator.get_state()
         try:
             sharp = self.plan.schedule.is_sharp(self.steps, self.generator)
-            result = self.executor.step(batch, loss_fn, n, sharp)
+            result = self._executor.step(batch, loss_fn, n, self.steps, sharp)
         except BaseException:
             self.generator.set_state(drawn)
             raise
@@ -302,21 +270,21 @@ class SharpnessAwareOptimizer:
         restores and checks for NaN, LookSAM's stored direction, which keeps its entries
         for the parameters it had and is zero on the new ones, and on the fast path the
         captured graphs and the optimizer's preparation). Cheap when nothing changed (one
-        look per group); :meth:`step`, :meth:`compute`, :meth:`state_dict` and
-        :meth:`load_state_dict` call it. ValueError, nothing changed, when the new
-        parameters are refused (not the model's, all frozen)."""
-        if self.params.follows(self.optimizer):
+        look per group); :meth:`step`, :meth:`state_dict` and :meth:`load_state_dict` call
+        it. ValueError, nothing changed, when the new parameters are refused (not the
+        model's, all frozen)."""
+        old = self._rt.params
+        if old.follows(self.optimizer):
             return
-        params = ParameterSet(self.model, self.optimizer,
-                              replica_group=self.params.replica_group)
-        if params.sharded != self.params.sharded:
+        params = ParameterSet(self.model, self.optimizer, replica_group=old.replica_group)
+        if params.sharded != old.sharded:
             raise ValueError("the optimizer's new parameters are sharded differently from "
-                             "those the engine was built with: build a new engine")
+                             "those the method was built with: build a new method")
         transform = self.plan.transform
         if transform is not None:  # refuses before it changes anything
             transform.bind(params.local(params.params))
-        self.params = params
-        self.executor.optimizer_changed()
+        self._rt.params = params
+        self._executor.optimizer_changed()
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError if a batch of ``n`` examples cannot be stepped on."""
@@ -327,50 +295,47 @@ class SharpnessAwareOptimizer:
         plan is built and checked, and every fact derived from the rules with it."""
         self.plan = self.plan.replace(**rules)
 
-    def graph_key(self, n: int, sharp: bool) -> tuple:
-        """What makes this step on a batch of ``n`` do other work than another step of the
-        same shapes (:meth:`ksam.plan.StepPlan.graph_key`) and, for a perturbation from the
-        optimizer's state, how many parameters it moves (none before the optimizer has
-        momentum). Host-side; the fast path keeps one graph per key."""
-        moved = 0
-        if sharp and self.plan.perturbs_from_state:
-            moved = len(self.plan.perturbation.directions(self.params.params,
-                                                          self.optimizer)[0])
-        return (*self.plan.graph_key(n, self.steps, sharp), moved)
-
     # Read-only views of the plan's rules.
     ascent = property(lambda self: self.plan.ascent)
     perturbation = property(lambda self: self.plan.perturbation)
     descent = property(lambda self: self.plan.descent)
     schedule = property(lambda self: self.plan.schedule)
     transform = property(lambda self: self.plan.transform)
-    grad_scaler = property(lambda self: self.passes.grad_scaler)
-    autocast_dtype = property(lambda self: self.passes.autocast_dtype)
+    grad_scaler = property(lambda self: self._rt.passes.grad_scaler)
+    autocast_dtype = property(lambda self: self._rt.passes.autocast_dtype)
+    sync_perturbation = property(lambda self: self._rt.sync_perturbation)
 
     @property
     def fast_path(self) -> bool:
-        """Whether the engine was built with ``fast_path=True``."""
-        return self.executor.fast_path
+        """Whether the method was built with ``fast_path=True``."""
+        return self._executor.fast_path
 
     @property
     def fast_path_active(self) -> bool:
         """Whether steps run on the fast path (False once it fell back to eager steps)."""
-        return self.executor.fast_path and self.executor.reason is None
+        return self._executor.fast_path and self._executor.reason is None
+
+    @property
+    def fast_path_off_reason(self) -> str | None:
+        """Why a ``fast_path=True`` method steps eagerly (None: it does not)."""
+        return self._executor.reason
 
     @property
     def sharp_steps(self) -> int:
         """Sharpness-aware steps applied (a skipped step is not counted); the schedule's
         plain steps are the others (host sync on the fast path)."""
-        extra = 0 if self._sharp_on_device is None else int(self._sharp_on_device)
-        return self._sharp_applied + extra
+        rt = self._rt
+        extra = 0 if rt.sharp_on_device is None else int(rt.sharp_on_device)
+        return rt.sharp_applied + extra
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because a loss or gradient was not finite."""
-        return self.executor.skipped_steps
+        return self._executor.skipped_steps
 
     def zero_grad(self) -> None:
-        self.params.zero_grad()
+        """Drop the gradients of every trainable parameter of the model."""
+        self._rt.zero_grad()
 
     # ----------------------------------------------------------------------- state
     def identity(self) -> dict[str, Any]:
@@ -392,15 +357,9 @@ class SharpnessAwareOptimizer:
             "sharp_steps": self.sharp_steps,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
-            "ascent": plan.ascent.state_dict() if plan.ascent is not None else {},
-            "descent": plan.descent.state_dict(),
+            "ascent": {},
+            **{key: part.state_dict() for key, part in plan.stateful()},
         }
-        if plan.transform is not None:
-            state["transform"] = plan.transform.state_dict()
-        if plan.term is not None:
-            state["term"] = plan.term.state_dict()
-        if plan.memory is not None:
-            state["memory"] = plan.memory.state_dict()
         if include_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         if self.grad_scaler is not None:
@@ -434,29 +393,22 @@ class SharpnessAwareOptimizer:
                              f"({type(exc).__name__}: {exc}); nothing was changed") from exc
 
     def _load(self, state: dict[str, Any]) -> None:
-        plan = self.plan
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        if plan.ascent is not None:
-            plan.ascent.load_state_dict(state.get("ascent", {}))
-        plan.descent.load_state_dict(state.get("descent", {}))
-        if plan.transform is not None:
-            plan.transform.load_state_dict(state["transform"])
-        if plan.term is not None:
-            plan.term.load_state_dict(state["term"])
-        if plan.memory is not None:
-            applied = int(state["steps"]) - int(state["skipped_steps"])
-            plan.memory.load_state_dict(state["memory"], complete=applied > 0)
+        applied = int(state["steps"]) > int(state["skipped_steps"])
+        for key, part in self.plan.stateful():
+            part.load_state_dict(state.get(key, {}), applied=applied)
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
         self.steps = int(state["steps"])
         # States that predate the engine's count kept it in the schedule's entry.
-        self._sharp_applied = int(state.get("sharp_steps",
-                                            state.get("schedule", {}).get("sharp_steps", 0)))
-        if self._sharp_on_device is not None:
-            self._sharp_on_device.zero_()
-        self.executor.reset(int(state["skipped_steps"]))
+        rt = self._rt
+        rt.sharp_applied = int(state.get("sharp_steps",
+                                         state.get("schedule", {}).get("sharp_steps", 0)))
+        if rt.sharp_on_device is not None:
+            rt.sharp_on_device.zero_()
+        self._executor.reset(int(state["skipped_steps"]))
 
     def _check_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
@@ -478,9 +430,8 @@ class SharpnessAwareOptimizer:
         if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
             raise ValueError("not a ksam state_dict: 'generator' is not a generator state")
         self._check_counters(state)
-        parts = {"transform": self.plan.transform, "term": self.plan.term,
-                 "memory": self.plan.memory}
-        lacking = [key for key, part in parts.items() if part is not None and key not in state]
+        lacking = [key for key, part in self.plan.stateful()
+                   if part.required and key not in state]
         if lacking:
             raise ValueError(f"this state_dict lacks the method's {', '.join(lacking)} state: "
                              "it would keep this engine's own, and the run would not "
@@ -500,272 +451,6 @@ class SharpnessAwareOptimizer:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ascent={self.ascent!r}, "
                 f"perturbation={self.perturbation!r}, descent={self.descent!r})")
-
-    # ------------------------------------------------------------- stage 1: compute
-    def compute(self, batch: Batch, loss_fn: LossFn, n: int | None = None,
-                sharp: bool = True) -> ComputedStep:
-        """The passes of one step, up to (not including) the update; the descent gradient
-        is left, unscaled, in the parameters' ``.grad``. ``sharp=False`` (the schedule's
-        plain steps): no ascent, no perturbation, one pass over the plan's plain rows at w.
-
-        Branches only on the plan and ``sharp`` (static), never on tensor values: the same
-        code runs eagerly and inside a CUDA graph capture. On an exception the gradients
-        are cleared, the BatchNorm statistics and the weights put back, and it propagates.
-        """
-        self.follow_optimizer()
-        plan = self.plan
-        n = batch_size(batch) if n is None else n
-        self.zero_grad()
-        memory, ids, id_checks = plan.memory, None, []
-        if memory is not None:  # ids out of range: read and write the spare row, skip
-            memory.discard()
-            raw = batch_index(batch)
-            if raw is None:
-                memory.check_ids(raw, n)
-            ids, valid = memory.guard(raw)
-            batch, id_checks = IndexedBatch(batch.batch, ids), [valid]
-        remembered = plan.remembered if plan.scores_first(sharp) else None
-        passes = self.passes.begin(batch, loss_fn, n, term=plan.term_at(self.steps),
-                                   subset_updates_batchnorm=remembered is not None)
-        ctx = SelectionContext(
-            batch_size=n, device=passes.device, generator=self.generator, step=self.steps,
-            labels=batch_labels(batch, n) if plan.needs_labels else None, ids=ids)
-        try:
-            # 1. scoring: per-sample losses at w, without gradient
-            if remembered is not None:
-                ctx.scores = remembered.read(ids)
-            elif plan.scores_first(sharp) and plan.needs_logits:
-                scores, ctx.logits = passes.score()
-                ctx.scores = scores.float()
-            elif plan.scores_first(sharp):
-                ctx.scores = passes.run(None).float()
-            # 2. the ascent gradient and w <- w + eps (or eps from the optimizer's state)
-            ascent = _NO_ASCENT
-            if sharp and plan.ascent is not None:
-                ascent = self._ascend(passes, ctx)
-            elif sharp and plan.perturbs_from_state:
-                ascent = self._perturb_from_state()
-            # 3. the descent gradient on the descent rows; 4. w restored bit for bit
-            try:
-                rows, losses = self._descend(passes, ctx, plan.descent_rule(sharp))
-            finally:
-                self.params.restore()
-            # 5. the descent gradient unscaled and transformed (LookSAM)
-            self._finish_gradient(sharp)
-            if remembered is not None:  # the losses at w this step computed refresh memory
-                fresh_rows, fresh = (ascent.index, ascent.losses) if ascent.ran \
-                    else (rows, losses)
-                assert fresh is not None
-                remembered.refresh(ids if fresh_rows is None
-                                   else ids.index_select(0, fresh_rows), fresh)
-        except BaseException:
-            self.passes.restore_batchnorm()
-            self.zero_grad()
-            if memory is not None:
-                memory.discard()
-            raise
-        if remembered is not None:  # the remembered scores are not this step's losses
-            loss, ctx.scores = fresh.float().mean(), None
-        else:
-            if ctx.scores is None and rows is None and not ascent.perturbed:
-                ctx.scores = losses.float()  # a plain whole-batch pass at w (SGD)
-            loss = ctx.scores.mean() if ctx.scores is not None else losses.float().mean()
-        whole = self._rows(n, passes.device)
-        return ComputedStep(
-            loss=loss,
-            ascent_indices=ascent.index if ascent.index is not None
-            else (whole if ascent.ran else self._rows(0, passes.device)),
-            descent_indices=whole if rows is None else rows,
-            losses=ctx.scores,
-            ascent_grad_norm=ascent.grad_norm,
-            checks=[loss, *ascent.checks, *id_checks],
-            sharp=sharp)
-
-    def _ascend(self, passes: StepPasses, ctx: SelectionContext) -> _Ascent:
-        """The ascent gradient on the ascent rule's rows, then w <- w + eps."""
-        rule, perturbation = self.plan.ascent, self.plan.perturbation
-        assert rule is not None and perturbation is not None
-        selection = rule.select(ctx)
-        trainable = self.params.trainable()
-        mask = perturbation.ascent_mask(len(trainable), self.generator)
-        unmasked = [p for p, m in zip(trainable, mask) if not m] if mask else []
-        # ESAM's mask: unmasked parameters get no gradient. Switching requires_grad off saves
-        # their backward, but a compiled model recompiles for every new pattern, so with
-        # compile their gradients are computed and dropped instead.
-        switched = unmasked if self.compile is None else []
-        for p in switched:
-            p.requires_grad_(False)
-        try:
-            with contextlib.nullcontext() if self.sync_perturbation \
-                    else self.passes.local_gradients():
-                if len(unmasked) == len(trainable):  # nothing to perturb this step
-                    losses = passes.run(selection.index)
-                else:
-                    losses = passes.run(selection.index,
-                                        lambda part: rule.reduce(part, selection))
-        finally:
-            for p in switched:
-                p.requires_grad_(True)
-        for p in unmasked:
-            p.grad = None
-        if selection.index is None and ctx.scores is None:
-            ctx.scores = losses.float()  # a full-batch ascent at w gives the scores
-        params, grads = self.params.with_grad()
-        if not params:  # ESAM's mask can leave every parameter unperturbed
-            return _Ascent(selection.index, ran=True, losses=losses)
-        self.params.save(params)
-        with torch.no_grad():
-            norm = perturbation.perturb_(params, grads, self.params)
-        self.zero_grad()
-        # Under fp16 the gradients were scaled: report the norm of the true gradient.
-        scaler = self.grad_scaler
-        reported = norm if scaler is None else norm / scaler._get_scale_async()
-        return _Ascent(selection.index, ran=True, perturbed=True, grad_norm=reported,
-                       checks=(norm,), losses=losses)
-
-    def _perturb_from_state(self) -> _Ascent:
-        """w <- w + eps from the optimizer's state (Momentum-SAM); nothing when it has no
-        state to use yet."""
-        perturbation = self.plan.perturbation
-        assert perturbation is not None
-        params, directions = perturbation.directions(self.params.params, self.optimizer)
-        if not params:
-            return _NO_ASCENT
-        params, directions = self.params.local(params), self.params.local(directions)
-        self.params.save(params)
-        with torch.no_grad():
-            norm = perturbation.perturb_(params, directions, self.params)
-        return _Ascent(None, perturbed=True, checks=(norm,))
-
-    def _descend(self, passes: StepPasses, ctx: SelectionContext,
-                 rule: SelectionRule) -> tuple[Tensor | None, Tensor]:
-        """The descent gradient on ``rule``'s rows, left in ``.grad``: (the rows, None for
-        all; their detached per-sample losses)."""
-        if rule.needs_perturbed_losses and not passes.chunked(passes.n):
-            # ESAM: one full forward at w+eps; the gradient flows from the selected rows.
-            losses = passes.forward(None, grad=True)
-            ctx.perturbed_losses = losses.detach().float()
-            selection = rule.select(ctx)
-            assert selection.index is not None
-            self.passes.backward(rule.reduce(losses.index_select(0, selection.index),
-                                             selection))
-            return selection.index, losses.detach()
-        if rule.needs_perturbed_losses:
-            # ESAM in chunks: the losses at w+eps without gradient (a graph over the whole
-            # batch is what chunking avoids), then the selected rows' gradient.
-            ctx.perturbed_losses = passes.run(None).float()
-        selection = rule.select(ctx)
-        losses = passes.run(selection.index, lambda part: rule.reduce(part, selection))
-        return selection.index, losses
-
-    def _finish_gradient(self, sharp: bool) -> None:
-        """The descent gradient unscaled (GradScaler) and rewritten by the transform, at w;
-        the transform's new state is kept by :meth:`apply`."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(self.optimizer)
-        transform = self.plan.transform
-        if transform is not None:
-            params, grads = self.params.with_grad()
-            with torch.no_grad():
-                transform.transform_(params, grads, sharp, self.params)
-
-    # -------------------------------------------------------- stages 2 and 3: apply
-    def verdict(self, computed: ComputedStep) -> Verdict:
-        """Whether the step may be applied: its losses and descent gradients are finite
-        (and, with ``finite_reducer``, every rank's), as a 0-d bool on the device, and the
-        descent gradient's global norm. Reads the step; changes nothing."""
-        _, grads = self.params.with_grad()
-        norms = torch._foreach_norm(grads) if grads else []
-        values = [_fp32(c).reshape(()) for c in computed.checks]
-        values.extend(_fp32(n) for n in norms)
-        stacked = torch.stack(values)  # one stack serves the check and the global norm
-        finite = torch.isfinite(stacked).all()
-        if self.finite_reducer is not None:
-            finite = self.finite_reducer(finite)
-        grad_norm = self.params.norm_of(norms, stacked[len(computed.checks):]) if norms \
-            else None
-        return Verdict(finite=finite, descent_grad_norm=grad_norm)
-
-    def apply(self, computed: ComputedStep, verdict: Verdict, skip: bool | Tensor) -> None:
-        """The update after :meth:`compute`: the descent gradient clipped
-        (``max_grad_norm``), the optimizer step, the rules' staged state committed.
-
-        ``skip`` a Python bool: the optimizer steps (through the GradScaler, if any), or on
-        a skip the BatchNorm statistics are put back and nothing else changes. ``skip`` a
-        0-d bool tensor (no host sync): the optimizer steps and must itself leave weights
-        and state alone where ``skip`` is true - the executor arranged that (a fused kernel
-        reading ``found_inf``) - and the BatchNorm statistics are put back where it is
-        true. The rules' staged updates (AutoBand's estimate, LookSAM's v) are committed
-        unless the step is skipped. Then the gradients are cleared. If the optimizer
-        raises, the BatchNorm statistics are put back and the exception propagates.
-        """
-        scaler = self.grad_scaler
-        device_skip = isinstance(skip, Tensor)
-        try:
-            if self.max_grad_norm is not None and verdict.descent_grad_norm is not None \
-                    and (device_skip or not skip):
-                _, grads = self.params.with_grad()
-                self.params.clip_(grads, verdict.descent_grad_norm, self.max_grad_norm)
-            if device_skip:
-                self.optimizer.step()
-                self.passes.restore_batchnorm(where=skip)
-            elif skip:
-                self.passes.restore_batchnorm()
-            elif scaler is not None:
-                scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-        except BaseException:
-            self.passes.restore_batchnorm()
-            self.zero_grad()
-            raise
-        self.plan.commit(~skip if device_skip else not skip, computed.sharp)
-        if computed.sharp:
-            self._count_sharp(skip)
-        if scaler is not None:
-            scaler.update()
-        self.zero_grad()
-
-    def _count_sharp(self, skip: bool | Tensor) -> None:
-        if not isinstance(skip, Tensor):
-            self._sharp_applied += not skip
-            return
-        counter = self._sharp_on_device
-        if counter is None or counter.device != skip.device:
-            if counter is not None:  # the device moved: keep the count
-                self._sharp_applied += int(counter)
-            counter = self._sharp_on_device = torch.zeros((), dtype=torch.long,
-                                                          device=skip.device)
-        counter.add_(~skip)
-
-    def _rows(self, n: int, device: torch.device) -> Tensor:
-        """``arange(n)`` on the device, made once per size: the indices of a whole-batch pass
-        (no allocation or launch per step; shared between results, do not modify)."""
-        rows = self._row_cache.get((n, device))
-        if rows is None:
-            rows = self._row_cache[(n, device)] = torch.arange(n, device=device)
-        return rows
-
-
-@dataclass(frozen=True)
-class _Ascent:
-    """What the ascent phase of a step did."""
-
-    #: the rows of the ascent gradient (None: the whole batch, or no ascent pass)
-    index: Tensor | None
-    #: an ascent pass ran
-    ran: bool = False
-    #: w was moved to w + eps (and is restored after the descent)
-    perturbed: bool = False
-    #: the ascent gradient's norm, unscaled (None without an ascent gradient)
-    grad_norm: Tensor | None = None
-    #: 0-d values that must be finite for the step to be applied
-    checks: tuple[Tensor, ...] = ()
-    #: the ascent pass's per-sample losses at w (detached; None without an ascent pass)
-    losses: Tensor | None = None
-
-
-_NO_ASCENT = _Ascent(None)
 
 
 #: Hyper-parameters of torch's optimizers that are numbers >= 0 (the others only finite).
@@ -849,9 +534,14 @@ def _check_sync_perturbation(value: bool | None, params: ParameterSet) -> bool:
     return bool(value)
 
 
-def _fp32(t: Tensor) -> Tensor:
-    # Cast only what is not fp32: each no-op .float() is still a trip through the dispatcher.
-    return t if t.dtype == torch.float32 else t.float()
+def __getattr__(name: str) -> Any:
+    if name == "SharpnessAwareOptimizer":  # the name before 0.2
+        import warnings
+
+        warnings.warn("ksam.engine.SharpnessAwareOptimizer is deprecated and goes in 0.3: "
+                      "use ksam.Method", DeprecationWarning, stacklevel=2)
+        return Method
+    raise AttributeError(f"module 'ksam.engine' has no attribute {name!r}")
 
 
 def compile_backend(compile: bool | str | None) -> str | None:

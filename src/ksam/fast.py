@@ -3,13 +3,13 @@
 Why: at the batch sizes of the SAM literature a K-SAM step is a chain of small kernels
 (three forwards, two backwards on B/8 examples, a sort, a gather, foreach updates), and on a
 modern GPU their launch latency, not their arithmetic, sets its time: eager K-SAM with
-K=B/8 measured slower than SAM on an H200 (../shared/anchors). Replaying the whole step as
-one CUDA graph removes the launches.
+K=B/8 measured slower than SAM on an H200 in a prototype. Replaying the whole step as one
+CUDA graph removes the launches.
 
 What makes a step capturable, and how this module gets it:
 
-- no ``.item()`` or branch on a tensor value: the engine's two-pass core branches only on
-  its (static) rules, and subset sizes depend only on the batch size;
+- no ``.item()`` or branch on a tensor value: :mod:`ksam.core` branches only on the
+  (static) rules, and subset sizes depend only on the batch size;
 - the skip rule decided on the device: the step's finiteness flag is handed to a *fused*
   optimizer as ``found_inf`` (the same mechanism GradScaler uses), which then leaves
   weights and state untouched; BatchNorm statistics are put back with ``torch.where``;
@@ -27,8 +27,8 @@ float). The optimizer must therefore support ``fused=True``
 ``state_dict``; on the CPU too, where the fused kernel rounds differently from the default
 one (about 1e-7 per step): the two paths are bit-identical for an optimizer built with
 ``fused=True`` (SGD; tested on random step sequences), and equal to that precision else.
-An engine state records ``fast_path`` and :meth:`~ksam.engine.SharpnessAwareOptimizer.
-load_state_dict` refuses a state saved with the other setting. The skip flag reaches the
+A method's state records ``fast_path`` and :meth:`ksam.Method.load_state_dict` refuses a
+state saved with the other setting. The skip flag reaches the
 optimizer that holds the parameters through the integrations' proxy optimizers
 (:class:`ksam.integrations.ProxyOptimizer` forwards ``found_inf``).
 
@@ -43,16 +43,15 @@ anew for every step never replays another's graph, it is captured again, and aft
 ``MAX_GRAPHS`` graphs the steps run eagerly; build it once. A :class:`StepResult`'s index
 tensors are copies, which later steps do not overwrite.
 
-:class:`SyncFreeExecutor` runs a step with the engine's public stages only
-(:meth:`~ksam.engine.SharpnessAwareOptimizer.compute`, ``verdict``, ``apply``; see
-:mod:`ksam.executor`) and owns what is its own: the optimizer's preparation, the
-``found_inf`` flag and the skipped-step count on the device. A short last batch or a K
-schedule gets a graph of its own. It steps eagerly instead, by itself and with the same
-results, for rules that draw random numbers on the host (random-subset SAM, ESAM), with a
-GradScaler, a DistributedDataParallel model or an optimizer without a fused kernel, and
-after a failed capture; ``SyncFreeExecutor.reason`` says why. On the CPU there is no
-graph: the sync-free step runs eagerly, which is how the tests check that it equals the
-eager step.
+:class:`SyncFreeExecutor` runs a step with the core's functions
+(:func:`ksam.core.compute`, ``verdict``, ``apply``; see :mod:`ksam.executor`) and owns
+what is its own: the optimizer's preparation, the ``found_inf`` flag and the skipped-step
+count on the device. A short last batch or a K schedule gets a graph of its own. It steps
+eagerly instead, by itself and with the same results, for rules that draw random numbers
+on the host (random-subset SAM, ESAM), with a GradScaler, a DistributedDataParallel model
+or an optimizer without a fused kernel, and after a failed capture;
+``SyncFreeExecutor.reason`` says why. On the CPU there is no graph: the sync-free step
+runs eagerly, which is how the tests check that it equals the eager step.
 """
 
 from __future__ import annotations
@@ -60,16 +59,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .batch import Batch, _tensor_leaves, batch_device
-from .executor import ComputedStep, EagerExecutor, LossFn, StepResult, Verdict
-
-if TYPE_CHECKING:  # the engine imports this module; a type-only import makes no cycle
-    from .engine import SharpnessAwareOptimizer
+from .core import ComputedStep, Runtime, StepResult, Verdict, apply, compute, verdict
+from .executor import EagerExecutor
+from .params import is_ddp
+from .passes import LossFn
 
 __all__ = ["SyncFreeExecutor", "WARMUP_STEPS", "MAX_GRAPHS"]
 
@@ -121,14 +119,14 @@ class SyncFreeExecutor:
     """Runs a step with no host sync (see the module docstring); steps eagerly, with the
     same results, where it cannot."""
 
-    #: what :meth:`~ksam.engine.SharpnessAwareOptimizer.state_dict` records as ``fast_path``
+    #: what :meth:`ksam.Method.state_dict` records as ``fast_path``
     fast_path = True
 
-    def __init__(self, engine: SharpnessAwareOptimizer) -> None:
-        self.engine = engine
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
         self.reason: str | None = self._unsupported()
         self._warned = False
-        self._eager = EagerExecutor(engine)
+        self._eager = EagerExecutor(rt)
         self._skipped_base = 0
         self.reset()
 
@@ -161,12 +159,12 @@ class SyncFreeExecutor:
 
     # ---------------------------------------------------------------------- checks
     def _unsupported(self) -> str | None:
-        e = self.engine
+        e = self.rt
         if e.grad_scaler is not None:
             return "a GradScaler is in use (use bf16 autocast on the fast path)"
         if e.plan.host_randomness is not None:
             return e.plan.host_randomness
-        if hasattr(e.model, "no_sync"):
+        if is_ddp(e.model):
             return "DistributedDataParallel models run eagerly"
         if e.params.sharded:
             return "FSDP-sharded models run eagerly"
@@ -191,7 +189,7 @@ class SyncFreeExecutor:
         rate is a float64 tensor: LR schedulers that compute from the group's current lr
         (cosine annealing) then round exactly as with a Python float."""
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
-        for group in self.engine.optimizer.param_groups:
+        for group in self.rt.optimizer.param_groups:
             group["fused"] = True
             if "capturable" in group:  # Adam/AdamW: step counters on the device
                 group["capturable"] = True
@@ -209,32 +207,33 @@ class SyncFreeExecutor:
         self._prepared_for = device
 
     # ----------------------------------------------------------------------- steps
-    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int,
+    def _sync_free(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
                    sharp: bool) -> tuple[ComputedStep, Verdict, Tensor]:
         """One step without a host sync: the engine's stages, the skip flag handed to the
         fused optimizer as ``found_inf`` (the attribute torch's fused kernels read, as
         GradScaler sets it). Returns the computed step, its verdict and the skip flag."""
-        e = self.engine
-        computed = e.compute(batch, loss_fn, n, sharp)
-        verdict = e.verdict(computed)
-        skip = ~verdict.finite
+        rt = self.rt
+        computed = compute(rt, batch, loss_fn, n, step, sharp)
+        judged = verdict(rt, computed)
+        skip = ~judged.finite
         found_inf = self._found_inf
         assert found_inf is not None and self._skipped_device is not None
         found_inf.copy_(skip)
-        opt = e.optimizer
+        opt = rt.optimizer
         opt.found_inf = found_inf
         try:
-            e.apply(computed, verdict, skip)
+            apply(rt, computed, judged, skip)
         finally:
             del opt.found_inf
         self._skipped_device.add_(skip)
-        return computed, verdict, skip
+        return computed, judged, skip
 
-    def step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> StepResult:
-        """One step; ``sharp`` is the engine's schedule decision for it (host-side)."""
+    def step(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
+             sharp: bool) -> StepResult:
+        """Step number ``step``; ``sharp`` is the schedule's decision for it (host-side)."""
         if self.reason is not None:
             self._fall_back(self.reason)
-            return self._eager.step(batch, loss_fn, n, sharp)
+            return self._eager.step(batch, loss_fn, n, step, sharp)
         device = batch_device(batch)
         if self._prepared_for != device:
             self._prepare(device)
@@ -243,15 +242,15 @@ class SyncFreeExecutor:
             # skip that step leaves the new buffers uninitialized (SGD's momentum): until a
             # step has been applied (again after load_state_dict), steps run eagerly, where
             # a skipped step does not call the optimizer at all.
-            result = self._eager.step(batch, loss_fn, n, sharp)
+            result = self._eager.step(batch, loss_fn, n, step, sharp)
             self._state_ready = not result.skipped
             return result
         if device.type != "cuda":
-            computed, verdict, skip = self._sync_free(batch, loss_fn, n, sharp)
-            return StepResult.of(computed, verdict, computed.loss, skip)
-        return self._graph_step(batch, loss_fn, n, sharp)
+            computed, judged, skip = self._sync_free(batch, loss_fn, n, step, sharp)
+            return StepResult.of(computed, judged, computed.loss, skip)
+        return self._graph_step(batch, loss_fn, n, step, sharp)
 
-    def _key(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool = True) -> tuple:
+    def _key(self, batch: Batch, loss_fn: LossFn, n: int, step: int, sharp: bool) -> tuple:
         """Which graph a step replays: one per batch signature, per subset sizes (a short
         last batch or a K schedule gets its own) and rule phases
         (:meth:`ksam.selection.SelectionRule.graph_key`), per kind of step (the schedule's
@@ -260,31 +259,32 @@ class SyncFreeExecutor:
         into its graph, and two closures of the same code may capture different ones. The
         key holds ``loss_fn`` itself, so its id cannot be reused by another function while
         the graph exists."""
-        return (_signature(batch), self.engine.graph_key(n, sharp), loss_fn)
+        return (_signature(batch), self.rt.graph_key(n, step, sharp), loss_fn)
 
-    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
-        e = self.engine
-        key = self._key(batch, loss_fn, n, sharp)
+    def _graph_step(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
+                    sharp: bool) -> StepResult:
+        rt = self.rt
+        key = self._key(batch, loss_fn, n, step, sharp)
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:  # shapes keep changing: same results
-                return self._eager.step(batch, loss_fn, n, sharp)
+                return self._eager.step(batch, loss_fn, n, step, sharp)
             entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
         if entry.graph is None and entry.warmup_left > 0:
             entry.warmup_left -= 1
-            return self._warmup(batch, loss_fn, n, sharp)
+            return self._warmup(batch, loss_fn, n, step, sharp)
         if entry.graph is None:
             try:
-                self._capture(entry, batch, loss_fn, n, sharp)
+                self._capture(entry, batch, loss_fn, n, step, sharp)
             except Exception as exc:  # a loss_fn that syncs, an uncapturable op, ...
                 self._entries.clear()
-                e.zero_grad()
+                rt.zero_grad()
                 self._fall_back(f"capture failed: {type(exc).__name__}: {exc}")
-                return self._eager.step(batch, loss_fn, n, sharp)
+                return self._eager.step(batch, loss_fn, n, step, sharp)
         _copy_tree_(entry.static_batch, batch)
         entry.graph.replay()
-        out, verdict, skip = entry.static_out, entry.static_verdict, entry.static_skip
-        assert out is not None and verdict is not None and skip is not None
+        out, judged, skip = entry.static_out, entry.static_verdict, entry.static_skip
+        assert out is not None and judged is not None and skip is not None
         # The graph's outputs are overwritten by the next replay: copy them out.
         scalars = torch.stack([out.loss.float(), skip.float()])
         copied = ComputedStep(
@@ -294,29 +294,30 @@ class SyncFreeExecutor:
             ascent_grad_norm=None if out.ascent_grad_norm is None
             else out.ascent_grad_norm.clone(),
             checks=[], sharp=out.sharp)
-        norm = verdict.descent_grad_norm
+        norm = judged.descent_grad_norm
         copied_verdict = Verdict(finite=~scalars[1].bool(),
                                  descent_grad_norm=None if norm is None else norm.clone())
         return StepResult.of(copied, copied_verdict, scalars[0], scalars[1].bool())
 
-    def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, sharp: bool) -> StepResult:
+    def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
+                sharp: bool) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
         the autograd streams must exist before capture)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            computed, verdict, skip = self._sync_free(batch, loss_fn, n, sharp)
+            computed, judged, skip = self._sync_free(batch, loss_fn, n, step, sharp)
         torch.cuda.current_stream().wait_stream(self._stream)
-        return StepResult.of(computed, verdict, computed.loss, skip)
+        return StepResult.of(computed, judged, computed.loss, skip)
 
-    def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int,
+    def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int, step: int,
                  sharp: bool) -> None:
         entry.static_batch = _clone_tree(batch)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        self.engine.zero_grad()  # gradients are allocated inside the graph's pool
+        self.rt.zero_grad()  # gradients are allocated inside the graph's pool
         with torch.cuda.graph(graph):
             entry.static_out, entry.static_verdict, entry.static_skip = self._sync_free(
-                entry.static_batch, loss_fn, n, sharp)
+                entry.static_batch, loss_fn, n, step, sharp)
         entry.graph = graph

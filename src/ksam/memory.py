@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .stateful import Stateful
+
 __all__ = ["LossOutput", "ExampleMemory", "LossTerm", "TrajectoryKL", "EMAKL",
            "RememberedLosses", "check_num_examples"]
 
@@ -57,15 +59,17 @@ def check_num_examples(value: object) -> int:
     return int(value)
 
 
-class ExampleMemory:
+class ExampleMemory(Stateful):
     """Tables of ``num_examples`` rows on the device (see the module docstring).
 
     A table is made at its first use (:meth:`table`), on the device and with the row shape
     of what is stored in it; :meth:`state_dict` holds them all. ``tables`` declares the
     tables its owner keeps: name -> (row shape, None for a size known only at first use;
     dtype; fill); :meth:`load_state_dict` then refuses a state with other tables or of other
-    shapes or dtypes.
+    shapes or dtypes. Its state must be in a method's state (:attr:`required`).
     """
+
+    required = True
 
     def __init__(self, num_examples: int,
                  tables: dict[str, tuple[tuple[int | None, ...], torch.dtype, float]]
@@ -141,7 +145,7 @@ class ExampleMemory:
         """Forget the rows staged so far (a step that failed part of the way)."""
         self._staged = []
 
-    def commit(self, keep: bool | Tensor) -> None:
+    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
         """Write the staged rows where ``keep`` (bool, or a 0-d bool device tensor), then
         forget them. Under DDP (``replicated``) every rank's staged rows are written."""
         staged, self._staged = self._staged, []
@@ -183,13 +187,13 @@ class ExampleMemory:
         return {"num_examples": self.num_examples,
                 "tables": {k: v.clone() for k, v in self.tables.items()}}
 
-    def load_state_dict(self, state: dict, *, complete: bool = False) -> None:
+    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
         """Restore :meth:`state_dict`. ValueError, nothing changed, for a memory of another
         N, a table that is not a tensor of N + 1 rows, one not declared (a renamed table)
         or of another row shape or dtype, NaN entries (or non-finite ones other than the
-        table's fill), and with ``complete`` (a state of a run that has applied steps,
+        table's fill), and with ``applied`` (a state of a run that has applied steps,
         which wrote every declared table) a declared table missing."""
-        if not state and not complete:
+        if not state and not applied:
             self.tables = {}
             return
         if not isinstance(state, dict) or not isinstance(state.get("tables"), dict):
@@ -198,7 +202,7 @@ class ExampleMemory:
             raise ValueError(f"this state's memory has num_examples="
                              f"{state.get('num_examples')}, this engine's {self.num_examples}")
         tables = {name: self._checked(name, t) for name, t in state["tables"].items()}
-        missing = sorted(set(self.schema or {}) - set(tables)) if complete else []
+        missing = sorted(set(self.schema or {}) - set(tables)) if applied else []
         if missing:
             raise ValueError(f"the memory's state lacks its table(s) {', '.join(missing)} "
                              "(a state of applied steps has them all)")
@@ -249,7 +253,7 @@ def kl_to_target(logits: Tensor, target_logits: Tensor, temperature: float) -> T
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
 
 
-class LossTerm:
+class LossTerm(Stateful):
     """Base class of the engine's per-example loss terms (see the module docstring).
 
     The engine calls :meth:`objective` in each gradient pass of a step it is
@@ -273,14 +277,7 @@ class LossTerm:
     def graph_key(self, step: int) -> object:
         return self.active(step)
 
-    def commit(self, keep: bool | Tensor) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    required = True
 
 
 class TrajectoryKL(LossTerm):
@@ -362,7 +359,7 @@ class EMAKL(LossTerm):
         kl = kl_to_target(logits, target, self.temperature)
         return losses.float() + self.lam * kl
 
-    def commit(self, keep: bool | Tensor) -> None:
+    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
         if keep is False:
             return
         d = self.decay
@@ -374,7 +371,7 @@ class EMAKL(LossTerm):
     def state_dict(self) -> dict:
         return {"ema": {k: v.clone() for k, v in self.ema.state_dict().items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
         """Restore :meth:`state_dict`: ValueError, nothing changed, unless it holds the
         whole average, every entry of the model's ``state_dict`` with its shape and dtype,
         finite."""

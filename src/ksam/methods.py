@@ -1,6 +1,6 @@
 """The methods: each is the two-pass engine with one choice of rules, nothing more.
 
-All take ``(model, optimizer, **options)`` and share :class:`SharpnessAwareOptimizer`'s
+All take ``(model, optimizer, **options)`` and share :class:`ksam.Method`'s
 engine options (``grad_scaler``, ``autocast_dtype``, ``fast_path``, ``seed``,
 ``sync_perturbation``).
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import SharpnessAwareOptimizer
+from .engine import Method
 from .memory import EMAKL, RememberedLosses, TrajectoryKL
 from .perturbation import (
     AdaptivePerturbation,
@@ -43,8 +43,9 @@ from .transform import LookSAMRule
 from .validate import check_bool, check_finite_number
 
 
-class SGD(SharpnessAwareOptimizer):
-    """One plain step of the base optimizer on the whole batch: the reference."""
+class Plain(Method):
+    """Every step a plain step: the base optimizer on the whole batch's gradient (the
+    reference every method is compared with; ``"sgd"`` in :data:`METHODS`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **engine: Any):
         super().__init__(model, optimizer, ascent=None, perturbation=None,
@@ -59,7 +60,7 @@ def sam_perturbation(rho: float, adaptive: bool, eta: float) -> PerturbationRule
     return AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
 
 
-class SAM(SharpnessAwareOptimizer):
+class SAM(Method):
     """Sharpness-aware minimization (Foret et al. 2021); ``adaptive=True`` is ASAM (Kwon et
     al. 2021) with its ``eta``. Both gradients over the whole batch."""
 
@@ -90,7 +91,7 @@ class _Auto:
 _AUTO = _Auto()
 
 
-class KSAM(SharpnessAwareOptimizer):
+class KSAM(Method):
     """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
 
     One gradient-free forward over the batch gives per-sample losses l at w; the ascent
@@ -206,7 +207,7 @@ def remembered_scores(scores: str, num_examples: int | None,
     return RememberedLosses(num_examples)
 
 
-class RandomSubsetSAM(SharpnessAwareOptimizer):
+class RandomSubsetSAM(Method):
     """SAM with the ascent gradient on a random subset of the batch (Bahri et al. 2022);
     the descent gradient uses the whole batch."""
 
@@ -218,7 +219,7 @@ class RandomSubsetSAM(SharpnessAwareOptimizer):
                          schedule=Schedule(start_step, p), **engine)
 
 
-class ESAM(SharpnessAwareOptimizer):
+class ESAM(Method):
     """Efficient SAM (Du et al. 2022): stochastic weight perturbation (each parameter
     tensor perturbed with probability ``beta``, eps scaled by 1/beta) and sharpness-
     sensitive data selection (the descent uses the ``gamma`` fraction of examples whose
@@ -234,7 +235,7 @@ class ESAM(SharpnessAwareOptimizer):
                          **engine)
 
 
-class OrderedSGD(SharpnessAwareOptimizer):
+class OrderedSGD(Method):
     """Ordered SGD (Kawaguchi & Lu 2020): one plain step on the top-``k`` loss examples.
     ``k_warmup``, ``select``, ``scores`` and ``num_examples`` as in :class:`KSAM` (default 0
     and ``"top"``: the paper's plain rule); with ``scores="memory"`` one forward and one
@@ -248,7 +249,7 @@ class OrderedSGD(SharpnessAwareOptimizer):
                          remembered=remembered_scores(scores, num_examples, select), **engine)
 
 
-class SAF(SharpnessAwareOptimizer):
+class SAF(Method):
     r"""Sharpness-Aware Training for Free (Du et al., NeurIPS 2022): one pass a step over
     the whole batch, whose loss adds to each example's loss
     ``lam`` :math:`\tau^2` KL(softmax(m/:math:`\tau`) || softmax(z/:math:`\tau`)), z its logits
@@ -270,7 +271,7 @@ class SAF(SharpnessAwareOptimizer):
                          descent=WholeBatch(), term=term, **engine)
 
 
-class MESA(SharpnessAwareOptimizer):
+class MESA(Method):
     r"""Memory-Efficient Sharpness-Aware training (Du et al., NeurIPS 2022): SAF's KL with
     the logits of an exponential moving average of the model (``decay``) in place of the
     remembered ones (:class:`ksam.memory.EMAKL`): one extra forward without gradient a
@@ -284,19 +285,19 @@ class MESA(SharpnessAwareOptimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  lam: float = 0.3, temperature: float = 5.0, decay: float = 0.9998,
                  start_step: int = 0, **engine: Any):
-        from .params import ParameterSet
+        from .params import ParameterSet, is_ddp
 
         if ParameterSet(model, optimizer).sharded:
             raise ValueError("MESA keeps a full copy of the model as its average: an "
                              "FSDP-sharded model is not supported")
-        inner = getattr(model, "module", model) if hasattr(model, "no_sync") else model
+        inner = getattr(model, "module", model) if is_ddp(model) else model
         term = EMAKL(inner, lam=lam, temperature=temperature, decay=decay,
                      start_step=start_step)
         super().__init__(model, optimizer, ascent=None, perturbation=None,
                          descent=WholeBatch(), term=term, **engine)
 
 
-class MSAM(SharpnessAwareOptimizer):
+class MSAM(Method):
     """Momentum-SAM (Becker et al. 2024): the whole batch's gradient at
     w - rho v/||v||, v the base optimizer's momentum buffer (SGD) or first moment
     (Adam/AdamW) before the step; w restored bit-for-bit, then the base optimizer steps with
@@ -310,7 +311,7 @@ class MSAM(SharpnessAwareOptimizer):
                          descent=WholeBatch(), **engine)
 
 
-class LookSAM(SharpnessAwareOptimizer):
+class LookSAM(Method):
     """LookSAM (Liu et al. 2022): SAM on steps t with t % ``interval`` == 0, storing the
     unit component v of the SAM gradient orthogonal to the plain one; on the other steps
     one pass and the step descends with g + ``alpha`` ||g|| v (:class:`LookSAMRule`).
@@ -359,7 +360,7 @@ def _rst(model: nn.Module, optimizer: torch.optim.Optimizer, *, p: float = 0.5,
 
 
 METHODS = {
-    "sgd": SGD,
+    "sgd": Plain,
     "sam": SAM,
     "asam": _asam,
     "ksam": KSAM,
@@ -383,8 +384,18 @@ def takes_num_examples(name: str, options: dict[str, Any]) -> bool:
         or options.get("select") in RULES_WITH_MEMORY
 
 
+def __getattr__(name: str) -> Any:
+    if name == "SGD":  # the name before 0.2
+        import warnings
+
+        warnings.warn("ksam.methods.SGD is deprecated and goes in 0.3: use "
+                      "ksam.methods.Plain", DeprecationWarning, stacklevel=2)
+        return Plain
+    raise AttributeError(f"module 'ksam.methods' has no attribute {name!r}")
+
+
 def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-           **kwargs: Any) -> SharpnessAwareOptimizer:
+           **kwargs: Any) -> Method:
     """Build a method by name: one of ``sgd, sam, asam, ksam, ksam-plain, random-sam, esam,
     osgd, msam, looksam, sam-late, rst, saf, mesa``. ValueError for an unknown name, and for
     an option the method does not take (naming the options it takes)."""
@@ -403,9 +414,9 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     return factory(model, optimizer, **kwargs)
 
 
-#: The options every method passes to the engine (:class:`SharpnessAwareOptimizer`).
+#: The options every method passes to the engine (:class:`Method`).
 ENGINE_KEYWORDS = frozenset(
-    p.name for p in inspect.signature(SharpnessAwareOptimizer.__init__).parameters.values()
+    p.name for p in inspect.signature(Method.__init__).parameters.values()
     if p.kind == p.KEYWORD_ONLY) - {"ascent", "perturbation", "descent", "schedule",
                                     "transform", "term", "remembered"}
 

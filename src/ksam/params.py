@@ -35,7 +35,8 @@ try:  # DTensor is public from torch 2.4 on
 except ImportError:  # pragma: no cover - older torch or a build without distributed
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["ParameterSet", "Sharding", "is_dtensor", "local", "sharded_norm", "all_ranks_true"]
+__all__ = ["ParameterSet", "Sharding", "is_ddp", "is_dtensor", "local", "sharded_norm",
+           "all_ranks_true"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -46,6 +47,11 @@ def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (the same storage: in-place writes go to the parameter),
     or ``t`` itself."""
     return t._local_tensor if is_dtensor(t) else t
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped for DistributedDataParallel (it has ``no_sync``)."""
+    return hasattr(model, "no_sync")
 
 
 def _initialized() -> bool:

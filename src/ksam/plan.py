@@ -24,6 +24,7 @@ from .memory import ExampleMemory, LossTerm, RememberedLosses
 from .perturbation import PerturbationRule
 from .schedule import Schedule
 from .selection import SelectionRule, WholeBatch
+from .stateful import Stateful
 from .transform import GradientTransform
 
 __all__ = ["StepPlan"]
@@ -141,19 +142,21 @@ class StepPlan:
         term = self.term
         return term if term is not None and term.active(step) else None
 
+    def stateful(self) -> list[tuple[str, Stateful]]:
+        """The parts with state (:class:`ksam.stateful.Stateful`), by their key in a
+        method's ``state_dict``, in the order their staged updates are committed: the
+        selection rules, the transform, the loss term (after the optimizer step: MESA's
+        average reads the new weights) and the per-example memory."""
+        parts = (("ascent", self.ascent), ("descent", self.descent),
+                 ("transform", self.transform), ("term", self.term),
+                 ("memory", self.memory))
+        return [(key, part) for key, part in parts if part is not None]
+
     def commit(self, keep: bool | Tensor, sharp: bool) -> None:
-        """The rules' updates staged by the step become their state where ``keep`` (the
-        step was applied): the selection rules', the transform's, the loss term's (after the
-        optimizer step: MESA's average reads the new weights) and the memory's."""
-        for rule in (self.ascent, self.descent):
-            if rule is not None:
-                rule.commit(keep)
-        if self.transform is not None:
-            self.transform.commit(keep, sharp)
-        if self.term is not None:
-            self.term.commit(keep)
-        if self.memory is not None:
-            self.memory.commit(keep)
+        """What the step staged becomes the parts' state where ``keep`` (the step was
+        applied), in the order of :meth:`stateful`."""
+        for _, part in self.stateful():
+            part.commit(keep, sharp)
 
     def identity(self) -> dict[str, str | None]:
         """The kinds of the rules, as a state records them."""

@@ -23,7 +23,7 @@ The decision is made on the host before the step runs, so it is static for that 
 fast path keeps one CUDA graph per kind of step. The schedule's position is the engine's
 step counter and its draws come from the engine's generator, both in the engine's
 ``state_dict``; the schedule itself holds no state (the engine counts the sharp steps it
-took, :attr:`ksam.SharpnessAwareOptimizer.sharp_steps`).
+took, :attr:`ksam.Method.sharp_steps`).
 """
 
 from __future__ import annotations

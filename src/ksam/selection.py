@@ -41,6 +41,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .stateful import Stateful
+
 
 def check_subset_size(k: float | int, name: str = "k") -> float | int:
     """Validate a subset size: a fraction in (0, 1] or an int >= 1. Returns it unchanged."""
@@ -119,7 +121,7 @@ def descending_order(values: Tensor) -> Tensor:
     return torch.sort(values, descending=True, stable=True).indices
 
 
-class SelectionRule:
+class SelectionRule(Stateful):
     """Base class. ``needs_scores``: the rule reads per-sample losses at w, so the engine
     runs a gradient-free forward over the batch first (or reuses a full-batch pass at w).
     ``needs_perturbed_losses``: the rule reads losses at w+eps (ESAM). ``needs_labels``:
@@ -127,9 +129,9 @@ class SelectionRule:
     ``draws_on_host``: the rule draws random numbers on the host (the fast path then steps
     eagerly).
 
-    A rule with state (:class:`AutoBand`'s estimate) *stages* its update in :meth:`select`
-    and makes it its state in :meth:`commit`, which the engine calls once the step is
-    applied: a skipped step leaves the state as it was."""
+    A rule with state (:class:`AutoBand`'s estimate) is a :class:`ksam.stateful.Stateful`:
+    it *stages* its update in :meth:`select`, and :meth:`commit` makes it its state once the
+    step is applied, so a skipped step leaves it as it was."""
 
     needs_scores: bool = False
     needs_perturbed_losses: bool = False
@@ -169,19 +171,9 @@ class SelectionRule:
         graph is replayed only for steps with the same key. ``None``: every step alike."""
         return None
 
-    def commit(self, keep: bool | Tensor) -> None:
-        """Make the update staged by this step's :meth:`select` the rule's state where
-        ``keep`` (a bool, or on the fast path a 0-d bool device tensor); drop it otherwise."""
-
     def share_state(self, other: SelectionRule) -> None:
         """Keep one state with ``other``, a rule of the same step that estimates the same
         quantity (K-SAM's ascent and descent rules); nothing for a rule without state."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class WholeBatch(SelectionRule):
@@ -630,7 +622,7 @@ class AutoBand(TopLoss):
         skip = torch.ceil(self.margin * new_low * n).clamp(0, cap).long()
         return order.index_select(0, torch.arange(count, device=order.device) + skip)
 
-    def commit(self, keep: bool | Tensor) -> None:
+    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
         self._estimate.commit(keep)
 
     def flagged(self, ctx: SelectionContext) -> Tensor:
@@ -663,7 +655,7 @@ class AutoBand(TopLoss):
         state = self._estimate.state
         return {} if state is None else {"estimate": state.detach().cpu().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
         saved = state.get("estimate")
         if saved is not None and (not isinstance(saved, Tensor) or saved.shape != (5,)
                                   or not bool(saved.isfinite().all())):
@@ -697,7 +689,7 @@ class _Estimate:
         assert self._views is not None
         return self._views
 
-    def commit(self, keep: bool | Tensor) -> None:
+    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
         if not self.pending:
             return
         self.pending = False
@@ -816,7 +808,7 @@ class FitGated(TopLoss):
         if isinstance(other, FitGated):
             self._estimate = other._estimate
 
-    def commit(self, keep: bool | Tensor) -> None:
+    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
         self._estimate.commit(keep)
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
@@ -839,7 +831,7 @@ class FitGated(TopLoss):
         state = self._estimate.state
         return {} if state is None else {"estimate": state.detach().cpu().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
         self._estimate.load(state.get("estimate"))
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .batch import IndexedBatch
 from .config import PRECISIONS, RENAMED_FIELDS, TrainConfig, resolve_device
-from .engine import SharpnessAwareOptimizer
+from .engine import Method
 from .methods import create, takes_num_examples
 from .outputs import (
     OutputFolder,
@@ -40,6 +40,7 @@ from .outputs import (
     open_output,
     save_checkpoint,
 )
+from .params import is_ddp
 from .schedule import schedule_options
 from .selection import rule_options
 
@@ -77,7 +78,7 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None
 
 def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                  steps_total: int, num_examples: int | None = None
-                 ) -> tuple[SharpnessAwareOptimizer, Any]:
+                 ) -> tuple[Method, Any]:
     """The base optimizer (momentum SGD), the LR schedule and the method around them;
     ``num_examples`` (the training set's size) for a method with a per-example memory
     (ValueError for method options that give it another)."""
@@ -103,7 +104,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                              "training set's size itself; leave it out of the spec")
     from . import distributed
 
-    if hasattr(model, "no_sync") or distributed.is_fsdp(model):  # DDP or FSDP2
+    if is_ddp(model) or distributed.is_fsdp(model):  # DDP or FSDP2
         sync = True if cfg.fsdp else cfg.sync_perturbation
         engine = distributed.create(method, model, optimizer, selection=cfg.selection_scope,
                                     sync_perturbation=sync, **options)
@@ -174,7 +175,7 @@ class _Run:
     device: torch.device
     model: torch.nn.Module
     net: torch.nn.Module  # the model, or its DDP wrapper
-    engine: SharpnessAwareOptimizer
+    engine: Method
     scheduler: Any
     data_gen: torch.Generator
     train_x: Tensor

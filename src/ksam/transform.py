@@ -33,13 +33,15 @@ import torch
 from torch import Tensor
 
 from .perturbation import _EPS, GradientNormPerturbation
+from .stateful import Stateful
 
 if TYPE_CHECKING:
     from .params import ParameterSet
 
 
-class GradientTransform:
-    """Base class of the engine's descent-gradient hook.
+class GradientTransform(Stateful):
+    """Base class of the engine's descent-gradient hook (a :class:`ksam.stateful.Stateful`
+    whose state must be in a method's state).
 
     The engine calls :meth:`bind` with the optimizer's parameters (their local shards
     under FSDP2; again when they change), :meth:`transform_` with the descent gradient of
@@ -60,14 +62,7 @@ class GradientTransform:
         """Rewrite ``grads`` (the descent gradients of ``params``) in place."""
         raise NotImplementedError
 
-    def commit(self, keep: bool | Tensor, sharp: bool) -> None:
-        """Make the state computed by the last :meth:`transform_` the rule's state."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    required = True
 
 
 class LookSAMRule(GradientNormPerturbation, GradientTransform):
@@ -175,7 +170,7 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
     def state_dict(self) -> dict:
         return {"v": None if self._v is None else self._v.detach().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
         """Restore :meth:`state_dict`: ValueError, nothing changed, unless it holds v, a
         finite vector with one entry per parameter entry, of the parameters' dtype."""
         assert self._v is not None, "bind() first"
@@ -190,4 +185,4 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         self._v.copy_(v)
 
     def __repr__(self) -> str:
-        return f"LookSAM(rho={self.rho}, alpha={self.alpha})"
+        return f"LookSAMRule(rho={self.rho}, alpha={self.alpha})"

@@ -78,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batch import Batch, batch_size, loss_batch
-from ..engine import SharpnessAwareOptimizer, StepResult
+from ..engine import Method, StepResult
 from ..memory import LossOutput
 from ..methods import create, takes_num_examples
 from . import ProxyOptimizer
@@ -123,7 +123,7 @@ class KSAMMixin:
         self._ksam_pending: dict[str, Any] | None = None
 
     @property
-    def ksam(self) -> SharpnessAwareOptimizer | None:
+    def ksam(self) -> Method | None:
         """The engine (built at the first :meth:`ksam_step`)."""
         return getattr(self, "_ksam_engine", None)
 
@@ -143,7 +143,7 @@ class KSAMMixin:
         return result
 
     # -- internals --------------------------------------------------------------------
-    def _ksam_get_engine(self) -> SharpnessAwareOptimizer:
+    def _ksam_get_engine(self) -> Method:
         module: pl.LightningModule = self  # type: ignore[assignment]
         if module.automatic_optimization:
             raise RuntimeError("ksam_step needs manual optimization: call self.configure_ksam() "
@@ -199,7 +199,7 @@ class KSAMMixin:
         self._ksam_pending = extras
 
 
-def _extras(engine: SharpnessAwareOptimizer) -> dict[str, Any]:
+def _extras(engine: Method) -> dict[str, Any]:
     """The engine's state without the optimizer's (Lightning saves that one)."""
     state = engine.state_dict()
     state.pop("optimizer")

@@ -84,9 +84,10 @@ import transformers
 from torch import Tensor, nn
 
 from ..batch import IndexedBatch
-from ..engine import SharpnessAwareOptimizer, StepResult
+from ..engine import Method, StepResult
 from ..memory import LossOutput
 from ..methods import create, takes_num_examples
+from ..params import is_ddp
 from . import ProxyOptimizer as _ProxyOptimizer
 
 __all__ = ["INDEX_COLUMN", "ExampleIndexed", "HFPerSampleLoss", "KSAMTrainer", "logits_of",
@@ -346,7 +347,7 @@ class KSAMTrainer(transformers.Trainer):
             self.accelerator.scaler = None
             self.accelerator.native_amp = False
             self.grad_scaler = torch.amp.GradScaler(self.args.device.type)
-        self._ksam: SharpnessAwareOptimizer | None = None
+        self._ksam: Method | None = None
         self._engine_optimizer: torch.optim.Optimizer | None = None
         self._micro_batches: list[dict[str, Any]] = []  # gradient accumulation's, so far
         self._pending_ksam_state: dict[str, Any] | None = None
@@ -445,11 +446,11 @@ class KSAMTrainer(transformers.Trainer):
         return self._engine_optimizer
 
     @property
-    def ksam(self) -> SharpnessAwareOptimizer | None:
+    def ksam(self) -> Method | None:
         """The ksam engine (built at the first training step of each ``train()`` call)."""
         return self._ksam
 
-    def _engine(self, model: nn.Module, inputs: Mapping[str, Any]) -> SharpnessAwareOptimizer:
+    def _engine(self, model: nn.Module, inputs: Mapping[str, Any]) -> Method:
         """The engine over ``model`` (the wrapped one under DDP, so that the descent
         gradient is all-reduced), rebuilt when the Trainer hands over another wrapper;
         engine state carries over."""
@@ -463,7 +464,7 @@ class KSAMTrainer(transformers.Trainer):
         if self.ksam_method.lower() == "ksam" and isinstance(self.per_sample_loss_fn,
                                                              HFPerSampleLoss):
             kwargs.setdefault("loss_kind", self.per_sample_loss_fn.loss_kind(inputs))
-        if hasattr(model, "no_sync"):  # DDP: every rank skips a non-finite step together
+        if is_ddp(model):  # DDP: every rank skips a non-finite step together
             from ..distributed import finite_reducer
 
             kwargs.setdefault("finite_reducer",
@@ -580,12 +581,12 @@ def _check_supported(args: Any, ksam_kwargs: dict[str, Any]) -> None:
             raise ValueError(f"ksam_kwargs must not set {key!r}: the Trainer provides it")
 
 
-def _engine_extras(engine: SharpnessAwareOptimizer) -> dict[str, Any]:
+def _engine_extras(engine: Method) -> dict[str, Any]:
     """The engine's state without the base optimizer's (that one is in optimizer.pt)."""
     return engine.state_dict(include_optimizer=False)
 
 
-def _load_engine_extras(engine: SharpnessAwareOptimizer, extras: dict[str, Any]) -> None:
+def _load_engine_extras(engine: Method, extras: dict[str, Any]) -> None:
     engine.load_state_dict(extras)
 
 
