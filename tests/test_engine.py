@@ -500,11 +500,14 @@ BAD_CONSTRUCTION = [
     ("msam", {"rho": -0.1}, "rho must be"),
     ("looksam", {"interval": 0}, "interval must be"),
     ("looksam", {"alpha": -1.0}, "alpha must be"),
-    ("rst", {"p": 1.5}, "p must be a probability"),
-    ("rst", {"p": float("nan")}, "p must be a probability"),
+    ("rst", {"p": 1.5}, "p must be a finite number in \\[0, 1\\]"),
+    ("rst", {"p": float("nan")}, "p must be a finite number in \\[0, 1\\]"),
     ("sam-late", {"start_step": -1}, "start_step must be"),
     ("ksam", {"start_step": 2.5}, "start_step must be"),
-    ("esam", {"p": True}, "p must be a probability"),
+    ("esam", {"p": True}, "p must be a finite number in \\[0, 1\\]"),
+    ("looksam", {"alpha": float("inf")}, "alpha must be a finite number >= 0"),
+    ("mesa", {"temperature": 0.0}, "temperature must be a finite number > 0"),
+    ("saf", {"num_examples": 8, "delay": 0}, "delay must be an integer >= 1"),
 ]
 
 

@@ -28,8 +28,9 @@ from conftest import (
 from torch import nn
 
 import ksam
+from ksam.batch import map_tree
 from ksam.executor import EagerExecutor
-from ksam.fast import SyncFreeExecutor, _clone_tree
+from ksam.fast import SyncFreeExecutor
 from ksam.selection import RULES, AutoBand
 
 
@@ -247,11 +248,11 @@ def test_graph_key_tells_closures_with_the_same_code_apart():
     assert ex._key(batch, task.loss, 32, 0, True) == ex._key(batch, task.loss, 32, 0, True)
 
 
-def test_clone_tree_keeps_mapping_subclasses_and_namedtuples_unaliased():
+def test_a_cloned_tree_keeps_mapping_subclasses_and_namedtuples_unaliased():
     transformers = pytest.importorskip("transformers")
     enc = transformers.BatchEncoding({"input_ids": torch.arange(6).view(2, 3),
                                       "labels": torch.tensor([0, 1])})
-    copy_ = _clone_tree(enc)
+    copy_ = map_tree(enc, torch.Tensor.clone)
     assert type(copy_) is transformers.BatchEncoding
     assert copy_["input_ids"] is not enc["input_ids"]
     assert copy_["input_ids"].data_ptr() != enc["input_ids"].data_ptr()
@@ -259,7 +260,7 @@ def test_clone_tree_keeps_mapping_subclasses_and_namedtuples_unaliased():
 
     Pair = namedtuple("Pair", "x y")
     pair = Pair(torch.ones(2, 3), torch.zeros(2))
-    cloned = _clone_tree(pair)
+    cloned = map_tree(pair, torch.Tensor.clone)
     assert type(cloned) is Pair and cloned.x.data_ptr() != pair.x.data_ptr()
     assert torch.equal(cloned.x, pair.x) and torch.equal(cloned.y, pair.y)
 

@@ -14,7 +14,7 @@ The engine slices it with every other tensor (subsets, micro-batches,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -41,25 +41,27 @@ def loss_batch(batch: Batch) -> Batch:
     return batch.batch if isinstance(batch, IndexedBatch) else batch
 
 
-def _tensor_leaves(batch: Batch, path: str = "batch") -> list[tuple[str, Tensor]]:
+def tensor_leaves(batch: Batch, path: str = "batch") -> list[tuple[str, Tensor]]:
+    """Every tensor of ``batch`` with its path (``batch[0]``, ``batch['input_ids']``), in
+    order."""
     if isinstance(batch, Tensor):
         return [(path, batch)]
     if isinstance(batch, Mapping):
         out: list[tuple[str, Tensor]] = []
         for key, value in batch.items():
-            out.extend(_tensor_leaves(value, f"{path}[{key!r}]"))
+            out.extend(tensor_leaves(value, f"{path}[{key!r}]"))
         return out
     if isinstance(batch, (tuple, list)):
         out = []
         for i, value in enumerate(batch):
-            out.extend(_tensor_leaves(value, f"{path}[{i}]"))
+            out.extend(tensor_leaves(value, f"{path}[{i}]"))
         return out
     return []
 
 
 def batch_size(batch: Batch) -> int:
     """Leading size shared by every tensor of ``batch``; raises ValueError if there is none."""
-    leaves = _tensor_leaves(batch)
+    leaves = tensor_leaves(batch)
     if not leaves:
         raise ValueError("batch holds no tensor: pass a tensor or a tuple/list/dict of tensors")
     sizes = {}
@@ -74,7 +76,28 @@ def batch_size(batch: Batch) -> int:
 
 
 def batch_device(batch: Batch) -> torch.device:
-    return _tensor_leaves(batch)[0][1].device
+    return tensor_leaves(batch)[0][1].device
+
+
+def map_tree(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """``batch`` with ``fn`` applied to every tensor, of the same structure: mappings (a
+    Hugging Face ``BatchEncoding``) and namedtuples keep their type where their constructor
+    allows (a plain dict otherwise); non-tensor leaves are kept as they are."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        items = {k: map_tree(v, fn) for k, v in batch.items()}
+        if type(batch) is dict:
+            return items
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tree(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tree(v, fn) for v in batch)
+    return batch
 
 
 def index_batch(batch: Batch, index: Tensor | slice | None) -> Batch:
@@ -82,25 +105,19 @@ def index_batch(batch: Batch, index: Tensor | slice | None) -> Batch:
     ``None`` means the whole batch."""
     if index is None:
         return batch
-    if isinstance(batch, Tensor):
+
+    def rows(t: Tensor) -> Tensor:
         if isinstance(index, slice):
-            return batch[index]
-        if index.device != batch.device:
-            index = index.to(batch.device, non_blocking=True)
-        return batch.index_select(0, index)
-    if isinstance(batch, Mapping):
-        items = {k: index_batch(v, index) for k, v in batch.items()}
-        if type(batch) is dict:
-            return items
-        try:  # keep the mapping's type (e.g. a Hugging Face BatchEncoding) where it allows
-            return type(batch)(items)
-        except TypeError:
-            return items
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(index_batch(v, index) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(index_batch(v, index) for v in batch)
-    return batch
+            return t[index]
+        return t.index_select(0, index if index.device == t.device
+                              else index.to(t.device, non_blocking=True))
+
+    return map_tree(batch, rows)
+
+
+def tensors(batch: Batch) -> list[Tensor]:
+    """The batch's tensors, in order."""
+    return [t for _, t in tensor_leaves(batch)]
 
 
 def batch_labels(batch: Batch, n: int) -> Tensor:

@@ -33,7 +33,7 @@ from .plan import StepPlan
 from .schedule import Schedule
 from .selection import SelectionRule
 from .transform import GradientTransform
-from .validate import check_bool, check_callable, check_int
+from .validate import check_bool, check_callable, check_int, check_number
 
 __all__ = ["Method", "StepResult", "LossFn", "compile_backend"]
 
@@ -563,19 +563,9 @@ def compile_backend(compile: bool | str | None) -> str | None:
 
 
 def _check_micro_batch_size(value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"micro_batch_size must be an integer >= 1 or None, got {value!r}")
-    return value
+    return None if value is None else check_int("micro_batch_size", value, low=1)
 
 
 def _check_max_grad_norm(value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real) \
-            or not (math.isfinite(float(value)) and value > 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {value!r}")
-    return float(value)
-
-
+    return None if value is None else check_number("max_grad_norm", value, low=0,
+                                                   low_open=True)

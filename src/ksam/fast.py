@@ -57,13 +57,12 @@ runs eagerly, which is how the tests check that it equals the eager step.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .batch import Batch, _tensor_leaves, batch_device
+from .batch import Batch, batch_device, map_tree, tensor_leaves, tensors
 from .core import ComputedStep, Runtime, StepResult, Verdict, apply, compute, verdict
 from .executor import EagerExecutor
 from .params import is_ddp
@@ -76,33 +75,12 @@ MAX_GRAPHS = 8  # distinct (shape, subset size, loss_fn) graphs kept before step
 
 
 def _signature(batch: Batch) -> tuple:
-    return tuple((path, t.shape, t.dtype, t.device) for path, t in _tensor_leaves(batch))
+    return tuple((path, t.shape, t.dtype, t.device) for path, t in tensor_leaves(batch))
 
 
 def _copy_tree_(dst: Batch, src: Batch) -> None:
-    for (_, d), (_, s) in zip(_tensor_leaves(dst), _tensor_leaves(src)):
+    for d, s in zip(tensors(dst), tensors(src)):
         d.copy_(s, non_blocking=True)
-
-
-def _clone_tree(batch: Batch) -> Batch:
-    """A copy of ``batch`` sharing no tensor with it, of the same structure: Mapping
-    subclasses (a Hugging Face ``BatchEncoding``) and namedtuples keep their type where
-    their constructor allows (a plain dict otherwise), non-tensor leaves are kept."""
-    if isinstance(batch, Tensor):
-        return batch.clone()
-    if isinstance(batch, Mapping):
-        items = {k: _clone_tree(v) for k, v in batch.items()}
-        if type(batch) is dict:
-            return items
-        try:
-            return type(batch)(items)
-        except TypeError:
-            return items
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_clone_tree(v) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_clone_tree(v) for v in batch)
-    return batch
 
 
 @dataclass
@@ -313,7 +291,7 @@ class SyncFreeExecutor:
 
     def _capture(self, entry: _Captured, batch: Batch, loss_fn: LossFn, n: int, step: int,
                  sharp: bool) -> None:
-        entry.static_batch = _clone_tree(batch)
+        entry.static_batch = map_tree(batch, Tensor.clone)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         self.rt.zero_grad()  # gradients are allocated inside the graph's pool

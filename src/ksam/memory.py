@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .stateful import Stateful
+from .validate import check_fraction, check_int, check_number
 
 __all__ = ["LossOutput", "ExampleMemory", "LossTerm", "TrajectoryKL", "EMAKL",
            "RememberedLosses", "check_num_examples"]
@@ -232,18 +233,6 @@ class ExampleMemory(Stateful):
         return t.clone()
 
 
-def _check_positive(value: object, name: str, *, integer: bool = False,
-                    low: float = 0.0, open_low: bool = True) -> float:
-    kind = Integral if integer else Real
-    ok = not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value) \
-        and (value > low if open_low else value >= low)
-    if not ok:
-        what = "an int" if integer else "a number"
-        raise ValueError(f"{name} must be {what} {'>' if open_low else '>='} {low:g}, "
-                         f"got {value!r}")
-    return int(value) if integer else float(value)
-
-
 def kl_to_target(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
     r"""Per-example :math:`\tau^2\,\mathrm{KL}(\mathrm{softmax}(m/\tau)\Vert
     \mathrm{softmax}(z/\tau))` (the reference code's ``F.kl_div`` of the two, summed over
@@ -291,14 +280,13 @@ class TrajectoryKL(LossTerm):
 
     def __init__(self, num_examples: int, *, lam: float = 0.16, temperature: float = 5.0,
                  delay: int = 3, start_epoch: int = 5) -> None:
-        self.lam = _check_positive(lam, "lam", open_low=False)
-        self.temperature = _check_positive(temperature, "temperature")
-        self.delay = int(_check_positive(delay, "delay", integer=True))
+        self.lam = check_number("lam", lam, low=0)
+        self.temperature = check_number("temperature", temperature, low=0, low_open=True)
+        self.delay = check_int("delay", delay, low=1)
         self.memory = ExampleMemory(num_examples, tables={
             "logits": ((self.delay + 1, None), torch.float32, 0.0),
             "visits": ((), torch.long, 0.0)})
-        self.start_epoch = int(_check_positive(start_epoch, "start_epoch", integer=True,
-                                               open_low=False))
+        self.start_epoch = check_int("start_epoch", start_epoch)
 
     def objective(self, losses: Tensor, logits: Tensor, ids: Tensor | None,
                   call: object) -> Tensor:
@@ -336,14 +324,10 @@ class EMAKL(LossTerm):
 
     def __init__(self, model: nn.Module, *, lam: float = 0.3, temperature: float = 5.0,
                  decay: float = 0.9998, start_step: int = 0) -> None:
-        self.lam = _check_positive(lam, "lam", open_low=False)
-        self.temperature = _check_positive(temperature, "temperature")
-        decay = _check_positive(decay, "decay", open_low=False)
-        if decay >= 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        self.decay = decay
-        self.start_step = int(_check_positive(start_step, "start_step", integer=True,
-                                              open_low=False))
+        self.lam = check_number("lam", lam, low=0)
+        self.temperature = check_number("temperature", temperature, low=0, low_open=True)
+        self.decay = check_fraction("decay", decay, high_open=True)
+        self.start_step = check_int("start_step", start_step)
         self.model = model
         #: the moving average: a copy of the model, in eval mode, without gradients
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)

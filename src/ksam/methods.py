@@ -40,7 +40,7 @@ from .selection import (
     check_loss_kind,
 )
 from .transform import LookSAMRule
-from .validate import check_bool, check_finite_number
+from .validate import check_bool, check_number
 
 
 class Plain(Method):
@@ -56,7 +56,7 @@ def sam_perturbation(rho: float, adaptive: bool, eta: float) -> PerturbationRule
     """SAM's perturbation, or ASAM's with ``adaptive=True`` (a bool). ``eta`` is checked
     either way: an option is refused when it is bad, not only when it is used."""
     check_bool("adaptive", adaptive)
-    check_finite_number("eta", eta)
+    check_number("eta", eta, low=0)
     return AdaptivePerturbation(rho, eta) if adaptive else GradientNormPerturbation(rho)
 
 

@@ -49,6 +49,34 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
+class Scratch:
+    """Buffers shaped like given tensors, kept per key tensor and made again only when its
+    shape, dtype or device changes: a step that needs room per parameter allocates
+    nothing once the first step has made it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, Tensor] = {}
+
+    def like(self, tensors: list[Tensor], keys: list[Tensor] | None = None) -> list[Tensor]:
+        """One buffer per tensor of ``tensors``, of its shape, dtype and device, kept for
+        the tensor of ``keys`` at the same position (by default, for the position)."""
+        out = []
+        for i, t in enumerate(tensors):
+            key = i if keys is None else id(keys[i])
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.device != t.device \
+                    or buf.dtype != t.dtype:
+                buf = self._buffers[key] = torch.empty_like(t)
+            out.append(buf)
+        return out
+
+    def __iter__(self):
+        return iter(self._buffers.values())
+
+    def __getitem__(self, key: Tensor) -> Tensor:
+        return self._buffers[id(key)]
+
+
 def is_ddp(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped for DistributedDataParallel (it has ``no_sync``)."""
     return hasattr(model, "no_sync")
@@ -150,7 +178,7 @@ class ParameterSet:
         #: FSDP2's sharding of the parameters (None: whole tensors)
         self.sharding = Sharding.of(params)
         self.replica_group = replica_group
-        self._saved: dict[int, Tensor] = {}
+        self._saved = Scratch()
         self._restore_to: list[Tensor] = []
 
     def follows(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -189,14 +217,7 @@ class ParameterSet:
     def save(self, params: list[Tensor]) -> None:
         """Copy the local tensors ``params`` aside (into buffers made once) for
         :meth:`restore`."""
-        buffers = []
-        for p in params:
-            buf = self._saved.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.device != p.device \
-                    or buf.dtype != p.dtype:
-                buf = self._saved[id(p)] = torch.empty_like(p)
-            buffers.append(buf)
-        torch._foreach_copy_(buffers, params)
+        torch._foreach_copy_(self._saved.like(params, keys=params), params)
         self._restore_to = params
 
     def restore(self) -> None:
@@ -206,7 +227,7 @@ class ParameterSet:
             return
         params, self._restore_to = self._restore_to, []
         with torch.no_grad():
-            torch._foreach_copy_(params, [self._saved[id(p)] for p in params])
+            torch._foreach_copy_(params, [self._saved[p] for p in params])
 
     # ------------------------------------------------------------------------- norms
     def norm(self, tensors: list[Tensor]) -> Tensor:

@@ -27,12 +27,13 @@ sign of the last steps' descent (Becker et al. 2024).
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .params import Scratch
+from .validate import check_fraction, check_number
 
 if TYPE_CHECKING:
     from .params import ParameterSet
@@ -40,11 +41,12 @@ if TYPE_CHECKING:
 _EPS = 1e-12
 
 
-def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) \
-            or not (math.isfinite(float(value)) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+def step_along_(params: list[Tensor], directions: list[Tensor],
+                scale: Tensor | float) -> None:
+    """``w <- w + scale * d`` for every parameter, ``d`` overwritten with ``scale * d`` (the
+    perturbation eps, in place: nothing allocated)."""
+    torch._foreach_mul_(directions, scale)
+    torch._foreach_add_(params, directions)
 
 
 class PerturbationRule:
@@ -84,13 +86,12 @@ class GradientNormPerturbation(PerturbationRule):
     """SAM's rule (Foret et al. 2021): a step of length rho along the normalized gradient."""
 
     def __init__(self, rho: float = 0.05) -> None:
-        self.rho = _check_nonneg(rho, "rho")
+        self.rho = check_number("rho", rho, low=0)
 
     def perturb_(self, params: list[Tensor], grads: list[Tensor],
                  space: ParameterSet) -> Tensor:
         norm = space.norm(grads)
-        torch._foreach_mul_(grads, self.rho / (norm + _EPS))
-        torch._foreach_add_(params, grads)
+        step_along_(params, grads, self.rho / (norm + _EPS))
         return norm
 
     def __repr__(self) -> str:
@@ -104,29 +105,20 @@ class AdaptivePerturbation(PerturbationRule):
     shapes change); they hold nothing from one step to the next."""
 
     def __init__(self, rho: float = 0.5, eta: float = 0.01) -> None:
-        self.rho = _check_nonneg(rho, "rho")
-        self.eta = _check_nonneg(eta, "eta")
-        self._scratch: list[Tensor] = []
-
-    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
-        same = len(self._scratch) == len(params) and all(
-            b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
-            for b, p in zip(self._scratch, params))
-        if not same:
-            self._scratch = [torch.empty_like(p) for p in params]
-        return self._scratch
+        self.rho = check_number("rho", rho, low=0)
+        self.eta = check_number("eta", eta, low=0)
+        self._scratch = Scratch()
 
     def perturb_(self, params: list[Tensor], grads: list[Tensor],
                  space: ParameterSet) -> Tensor:
-        scale = self._buffers(params)
+        scale = self._scratch.like(params)
         torch._foreach_copy_(scale, params)
         torch._foreach_abs_(scale)
         torch._foreach_add_(scale, self.eta)
         torch._foreach_mul_(grads, scale)  # T g
         norm = space.norm(grads)
         torch._foreach_mul_(grads, scale)  # T^2 g
-        torch._foreach_mul_(grads, self.rho / (norm + _EPS))
-        torch._foreach_add_(params, grads)
+        step_along_(params, grads, self.rho / (norm + _EPS))
         return norm
 
     def __repr__(self) -> str:
@@ -142,9 +134,7 @@ class StochasticWeightPerturbation(GradientNormPerturbation):
 
     def __init__(self, rho: float = 0.05, beta: float = 0.6) -> None:
         super().__init__(rho)
-        if isinstance(beta, bool) or not isinstance(beta, Real) or not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must be a probability in (0, 1], got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_fraction("beta", beta, low_open=True)
 
     def ascent_mask(self, num_params: int, generator: torch.Generator | None) -> list[bool]:
         draws = torch.rand(num_params, generator=generator)
@@ -153,8 +143,7 @@ class StochasticWeightPerturbation(GradientNormPerturbation):
     def perturb_(self, params: list[Tensor], grads: list[Tensor],
                  space: ParameterSet) -> Tensor:
         norm = space.norm(grads)
-        torch._foreach_mul_(grads, self.rho / (self.beta * (norm + _EPS)))
-        torch._foreach_add_(params, grads)
+        step_along_(params, grads, self.rho / (self.beta * (norm + _EPS)))
         return norm
 
     def __repr__(self) -> str:
@@ -175,8 +164,8 @@ class MomentumPerturbation(PerturbationRule):
     needs_ascent = False
 
     def __init__(self, rho: float = 0.3) -> None:
-        self.rho = _check_nonneg(rho, "rho")
-        self._scratch: dict[int, Tensor] = {}
+        self.rho = check_number("rho", rho, low=0)
+        self._scratch = Scratch()
 
     def directions(self, params: list[Tensor], optimizer: torch.optim.Optimizer
                    ) -> tuple[list[Tensor], list[Tensor]]:
@@ -201,18 +190,10 @@ class MomentumPerturbation(PerturbationRule):
         norm = space.norm(grads)
         # eps goes through a scratch buffer kept per parameter: the optimizer's buffer must
         # stay as it is, and the engine's step allocates nothing per parameter.
-        eps = [self._scratch_like(p, b) for p, b in zip(params, grads)]
+        eps = self._scratch.like(grads, keys=params)
         torch._foreach_copy_(eps, grads)
-        torch._foreach_mul_(eps, -self.rho / (norm + _EPS))
-        torch._foreach_add_(params, eps)
+        step_along_(params, eps, -self.rho / (norm + _EPS))
         return norm
-
-    def _scratch_like(self, param: Tensor, buf: Tensor) -> Tensor:
-        out = self._scratch.get(id(param))
-        if out is None or out.shape != buf.shape or out.device != buf.device \
-                or out.dtype != buf.dtype:
-            out = self._scratch[id(param)] = torch.empty_like(buf)
-        return out
 
     def __repr__(self) -> str:
         return f"MomentumPerturbation(rho={self.rho})"

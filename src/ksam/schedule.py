@@ -29,10 +29,12 @@ took, :attr:`ksam.Method.sharp_steps`).
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import torch
+
+from .validate import check_fraction, check_int
 
 
 class Schedule:
@@ -45,17 +47,9 @@ class Schedule:
     """
 
     def __init__(self, start_step: int = 0, p: float = 1.0, interval: int = 1) -> None:
-        if isinstance(start_step, bool) or not isinstance(start_step, Integral) \
-                or start_step < 0:
-            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
-        if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(float(p)) \
-                or not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-        if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        self.start_step = int(start_step)
-        self.p = float(p)
-        self.interval = int(interval)
+        self.start_step = check_int("start_step", start_step)
+        self.p = check_fraction("p", p)
+        self.interval = check_int("interval", interval, low=1)
 
     @property
     def always(self) -> bool:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .stateful import Stateful
+from .validate import check_choice, check_fraction, check_int, check_number
 
 
 def check_subset_size(k: float | int, name: str = "k") -> float | int:
@@ -210,9 +211,7 @@ class TopLoss(SelectionRule):
                  rescale: bool | float = False, loss_kind: str = "ce") -> None:
         self.k = check_subset_size(k, name)
         self.name = name
-        if isinstance(warmup, bool) or not isinstance(warmup, Integral) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0 (steps per halving), got {warmup!r}")
-        self.warmup = int(warmup)
+        self.warmup = check_int("warmup", warmup)
         self.rescale = _check_rescale(rescale)
         self.loss_kind = check_loss_kind(loss_kind)
         if self.rescale and self.loss_kind not in RESCALE_KINDS:
@@ -273,9 +272,11 @@ def _check_rescale(rescale: bool | float) -> bool | float:
     (a step between the plain top-K step and the full-batch-sized one)."""
     if isinstance(rescale, bool):
         return rescale
-    if isinstance(rescale, Real) and math.isfinite(float(rescale)) and 0 <= rescale <= 1:
-        return float(rescale)
-    raise ValueError(f"rescale must be True, False or a power in [0, 1], got {rescale!r}")
+    try:
+        return check_fraction("rescale", rescale)
+    except ValueError:
+        raise ValueError(f"rescale must be True, False or a power in [0, 1], got "
+                         f"{rescale!r}") from None
 
 
 #: Kinds of per-sample loss :class:`TopLoss` knows (``loss_kind``): ``"ce"`` cross-entropy
@@ -358,10 +359,7 @@ class LargestLossIncrease(SelectionRule):
     needs_perturbed_losses = True
 
     def __init__(self, fraction: float) -> None:
-        if isinstance(fraction, bool) or not isinstance(fraction, Real) \
-                or not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"gamma must be a fraction in (0, 1], got {fraction!r}")
-        self.fraction = float(fraction)
+        self.fraction = check_fraction("gamma", fraction, low_open=True)
 
     def size(self, batch_size: int) -> int:
         return resolve_subset_size(self.fraction, batch_size, "gamma")
@@ -382,10 +380,7 @@ BAND_SKIP = 0.3
 
 
 def _check_share(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
-            or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
-    return float(value)
+    return check_fraction(name, value, high_open=True)
 
 
 class LossBand(TopLoss):
@@ -560,27 +555,16 @@ class AutoBand(TopLoss):
                  decay: float = AUTO_DECAY, max_skip: float = AUTO_MAX_SKIP,
                  classes: int | None = None, criterion: str = "chance") -> None:
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got "
-                             f"{criterion!r}")
-        self.criterion = criterion
+        self.criterion = check_choice("criterion", criterion, CRITERIA)
         self.needs_logits = criterion != "chance"
         if self.loss_kind != "ce":
             raise ValueError(f"{type(self).__name__} compares losses with chance level ln C: "
                              f"it needs cross-entropy losses, got loss_kind={loss_kind!r}")
-        if isinstance(margin, bool) or not isinstance(margin, Real) \
-                or not math.isfinite(margin) or margin <= 0:
-            raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
-        start, stop = _check_window(estimate_steps)
-        self.margin, self.estimate_from, self.estimate_until = float(margin), start, stop
-        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay <= 1:
-            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-        self.decay = float(decay)
+        self.margin = check_number("margin", margin, low=0, low_open=True)
+        self.estimate_from, self.estimate_until = _check_window(estimate_steps)
+        self.decay = check_fraction("decay", decay)
         self.max_skip = _check_share(max_skip, "max_skip")
-        if classes is not None and (isinstance(classes, bool) or not isinstance(
-                classes, Integral) or classes < 2):
-            raise ValueError(f"classes must be an int >= 2 or None, got {classes!r}")
-        self.classes = None if classes is None else int(classes)
+        self.classes = None if classes is None else check_int("classes", classes, low=2)
         self.needs_labels = classes is None or criterion != "chance"
         self._estimate = _Estimate()
 
@@ -799,9 +783,7 @@ class FitGated(TopLoss):
                  gate: float = 0.5, decay: float = AUTO_DECAY) -> None:
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
         self.gate = _check_share(gate, "gate")
-        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_fraction("decay", decay, high_open=True)
         self._estimate = _Estimate()
 
     def share_state(self, other: SelectionRule) -> None:
@@ -968,12 +950,8 @@ class AreaUnderMargin(TopLoss):
         from .memory import ExampleMemory
 
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, Real) \
-                or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-        self.decay, self.threshold = float(decay), float(threshold)
+        self.decay = check_fraction("decay", decay, high_open=True)
+        self.threshold = check_number("threshold", threshold)
         self.memory = ExampleMemory(num_examples)
 
     def share_state(self, other: SelectionRule) -> None:

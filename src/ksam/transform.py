@@ -26,14 +26,14 @@ shards, and the dot product and the norms are summed over all shards.
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .perturbation import _EPS, GradientNormPerturbation
+from .perturbation import _EPS, GradientNormPerturbation, step_along_
 from .stateful import Stateful
+from .validate import check_number
 
 if TYPE_CHECKING:
     from .params import ParameterSet
@@ -70,9 +70,7 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
 
     def __init__(self, rho: float = 0.05, alpha: float = 0.7) -> None:
         super().__init__(rho)
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_number("alpha", alpha, low=0)
         self._index: dict[int, int] = {}  # id(parameter) -> its position in bind()'s list
         self._offsets: list[int] = [0]
         self._shapes: list[torch.Size] = []
@@ -133,8 +131,7 @@ class LookSAMRule(GradientNormPerturbation, GradientTransform):
         unit = self._views(self._unit, params)
         torch._foreach_copy_(unit, grads)
         self._unit.div_(norm + _EPS)
-        torch._foreach_mul_(grads, self.rho / (norm + _EPS))
-        torch._foreach_add_(params, grads)
+        step_along_(params, grads, self.rho / (norm + _EPS))
         return norm
 
     # --------------------------------------------------------------------------- descent
