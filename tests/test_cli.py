@@ -917,10 +917,10 @@ def test_the_run_configuration_is_defined_once():
     from ksam.train import TrainConfig
 
     run = [f.name for f in fields(RunConfig)]
-    assert [f.name for f in fields(TrainConfig)] == [*run, "method", "method_options"]
+    assert [f.name for f in fields(TrainConfig)] == [*run, "method", "method_options", "steps"]
     cli = [f.name for f in fields(CliConfig)]
     assert cli[:len(run)] == run  # the command line adds only its own fields
-    assert not {"method", "method_options"} & set(cli)
+    assert not {"method", "method_options", "steps"} & set(cli)
     for name in ("schedule", "selection"):  # the engine's Schedule, the selection rule
         assert name not in run and name not in cli
     cfg = _cfg("train", "--schedule", "constant", "--selection", "local", "--seed", "4")

@@ -579,13 +579,13 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
 def _metrics_csv(runs: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     fields = ["method", "seed", "epoch", "train_loss", "test_loss", "test_acc", "epoch_time",
-              "train_time", "step_time_median", "steps", "skipped_steps", "lr"]
+              "train_time", "step_time_median", "steps", "passes", "skipped_steps", "lr"]
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     for r in runs:
         for e in r["epochs"]:
             writer.writerow({"method": r["label"], "seed": r["seed"],
-                             **{k: e[k] for k in fields[2:]}})
+                             **{k: e.get(k) for k in fields[2:]}})
     return buffer.getvalue()
 
 

@@ -364,6 +364,16 @@ class TrainConfig(RunConfig):
 
     method: str = "ksam"
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: optimizer steps of the run (None: ``epochs`` whole epochs). Set, the run takes
+    #: ``epochs`` = ceil(steps / steps per epoch) epochs, the last one cut short after the
+    #: remaining steps, and its lr schedule spans ``steps`` (an equal-budget comparison
+    #: sets each method's)
+    steps: int | None = None
+
+    def validate(self) -> None:
+        """:meth:`RunConfig.validate`, and ``steps`` None or an integer >= 1."""
+        super().validate()
+        check_count("steps", self.steps)
 
     @classmethod
     def of(cls, run: RunConfig, **changes: Any) -> TrainConfig:
