@@ -11,12 +11,24 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ksam
 from ksam.selection import SelectionContext
+
+
+# ------------------------------------------------------------------- the machine
+@pytest.fixture(autouse=True)
+def one_core(monkeypatch):
+    """The machine as the tests see it has one core: ``ksam compare``'s default
+    ``--jobs`` (one worker per core) trains a grid in the test's own process, and ``ksam
+    train`` takes one thread. A test of parallel workers gives ``--jobs``."""
+    import ksam.pool
+
+    monkeypatch.setattr(ksam.pool, "available_cores", lambda: 1)
 
 
 # ------------------------------------------------------------------- loss, models, data

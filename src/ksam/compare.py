@@ -1,4 +1,8 @@
-"""Methods x seeds on one task, and a report a person can read: table, CSV, JSON, plot."""
+"""Methods x seeds on one task, and a report a person can read: table, CSV, JSON, plot.
+
+This module is also ``ksam.compare``, callable: ``ksam.compare(task, methods, ...)`` runs
+:func:`ksam.api.compare` (the command ``ksam compare`` from Python).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import json
 import math
 import platform
 import statistics
+import sys
+import types
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -96,9 +103,11 @@ def places(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"host": h, "device_name": d, "runs": n} for (h, d), n in counts.items()]
 
 
-def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
+def markdown_table(rows: list[dict[str, Any]], reference: str, split: str = "test") -> str:
+    """The comparison's table; ``split`` names the accuracy's data ("validation" for a
+    held-out part of the training set)."""
     lines = [
-        f"| method | lr | test acc % (mean ± std) | min | collapsed | train time s "
+        f"| method | lr | {split} acc % (mean ± std) | min | collapsed | train time s "
         f"| time / {reference} | steps/s | step ms (median) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -272,10 +281,12 @@ def environment() -> dict[str, Any]:
 
 
 def describe_lrs(base: TrainConfig, specs: list[MethodSpec],
-              sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+                 sweep: dict[str, Any] | None = None,
+                 default_lr: float | None = None) -> dict[str, Any]:
     """How the comparison's learning rates were set, for the report: ``mode`` is
     ``"sweep"`` (each method's own, chosen on held-out data), ``"per-method"`` (set in the
-    specs) or ``"shared"`` (one lr for all), and ``text`` says so in words."""
+    specs) or ``"shared"`` (one lr for all), and ``text`` says so in words (with
+    ``default_lr``, the task's default lr, named where it is used)."""
     if sweep is not None:
         lrs = ", ".join(f"{lr:g}" for lr in sweep["lrs"])
         return {"mode": "sweep", "lrs": sweep["lrs"],
@@ -283,7 +294,8 @@ def describe_lrs(base: TrainConfig, specs: list[MethodSpec],
                 "text": f"each method at its own lr, chosen among {lrs} by final accuracy on "
                         f"a held-out {sweep['validation_split']:g} of the training set "
                         "(lr_sweep.md)"}
-    shared = "the task's default" if base.lr is None else f"{base.lr:g}"
+    shared = f"{base.lr:g}" if base.lr is not None else "the task's default" + (
+        "" if default_lr is None else f", {default_lr:g}")
     if any(spec.lr is not None for spec in specs):
         return {"mode": "per-method",
                 "text": f"each method at the lr its spec sets (else {shared})"}
@@ -297,6 +309,9 @@ def check_methods(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, A
     ``cfg`` is resolved against the task."""
     from .train import build_engine
 
+    if task.num_train // cfg.batch_size < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set "
+                         f"({task.num_train} examples)")
     for spec in specs:
         model = task.make_model()
         try:
@@ -311,10 +326,16 @@ def check_methods(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, A
             raise ValueError(f"method {spec.label!r}: {exc}") from None
 
 
+#: ``adjust(cfg, label) -> cfg``: a grid's change to each run's configuration (the steps of
+#: an equal-budget grid)
+Adjust = Callable[[TrainConfig, str], TrainConfig]
+
+
 def _run_config(cfg: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None,
-                seed: int) -> TrainConfig:
-    return replace(cfg, method=spec.name, method_options=spec.method_options(shared),
-                   seed=seed, lr=cfg.lr if spec.lr is None else spec.lr)
+                seed: int, adjust: Adjust | None = None) -> TrainConfig:
+    run = replace(cfg, method=spec.name, method_options=spec.method_options(shared),
+                  seed=seed, lr=cfg.lr if spec.lr is None else spec.lr)
+    return run if adjust is None else adjust(run, spec.label)
 
 
 def _run_name(spec: MethodSpec, seed: int) -> str:
@@ -330,7 +351,7 @@ def is_resumable(run_dir: Path) -> bool:
 
 
 def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any] | None,
-                seeds: list[int], out_dir: Path | None) -> None:
+                seeds: list[int], out_dir: Path | None, adjust: Adjust | None = None) -> None:
     """``out_dir`` holds a comparison, and every run there (its checkpoint, or the
     ``config.json`` of a run interrupted before its first one) is sound and continues its
     run (else ValueError)."""
@@ -347,8 +368,8 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
                 continue
             check_folder_command(run_dir, "train")
             point = resume_point(run_dir)
-            check_resumable(_run_config(cfg, spec, shared, seed), saved_run_config(point),
-                            point)
+            check_resumable(_run_config(cfg, spec, shared, seed, adjust),
+                            saved_run_config(point), point)
 
 
 @dataclass(frozen=True)
@@ -404,18 +425,56 @@ def run_one(run: GridRun, *, task: Any = None, dist_info: Any = None,
     return result
 
 
+#: Tasks (their data) a worker process built, by configuration: a worker runs many runs of
+#: one comparison, and building the data can take seconds. The two most recent are kept
+#: (the sweep's held-out task and the comparison's).
+_TASKS: OrderedDict[str, Any] = OrderedDict()
+
+
+def task_for_run(run: GridRun) -> Any:
+    """The task of ``run``, built in this process from its configuration (a worker's: the
+    planning process's task is never sent), kept for the next runs of the same task."""
+    from .config import resolve_device
+    from .tasks import get_task
+
+    device = resolve_device(run.cfg.device)
+    key = json.dumps([run.cfg.task, run.task_seed, device, run.cfg.task_options],
+                     sort_keys=True, default=str)
+    if key not in _TASKS:
+        _TASKS[key] = get_task(run.cfg.task, device=device, seed=run.task_seed,
+                               **run.cfg.task_options)
+        while len(_TASKS) > 2:
+            _TASKS.popitem(last=False)
+    _TASKS.move_to_end(key)
+    return _TASKS[key]
+
+
 class SerialExecutor:
     """Runs a grid's runs one after the other in this process (under torchrun: every rank
-    takes part in each run). ``progress(title, row)`` is called after every epoch."""
+    takes part in each run). ``progress(title, row)`` is called after every epoch and, if
+    it has one, ``progress.finished(title, result)`` after every run. ``threads``: torch's
+    threads while the runs train (None: as they are)."""
 
     def __init__(self, *, progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 dist_info: Any = None) -> None:
-        self.progress, self.dist_info = progress, dist_info
+                 dist_info: Any = None, threads: int | None = None) -> None:
+        self.progress, self.dist_info, self.threads = progress, dist_info, threads
 
     def execute(self, runs: list[GridRun]) -> list[dict[str, Any]]:
         """Each run's :func:`run_one` result, in the order of ``runs``."""
-        return [run_one(run, dist_info=self.dist_info, on_epoch=self._on_epoch(run))
-                for run in runs]
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            results = []
+            for run in runs:
+                results.append(run_one(run, dist_info=self.dist_info,
+                                       on_epoch=self._on_epoch(run)))
+                finished = getattr(self.progress, "finished", None)
+                if finished is not None:
+                    finished(run.title, results[-1])
+            return results
+        finally:
+            torch.set_num_threads(before)
 
     def _on_epoch(self, run: GridRun) -> Callable[[dict[str, Any]], None] | None:
         if self.progress is None:
@@ -437,11 +496,26 @@ class _Plan:
     seeds: list[int]
     folder: Any
     runs: list[GridRun]
+    #: runs of another grid that are runs of this one too (index -> their result)
+    reused: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def report(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        """The report of the runs' ``results``, written to the folder."""
-        report = _report(results, self.parsed, self.resolved, self.task, self.lr_choice,
-                         self.base)
+    @property
+    def todo(self) -> list[GridRun]:
+        """The runs to train (not reused)."""
+        return [run for i, run in enumerate(self.runs) if i not in self.reused]
+
+    def merged(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every run's result, in the order of :attr:`runs`, from :attr:`todo`'s
+        ``results`` and the reused ones."""
+        done = iter(results)
+        return [self.reused[i] if i in self.reused else next(done)
+                for i in range(len(self.runs))]
+
+    def report(self, results: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """The report of the runs' ``results`` (and ``extra`` entries), written to the
+        folder."""
+        report = {**_report(results, self.parsed, self.resolved, self.task, self.lr_choice,
+                            self.base), **extra}
         if self.folder is not None:
             _write_report(self.folder, report, self.task.description, self.seeds)
         return report
@@ -454,8 +528,13 @@ class _Plan:
 def _plan(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
           out_dir: Path | None, *, shared: dict[str, Any] | None, task: Any, is_main: bool,
           resume: bool, overwrite: bool, lr_choice: dict[str, Any] | None,
-          title: str = "") -> _Plan:
-    """Validate a comparison, open its folder and list its runs (see :func:`compare`)."""
+          title: str = "", adjust: Adjust | None = None,
+          reuse: list[tuple[TrainConfig, dict[str, Any]]] | None = None,
+          extra_config: dict[str, Any] | None = None) -> _Plan:
+    """Validate a comparison, open its folder and list its runs (see :func:`compare`).
+    ``adjust`` changes each run's configuration; a run whose configuration is one of
+    ``reuse``'s (configuration, result) pairs is not trained: its result is reused and it
+    gets no folder here. ``extra_config`` joins ``config.json``."""
     from .config import parse_seeds
     from .outputs import open_output
     from .tasks import get_task
@@ -471,34 +550,51 @@ def _plan(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
                         **base.task_options)
     resolved = base.resolved(task.defaults)
     check_methods(resolved, parsed, shared, task)
+    configs = [(spec, seed, _run_config(base, spec, shared, seed, adjust))
+               for seed in seeds for spec in parsed]
+    reused = {i: result for i, (_, _, cfg) in enumerate(configs)
+              for other, result in (reuse or []) if cfg == other}
     if resume:  # every checkpoint is checked before any run continues
-        _check_runs(resolved, parsed, shared, seeds, out_dir)
-    lr_choice = lr_choice or describe_lrs(base, parsed)
+        _check_runs(resolved, parsed, shared, seeds, out_dir, adjust)
+    lr_choice = lr_choice or describe_lrs(base, parsed, default_lr=task.defaults.get("lr"))
     folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
         if out_dir is not None and is_main else None
     try:
         if folder is not None:
             folder.write_text("config.json", json.dumps({
-                "base": resolved.to_dict(), "methods": [spec.label for spec in parsed],
-                "seeds": seeds, "lr_choice": lr_choice, "environment": environment(),
+                "base": _base_config(resolved, lr_choice),
+                "methods": [spec.label for spec in parsed], "seeds": seeds,
+                "lr_choice": lr_choice, **(extra_config or {}), "environment": environment(),
                 "task": task.description}, indent=2))
-        runs = [_grid_run(base, spec, shared, seed, seeds[0], out_dir, folder, task=task,
-                          resume=resume, overwrite=overwrite, title=title)
-                for seed in seeds for spec in parsed]
+        runs = [_grid_run(cfg, spec, seed, seeds[0], out_dir,
+                          None if i in reused else folder, task=task, resume=resume,
+                          overwrite=overwrite, title=title)
+                for i, (spec, seed, cfg) in enumerate(configs)]
     except BaseException:
         if folder is not None:
             folder.close()
         raise
-    return _Plan(parsed, resolved, base, task, lr_choice, seeds, folder, runs)
+    return _Plan(parsed, resolved, base, task, lr_choice, seeds, folder, runs, reused)
 
 
-def _grid_run(base: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None, seed: int,
-              task_seed: int, out_dir: Path | None, folder: Any, *, task: Any, resume: bool,
+def _base_config(resolved: TrainConfig, lr_choice: dict[str, Any]) -> dict[str, Any]:
+    """What every run of a comparison shares, for its ``config.json``: no method (each
+    run has its own), and no lr unless one lr is shared by all."""
+    base = resolved.to_dict()
+    for key in ("method", "method_options", "steps"):
+        base.pop(key, None)
+    if lr_choice.get("mode") != "shared":
+        base["lr"] = None
+    return base
+
+
+def _grid_run(cfg: TrainConfig, spec: MethodSpec, seed: int, task_seed: int,
+              out_dir: Path | None, folder: Any, *, task: Any, resume: bool,
               overwrite: bool, title: str) -> GridRun:
     name = _run_name(spec, seed)
     if folder is not None:
         folder.record(name)
-    return GridRun(_run_config(base, spec, shared, seed), spec.label, seed, task_seed,
+    return GridRun(cfg, spec.label, seed, task_seed,
                    None if out_dir is None else Path(out_dir).absolute() / name, resume,
                    overwrite, f"{title}{spec.label} seed {seed}", task)
 
@@ -509,12 +605,21 @@ def _executor(executor: Any, progress: Callable[[str, dict[str, Any]], None] | N
                                                                 dist_info=dist_info)
 
 
+def reference_label(labels: list[str], names: list[str]) -> str:
+    """The reference of a comparison: the plain "sgd" spec, else the first SGD spec (e.g.
+    at its own lr after a sweep), else the first method."""
+    if "sgd" in labels:
+        return "sgd"
+    return next((label for label, name in zip(labels, names) if name == "sgd"), labels[0])
+
+
 def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
             out_dir: Path | None, *, shared: dict[str, Any] | None = None, task: Any = None,
             progress: Callable[[str, dict[str, Any]], None] | None = None,
             is_main: bool = True, dist_info: Any = None, resume: bool = False,
             overwrite: bool = False, lr_choice: dict[str, Any] | None = None,
-            executor: Any = None) -> dict[str, Any]:
+            executor: Any = None, budget: str | None = None,
+            held_out_where: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train every method spec with every seed; write the report to ``out_dir``.
 
     Runs are interleaved (seed by seed, all methods) so machine noise hits all methods alike.
@@ -528,28 +633,105 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     the report how the lrs were set. ``executor`` runs the list of runs (an object with
     ``execute(runs) -> results``, e.g. :class:`ksam.cluster.RayExecutor`); default: a
     :class:`SerialExecutor` in this process (with ``progress`` and ``dist_info``).
+
+    ``budget`` (``"passes"`` or ``"time"``, :mod:`ksam.budget`): then an equal-budget grid
+    in ``out_dir/budget-MODE``, every method at the cost of SGD's run of ``epochs``
+    epochs; the report's ``budget`` entry holds its report, its table and the budget.
+    ``held_out_where``: where the lr sweep's held-out runs ran, for the report.
     """
     plan = _plan(base, specs, seeds, out_dir, shared=shared, task=task, is_main=is_main,
-                 resume=resume, overwrite=overwrite, lr_choice=lr_choice)
+                 resume=resume, overwrite=overwrite, lr_choice=lr_choice,
+                 extra_config={"budget": budget} if budget else None)
     try:
-        return plan.report(_executor(executor, progress, dist_info).execute(plan.runs))
+        runner = _executor(executor, progress, dist_info)
+        results = runner.execute(plan.runs)
+        extra: dict[str, Any] = {"held_out_where": held_out_where}
+        if budget is not None:
+            extra["budget"] = _budget_grid(plan, results, budget, runner, out_dir,
+                                           shared=shared, is_main=is_main, resume=resume,
+                                           overwrite=overwrite, dist_info=dist_info,
+                                           progress=progress)
+        return plan.report(results, **extra)
     finally:
         plan.close()
+
+
+def _budget_grid(plan: _Plan, results: list[dict[str, Any]], mode: str, runner: Any,
+                 out_dir: Path | None, *, shared: dict[str, Any] | None, is_main: bool,
+                 resume: bool, overwrite: bool, dist_info: Any,
+                 progress: Any) -> dict[str, Any]:
+    """The equal-budget grid beside the equal-epochs grid ``plan`` (whose runs gave
+    ``results``), trained by ``runner`` into ``out_dir/budget-MODE``: its report, with
+    the budget and its table (:mod:`ksam.budget`)."""
+    from . import budget as bud
+
+    world = dist_info.world_size if dist_info is not None else 1
+    resolved, task = plan.resolved, plan.task
+    spe = bud.steps_per_epoch(task.num_train, resolved.batch_size, world)
+    labels = [spec.label for spec in plan.parsed]
+    reference = reference_label(labels, [spec.name for spec in plan.parsed])
+    budget_s = None
+    if mode == "time":
+        budget_s = statistics.fmean(r["final"]["train_time"] for r in results
+                                    if r["label"] == reference)
+        steps_of = {label: bud.time_steps([r for r in results if r["label"] == label],
+                                          budget_s) for label in labels}
+
+    def adjust(cfg: TrainConfig, label: str) -> TrainConfig:
+        if mode == "time":
+            steps = steps_of[label]
+        else:
+            steps = bud.passes_steps(cfg.resolved(task.defaults), task, spe)
+        if steps == spe * resolved.epochs:  # the equal-epochs run itself
+            return cfg
+        return bud.budget_config(replace(cfg, epochs=resolved.epochs), steps, spe)
+
+    name = f"budget-{mode}"
+    sub = Path(out_dir) / name if out_dir is not None else None
+    if plan.folder is not None:
+        plan.folder.record(name)
+    passes = bud.passes_budget(resolved, spe)
+    amount = passes if mode == "passes" else budget_s
+    text = bud.budget_text(mode, resolved.epochs, spe * resolved.epochs, amount)
+    grid = _plan(plan.base, plan.parsed, plan.seeds, sub, shared=shared, task=task,
+                 is_main=is_main, resume=resume and sub is not None and sub.is_dir(),
+                 overwrite=overwrite, lr_choice=plan.lr_choice, title=f"budget {mode}: ",
+                 adjust=adjust, reuse=[(run.cfg, result)
+                                       for run, result in zip(plan.runs, results)],
+                 extra_config={"budget": mode, "budget_amount": amount,
+                               "budget_text": text})
+    try:
+        shows = {id(p): p for p in (progress, getattr(runner, "progress", None))
+                 if getattr(p, "total", None) is not None}
+        saved = sum(grid.runs[i].cfg.method != "sgd" for i in grid.reused)
+        for shown in shows.values():  # SGD's runs were never counted twice; other reused
+            shown.total -= saved     # runs (a method at SGD's cost) are not trained again
+        done = runner.execute(grid.todo)
+        merged = grid.merged(done)
+        report = _report(merged, grid.parsed, grid.resolved, task, grid.lr_choice, grid.base)
+        rows = bud.budget_rows(report["rows"], merged, spe, passes, budget_s)
+        report.update(rows=rows, table=bud.budget_table(rows, report["split"]), mode=mode,
+                      amount=amount, text=text, steps_per_epoch=spe,
+                      reused=[merged[i]["label"] for i in sorted(grid.reused)])
+        if grid.folder is not None:
+            _write_report(grid.folder, report, f"{task.description}\n\n{text}", grid.seeds)
+        return report
+    finally:
+        grid.close()
 
 
 def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: TrainConfig,
             task: Any, lr_choice: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
     labels = [spec.label for spec in parsed]
-    # SGD is the reference: the plain "sgd" spec, else the first SGD spec (e.g. at its own
-    # lr after a sweep), else the first method.
-    reference = "sgd" if "sgd" in labels else next(
-        (spec.label for spec in parsed if spec.name == "sgd"), labels[0])
+    reference = reference_label(labels, [spec.name for spec in parsed])
     rows = summarize(runs, reference)
-    return {"rows": rows, "table": markdown_table(rows, reference), "reference": reference,
+    split = "validation" if base.task_options.get("validation_split") else "test"
+    return {"rows": rows, "table": markdown_table(rows, reference, split),
+            "reference": reference,
             "notes": table_notes(reference) + device_note(rows, reference), "runs": runs,
             "where": places(runs), "task_name": task.name,
             "lr_choice": lr_choice, "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
-            "split": "validation" if base.task_options.get("validation_split") else "test",
+            "split": split,
             "config": resolved.to_dict(), "environment": environment()}
 
 
@@ -568,12 +750,21 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"
         f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n"
-        f"Runs ran on: {_where_text(report.get('where', []))}.\n\n"
+        f"Runs ran on: {_where_text(report.get('where', []))}"
+        f"{_held_out_text(report.get('held_out_where'))}.\n\n"
         f"Learning rate: {report['lr_choice']['text']} (the 'lr' column).\n\n"
-        f"{report['split'].capitalize()} accuracy at the end of training (the 'test acc' "
-        f"column); train time is the wall-clock of the training "
+        f"{report['split'].capitalize()} accuracy at the end of training (the "
+        f"'{report['split']} acc' column); train time is the wall-clock of the training "
         f"steps only (evaluation excluded), mean over seeds.\n\n"
     )
+
+
+def _held_out_text(where: list[dict[str, Any]] | None) -> str:
+    if not where:
+        return ""
+    count = sum(p["runs"] for p in where)
+    return (f"; before them, the lr sweep's {count} held-out run{'s' if count != 1 else ''} "
+            f"(lr_sweep.md): {_where_text(where)}")
 
 
 def _metrics_csv(runs: list[dict[str, Any]]) -> str:
@@ -623,15 +814,27 @@ def _write_report(folder: Any, report: dict[str, Any], description: str,
                                   folder.record("accuracy_vs_cost.png"), title)
     note = "" if drawn else ("\n(matplotlib is not installed: no plots; the accuracy-vs-cost "
                              "points are in summary.json.)\n")
-    folder.write_text("summary.md", _report_header(report, description, seeds)
-                      + report["table"] + "\n\n" + report["notes"] + "\n" + note)
-    slim = {k: v for k, v in report.items() if k != "runs"}
-    slim["runs"] = [{k: r.get(k) for k in ("label", "seed", "final", "host", "node_id",
-                                            "device_name")} for r in report["runs"]]
+    budget = report.get("budget")
+    extra = "" if budget is None else (f"\n## Equal budget: {budget['mode']}\n\n"
+                                       f"{budget['text']} (budget-{budget['mode']}/)\n\n"
+                                       f"{budget['table']}\n")
+    heading = "## Equal epochs\n\n" if budget is not None else ""
+    folder.write_text("summary.md", _report_header(report, description, seeds) + heading
+                      + report["table"] + "\n\n" + report["notes"] + "\n" + extra + note)
+    slim = {k: v for k, v in report.items() if k not in ("runs", "budget")}
+    slim["runs"] = _slim_runs(report["runs"])
+    if budget is not None:
+        slim["budget"] = {k: v for k, v in budget.items() if k != "runs"}
+        slim["budget"]["runs"] = _slim_runs(budget["runs"])
     folder.write_text("summary.json", json.dumps(slim, indent=2, default=str))
     folder.write_text("metrics.csv", _metrics_csv(report["runs"]))
     plot_accuracy_vs_time(report["runs"], folder.record("accuracy_vs_time.png"),
                           f"{cfg['task']}: test accuracy vs training time")
+
+
+def _slim_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: r.get(k) for k in ("label", "seed", "final", "host", "node_id",
+                                    "device_name")} for r in runs]
 
 
 def check_sweep(base: TrainConfig, specs: list[MethodSpec], lrs: list[float]) -> None:
@@ -706,6 +909,7 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
         reports = [plan.report(results[i * len(plan.runs):(i + 1) * len(plan.runs)])
                    for i, plan in enumerate(plans)]
         result = _sweep_result(parsed, lrs, reports, len(seeds), validation_split)
+        result["where"] = places(results)
         if folder is not None:
             _write_sweep(folder, result, len(seeds))
     finally:
@@ -742,3 +946,15 @@ def _write_sweep(folder: Any, result: dict[str, Any], n_seeds: int) -> None:
     folder.write_text("lr_sweep.md", text)
     folder.write_text("lr_sweep.json", json.dumps(
         {**result, "specs": [s.label for s in result["specs"]]}, indent=2))
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`ksam.api.compare`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from .api import compare as run
+
+        return run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
