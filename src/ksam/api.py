@@ -24,6 +24,12 @@ __all__ = ["compare", "run_comparison", "check_out_dir", "default_out", "world_s
 Echo = Callable[[str], None] | None
 
 
+def say(text: str) -> None:
+    """Print ``text`` at once, also to a pipe or a file (the plan must not wait in a
+    buffer until the first run ends)."""
+    print(text, flush=True)
+
+
 # --------------------------------------------------------------------------- shared checks
 
 def check_out_dir(out: Path, command: str, *, resume: bool, overwrite: bool) -> None:
@@ -186,7 +192,7 @@ def _plan_text(cfg: CliConfig, resolved: Any, out: Path, sweep: list[float] | No
     return "\n".join(lines)
 
 
-def run_comparison(cfg: CliConfig, *, echo: Echo = print,
+def run_comparison(cfg: CliConfig, *, echo: Echo = say,
                    importable: bool = True) -> dict[str, Any]:
     """Run the comparison ``cfg`` describes (``ksam compare``): the lr sweep if any, the
     equal-epochs grid, the equal-budget grid if any; the report (:func:`ksam.compare.compare`'s,
@@ -389,4 +395,4 @@ def compare(task: Any = "mnist1d", methods: list[str] | tuple[str, ...] | None =
         if user.get("preset") is not None:
             layers.append(preset_layer(user["preset"], user))
         cfg = CliConfig.from_layers(*layers, user)
-        return run_comparison(cfg, echo=None if quiet else print, importable=local is None)
+        return run_comparison(cfg, echo=None if quiet else say, importable=local is None)
