@@ -676,6 +676,7 @@ def _budget_grid(plan: _Plan, results: list[dict[str, Any]], mode: str, runner: 
                                     if r["label"] == reference)
         steps_of = {label: bud.time_steps([r for r in results if r["label"] == label],
                                           budget_s) for label in labels}
+        steps_of[reference] = spe * resolved.epochs  # the budget's own run, exactly
 
     def adjust(cfg: TrainConfig, label: str) -> TrainConfig:
         if mode == "time":
@@ -710,7 +711,9 @@ def _budget_grid(plan: _Plan, results: list[dict[str, Any]], mode: str, runner: 
         merged = grid.merged(done)
         report = _report(merged, grid.parsed, grid.resolved, task, grid.lr_choice, grid.base)
         rows = bud.budget_rows(report["rows"], merged, spe, passes, budget_s)
+        frontier = table_notes(report["reference"]).splitlines()[-1]
         report.update(rows=rows, table=bud.budget_table(rows, report["split"]), mode=mode,
+                      notes=frontier + device_note(rows, report["reference"]),
                       amount=amount, text=text, steps_per_epoch=spe,
                       reused=[merged[i]["label"] for i in sorted(grid.reused)])
         if grid.folder is not None:
