@@ -9,6 +9,7 @@ and returns the summary the command writes. ``ksam compare`` parses its flags in
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -200,7 +201,8 @@ def run_comparison(cfg: CliConfig, *, echo: Echo = say,
     before the first run and the tables at the end (None: nothing). ``importable``: worker
     processes can build the task from its name (False for a Python object of this
     process: the runs then train here)."""
-    from . import compare as cmp
+    # the module by its name: the package's attribute `compare` may be another object
+    cmp = importlib.import_module(".compare", __package__)
     from .config import resolve_device
     from .outputs import open_output
     from .progress import EpochProgress

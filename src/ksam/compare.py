@@ -273,7 +273,7 @@ def environment() -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()} / {torch.get_num_threads()} threads",
+        "machine": platform.machine(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -421,7 +421,7 @@ def run_one(run: GridRun, *, task: Any = None, dist_info: Any = None,
                    on_epoch=on_epoch)
     result.pop("model")
     result.update(label=run.label, seed=run.seed, node_id=None,
-                  **run_place(result["config"]["device"]))
+                  threads=torch.get_num_threads(), **run_place(result["config"]["device"]))
     return result
 
 
@@ -752,7 +752,8 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
         f"{cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['precision']}, "
         f"device {cfg['device']}{' (fast path)' if cfg['fast'] else ''}"
         f"{' (torch.compile: ' + cfg['compile'] + ')' if cfg.get('compile') else ''}.\n"
-        f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}.\n"
+        f"torch {env['torch']}, {env.get('gpu', env['machine'])}, {env['date']}"
+        f"{_threads_text(report['runs'])}.\n"
         f"Runs ran on: {_where_text(report.get('where', []))}"
         f"{_held_out_text(report.get('held_out_where'))}.\n\n"
         f"Learning rate: {report['lr_choice']['text']} (the 'lr' column).\n\n"
@@ -760,6 +761,13 @@ def _report_header(report: dict[str, Any], description: str, seeds: list[int]) -
         f"'{report['split']} acc' column); train time is the wall-clock of the training "
         f"steps only (evaluation excluded), mean over seeds.\n\n"
     )
+
+
+def _threads_text(runs: list[dict[str, Any]]) -> str:
+    counts = sorted({r["threads"] for r in runs if r.get("threads")})
+    if not counts:
+        return ""
+    return f"; {' or '.join(map(str, counts))} torch thread{'s' if counts[-1] > 1 else ''} a run"
 
 
 def _held_out_text(where: list[dict[str, Any]] | None) -> str:
@@ -837,7 +845,7 @@ def _write_report(folder: Any, report: dict[str, Any], description: str,
 
 def _slim_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r.get(k) for k in ("label", "seed", "final", "host", "node_id",
-                                    "device_name")} for r in runs]
+                                    "device_name", "threads")} for r in runs]
 
 
 def check_sweep(base: TrainConfig, specs: list[MethodSpec], lrs: list[float]) -> None:
