@@ -57,7 +57,7 @@ def _cfg(*argv: str):
 
 
 def test_the_default_is_one_worker_per_core(monkeypatch):
-    from ksam.api import _jobs
+    from ksam.compare import _jobs
 
     monkeypatch.setattr(ksam.pool, "available_cores", lambda: 4)
     assert _jobs(_cfg("compare"), "cpu", 1, True) == 4

@@ -171,7 +171,7 @@ def test_import_ksam_leaves_the_harness_unimported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     loaded = set(eval(out))
-    harness = {"ksam.compare", "ksam.api", "ksam.train", "ksam.tasks", "ksam.cli",
+    harness = {"ksam.compare", "ksam.runs", "ksam.train", "ksam.tasks", "ksam.cli",
                "ksam.config", "ksam.budget", "ksam.pool", "ksam.cluster", "ksam.outputs"}
     assert not loaded & harness, loaded & harness
     assert callable(ksam.compare)

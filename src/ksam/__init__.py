@@ -68,7 +68,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The harness's module ksam.compare, imported on first use; calling it runs
-    # ksam.api.compare (a module imported as ksam.compare is this package's attribute
+    # ksam.compare.compare_task (a module imported as ksam.compare is this package's attribute
     # `compare` from then on, so the name must work both before and after).
     if name == "compare":
         import importlib

@@ -308,14 +308,14 @@ def config_from_args(args: argparse.Namespace) -> CliConfig:
 
 
 def cmd_compare(cfg: CliConfig) -> int:
-    from .api import run_comparison
+    from .compare import run_comparison
 
     run_comparison(cfg)
     return 0
 
 
 def cmd_train(cfg: CliConfig) -> int:
-    from .api import check_out_dir, default_out, join_processes, world_size
+    from .compare import check_out_dir, default_out, join_processes, world_size
     from .config import resolve_device
     from .train import resume_point, train
 

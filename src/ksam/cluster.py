@@ -29,9 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .compare import GridRun, is_resumable, run_one, run_slug, task_for_run
 from .outputs import PROBE_PREFIX, folder_contents, open_output
 from .progress import RunProgress
+from .runs import GridRun, is_resumable, run_one, run_slug, task_for_run
 from .tasks.data import MissingDependencyError
 
 __all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayExecutor", "RunProgress", "import_ray"]

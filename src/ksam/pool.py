@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .compare import GridRun, run_one, task_for_run
 from .progress import RunProgress
+from .runs import GridRun, run_one, task_for_run
 
 __all__ = ["ProcessExecutor", "available_cores", "choose_threads"]
 
