@@ -1184,15 +1184,16 @@ def function_spec(fn: Callable[..., Any]) -> str | None:
     return None
 
 
-def compare_task(task: Any = "mnist1d", methods: list[str] | tuple[str, ...] | None = None, *,
-            seeds: int | str | list[int] = 3, out: str | os.PathLike[str] | None = None,
-            budget: str | None = None, jobs: int | None = None, threads: int | None = None,
-            resume: bool = False, overwrite: bool = False, quiet: bool = False,
-            task_name: str | None = None, **options: Any) -> dict[str, Any]:
+def compare_task(task: Any = None, methods: list[str] | tuple[str, ...] | None = None, *,
+                 seeds: int | str | list[int] = 3, out: str | os.PathLike[str] | None = None,
+                 budget: str | None = None, jobs: int | None = None,
+                 threads: int | None = None, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False, task_name: str | None = None,
+                 **options: Any) -> dict[str, Any]:
     """Compare ``methods`` on ``task``: what ``ksam compare`` does, from Python.
 
     Args:
-        task: a registered task's name (``"mnist1d"``), a spec
+        task: the command's default task (None), a registered task's name, a spec
             (``"path/to/file.py:function"``, ``"package.module:function"``), a function
             taking no required arguments that returns the task, or the task itself: a dict
             with ``train_x``, ``train_y``, ``test_x``, ``test_y`` (tensors or arrays, integer
@@ -1230,7 +1231,7 @@ def compare_task(task: Any = "mnist1d", methods: list[str] | tuple[str, ...] | N
     from .tasks.user import local_task
 
     spec: str | None
-    if isinstance(task, str):
+    if task is None or isinstance(task, str):
         spec, local = task, None
     elif isinstance(task, (Mapping, TaskData)):
         spec, local = None, task
@@ -1240,7 +1241,7 @@ def compare_task(task: Any = "mnist1d", methods: list[str] | tuple[str, ...] | N
     else:
         raise ValueError(f"task must be a name, a 'file.py:function' spec, a function, a dict "
                          f"or a TaskData, got a {type(task).__name__}")
-    if spec is not None:
+    if local is None:
         name = spec
     elif task_name is not None:
         name = task_name
