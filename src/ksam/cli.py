@@ -93,7 +93,10 @@ def _task_default(key: str) -> str:
     value."""
     from .tasks import TASKS
 
-    example = TASKS[DEFAULT_TASK].defaults[key]
+    spec = TASKS.get(DEFAULT_TASK)
+    example = None if spec is None else spec.defaults.get(key)
+    if example is None:
+        return "default: the task's (`ksam tasks` lists every task's)"
     return f"default: the task's ({DEFAULT_TASK}: {example:g}; `ksam tasks` lists every task's)"
 
 
