@@ -21,6 +21,17 @@ import ksam
 from ksam.selection import SelectionContext
 
 
+# ------------------------------------------------------------------- the machine
+@pytest.fixture(autouse=True)
+def one_core(monkeypatch):
+    """The machine as the tests see it has one core: ``ksam compare``'s default
+    ``--jobs`` (one worker per core) trains a grid in the test's own process, and ``ksam
+    train`` takes one thread. A test of parallel workers gives ``--jobs``."""
+    import ksam.pool
+
+    monkeypatch.setattr(ksam.pool, "available_cores", lambda: 1)
+
+
 # ------------------------------------------------------------------- loss, models, data
 def ce(model: nn.Module, batch) -> torch.Tensor:
     """Per-sample cross-entropy of an ``(inputs, labels)`` batch, in float32 also when the
@@ -209,3 +220,114 @@ def two_epoch_run(tmp_path_factory) -> Path:
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2]
     return out
+
+
+# ------------------------------------------------------------------- a task of the user's own
+#: A task file as a user writes it: 4 classes of 6 features, an MLP; ``task()`` is the task,
+#: the other functions each break one rule of a task.
+TASK_FILE = '''
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_model():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def data(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def task(n=160):
+    x, y = data(n, 0)
+    xt, yt = data(64, 1)
+    return {"train_x": x, "train_y": y, "test_x": xt, "test_y": yt, "make_model": make_model,
+            "defaults": {"epochs": 2, "batch_size": 16, "lr": 0.1}}
+
+
+def tensors():
+    return {k: torch.as_tensor(v) if k.endswith(("_x", "_y")) else v
+            for k, v in task().items()}
+
+
+def raises():
+    raise RuntimeError("the data server is down")
+
+
+def not_a_dict():
+    return [1, 2, 3]
+
+
+def missing_key():
+    d = task()
+    del d["test_y"]
+    return d
+
+
+def unknown_key():
+    return {**task(), "labels": 3}
+
+
+def ragged():
+    return {**task(), "train_x": [[1.0, 2.0], [3.0]]}
+
+
+def nan_inputs():
+    d = task()
+    d["train_x"][3, 2] = float("nan")
+    return d
+
+
+def float_labels():
+    d = task()
+    d["train_y"] = d["train_y"].astype("float32")
+    return d
+
+
+def labels_outside():
+    return {**task(), "num_classes": 3}
+
+
+def wrong_output():
+    return {**task(), "make_model": lambda: nn.Linear(6, 7)}
+
+
+def same_model():
+    model = make_model()
+    return {**task(), "make_model": lambda: model}
+
+
+def lengths():
+    d = task()
+    d["train_y"] = d["train_y"][:-1]
+    return d
+
+
+def shapes():
+    d = task()
+    d["test_x"] = d["test_x"][:, :5]
+    return d
+
+
+def bad_defaults():
+    return {**task(), "defaults": {"epochs": 0}}
+
+
+def needs(count):
+    return task()
+
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def task_file(tmp_path) -> Path:
+    """:data:`TASK_FILE` written as ``tmp_path/user_task.py``."""
+    path = tmp_path / "user_task.py"
+    path.write_text(TASK_FILE)
+    return path

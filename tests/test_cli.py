@@ -134,6 +134,74 @@ def test_lr_sweep_chooses_each_lr_on_the_held_out_split(tmp_path, capsys):
     assert "| method | lr 0.01 | lr 0.3 | chosen |" in printed
 
 
+def test_the_plan_comes_first_and_the_sweep_is_counted_and_named(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["compare", "--methods", "sgd", "ksam:k=8", "--lr-sweep", "0.01", "0.3",
+                 "--seeds", "1", "--epochs", "1", "--out", str(out),
+                 "--task-option", "num_samples=600", "--batch-size", "32"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("ksam compare: mnist1d, 1 epochs of batch 32; 2 methods (sgd, "
+                          "ksam:k=8) x 1 seed = 2 runs")
+    assert printed[1] == ("  first the lr sweep: every method at lr 0.01, 0.3 on a held-out "
+                          "0.2 of the training set, 4 runs (lr_sweep.md); then each method at "
+                          "its best lr on the test set")
+    assert printed[2] == (f"  6 runs one after the other in this process, 1 torch thread "
+                          f"(--threads); results in {out}")
+    assert printed[3].startswith("run 1/6 done: lr 0.01 (held out) sgd seed 0: validation "
+                                 "accuracy ")
+    assert printed[7].startswith("run 5/6 done: sgd:lr=") and " accuracy " in printed[7]
+    summary = (out / "summary.md").read_text()
+    assert "; before them, the lr sweep's 4 held-out runs (lr_sweep.md): " in summary
+    held_out = (out / "lr-sweep" / "lr-0.01" / "summary.md").read_text()
+    assert "| method | lr | validation acc % (mean ± std) |" in held_out
+    assert "Validation accuracy at the end of training (the 'validation acc' column)" \
+        in held_out
+    base = json.loads((out / "config.json").read_text())["base"]
+    assert base["lr"] is None and "method" not in base and "method_options" not in base
+    shared = json.loads((out / "lr-sweep" / "lr-0.3" / "config.json").read_text())["base"]
+    assert shared["lr"] == 0.3  # a held-out comparison at one lr says which
+
+
+def test_the_plan_is_printed_before_the_first_run_ends_into_a_pipe(tmp_path):
+    import select
+
+    proc = subprocess.Popen(_python_ksam("compare", "--methods", "sgd", "--seeds", "1",
+                                         "--epochs", "300", "--out", str(tmp_path / "c"),
+                                         *TINY[:-1]),
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        assert ready, "nothing printed"
+        assert proc.stdout.readline().startswith("ksam compare: mnist1d, 300 epochs")
+        assert proc.poll() is None  # printed while the runs train
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_compare_into_a_train_folder_names_the_other_command(finished_run, capsys):
+    _one_error(capsys, main(["compare", "--methods", "sgd", "--out", str(finished_run),
+                             *SMALL, *SHARED_LR]),
+               "holds the results of a `ksam train`, which `ksam compare` neither resumes nor "
+               "replaces; choose another --out")
+
+
+def test_compare_help_describes_groups_and_names_its_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # no line breaks inside the phrases
+    assert main(["compare", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Train several methods with several seeds on one task" in text
+    for group in ("methods and seeds:", "task and data:", "training:",
+                  "learning rate per method:", "equal budget:", "where the runs run:",
+                  "output:"):
+        assert group in text
+    assert "output directory, new or empty (default runs/compare-TASK-DATE-TIME)" in text
+    assert "training epochs; default: the task's (mnist1d: 50; `ksam tasks` lists every " \
+           "task's)" in text
+    assert "path/to/file.py:function or package.module:function" in text
+
+
 def test_default_compare_sweeps_each_lr_and_a_given_lr_does_not():
     assert _cfg("compare").sweep_lrs == list(DEFAULT_LR_SWEEP)
     assert _cfg("compare", "--lr-sweep", "0.1", "0.3").sweep_lrs == [0.1, 0.3]
@@ -917,10 +985,10 @@ def test_the_run_configuration_is_defined_once():
     from ksam.train import TrainConfig
 
     run = [f.name for f in fields(RunConfig)]
-    assert [f.name for f in fields(TrainConfig)] == [*run, "method", "method_options"]
+    assert [f.name for f in fields(TrainConfig)] == [*run, "method", "method_options", "steps"]
     cli = [f.name for f in fields(CliConfig)]
     assert cli[:len(run)] == run  # the command line adds only its own fields
-    assert not {"method", "method_options"} & set(cli)
+    assert not {"method", "method_options", "steps"} & set(cli)
     for name in ("schedule", "selection"):  # the engine's Schedule, the selection rule
         assert name not in run and name not in cli
     cfg = _cfg("train", "--schedule", "constant", "--selection", "local", "--seed", "4")
@@ -938,6 +1006,17 @@ def test_tasks_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("mnist1d", "fashion-mnist", "cifar10", "cifar100", "text"):
         assert name in out
+    assert "defaults: epochs 50, batch 128, lr 0.1, momentum 0.9, weight decay 0.0005 (lr 0.2 " \
+           "with model=mlp)" in out
+    assert "defaults: epochs 10, batch 128, lr 0.05" in out  # fashion-mnist
+    assert "FILE.py:FUNCTION a task of your own" in out
+
+
+def test_every_task_builds_the_defaults_it_lists():
+    from ksam.tasks import TASKS, get_task
+
+    for name in ("mnist1d", "text"):  # the tasks that build offline
+        assert get_task(name).defaults == TASKS[name].defaults, name
 
 
 def test_bench_quick_prints_ratios(tmp_path, capsys):

@@ -155,6 +155,27 @@ def test_ray_grid_writes_the_serial_report(grids):
     assert not list(ray_out.rglob(".ksam-probe-*"))  # the probe of a shared file system
 
 
+def test_an_equal_budget_grid_on_ray_is_the_serial_one(task_file, tmp_path):
+    # the workers import the task of the user's file by its path
+    grid = ["compare", "--task", f"{task_file}:task", "--methods", "sgd", "sam", "ksam:k=4",
+            "--seeds", "2", "--no-lr-sweep", "--budget", "passes", "--quiet"]
+    serial, on_ray = tmp_path / "serial", tmp_path / "ray"
+    assert main([*grid, "--jobs", "1", "--out", str(serial)]) == 0
+    assert main([*grid, "--ray", "--out", str(on_ray)]) == 0
+    dirs = _run_dirs(serial)
+    assert len(dirs) == 6 + 4  # the equal-epochs grid, the budget grid without SGD
+    assert [d.relative_to(serial) for d in dirs] == [d.relative_to(on_ray)
+                                                     for d in _run_dirs(on_ray)]
+    for d in dirs:
+        other = on_ray / d.relative_to(serial)
+        assert _epochs(d) == _epochs(other), d
+        assert (d / "config.json").read_bytes() == (other / "config.json").read_bytes()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (serial, on_ray))
+    assert _table(a["budget"]["table"]) == _table(b["budget"]["table"])
+    assert [r["final"]["passes"] for r in a["budget"]["runs"]] == \
+        [r["final"]["passes"] for r in b["budget"]["runs"]]
+
+
 def test_compare_without_ray_never_imports_it(tmp_path):
     code = ("import sys; from ksam.cli import main; "
             f"code = main(['compare', '--methods', 'sgd', '--seeds', '1', '--epochs', '1', "

@@ -10,6 +10,14 @@ and optimizer; one :meth:`Method.step` per batch does all its passes and the upd
 The rules a method is made of live in :mod:`ksam.selection`, :mod:`ksam.perturbation`,
 :mod:`ksam.schedule` and :mod:`ksam.transform`; multi-process training in
 :mod:`ksam.distributed`; the step itself, top to bottom, in :mod:`ksam.core`.
+
+and the comparison of methods on your own data and model (``ksam compare`` from Python)::
+
+    summary = ksam.compare({"train_x": x, "train_y": y, "test_x": xt, "test_y": yt,
+                            "make_model": make_model}, ["sgd", "sam", "ksam"], seeds=2)
+
+``ksam.compare`` is imported on first use: ``import ksam`` loads the library alone, not the
+command's harness (tasks, training loop, reports).
 """
 
 from __future__ import annotations
@@ -71,9 +79,7 @@ _MOVED = {
 
 def __getattr__(name: str) -> Any:
     if name == "compare":  # the comparison harness, imported only when asked for
-        from .api import compare
-
-        return compare
+        return importlib.import_module("ksam.compare")
     if name == "distributed":
         return importlib.import_module("ksam.distributed")
     moved = _MOVED.get(name)

@@ -20,21 +20,18 @@ Ray is imported only here, and only when a :class:`RayExecutor` is made.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import socket
-import sys
 import tempfile
-import time
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .compare import GridRun, is_resumable, run_one, run_slug
 from .outputs import PROBE_PREFIX, folder_contents, open_output
+from .progress import RunProgress
+from .runs import GridRun, is_resumable, run_one, run_slug, task_for_run
 from .tasks.data import MissingDependencyError
 
 __all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayExecutor", "RunProgress", "import_ray"]
@@ -263,28 +260,6 @@ def _write_files(run_dir: Path, files: dict[str, bytes]) -> None:
 
 # --------------------------------------------------------------------------- the worker's side
 
-#: Tasks (their data) a worker process built, by configuration: a worker runs many runs of
-#: one comparison, and building the data can take seconds. The two most recent are kept
-#: (the sweep's held-out task and the comparison's).
-_TASKS: OrderedDict[str, Any] = OrderedDict()
-
-
-def _task_for(run: GridRun) -> Any:
-    from .config import resolve_device
-    from .tasks import get_task
-
-    device = resolve_device(run.cfg.device)
-    key = json.dumps([run.cfg.task, run.task_seed, device, run.cfg.task_options],
-                     sort_keys=True, default=str)
-    if key not in _TASKS:
-        _TASKS[key] = get_task(run.cfg.task, device=device, seed=run.task_seed,
-                               **run.cfg.task_options)
-        while len(_TASKS) > 2:
-            _TASKS.popitem(last=False)
-    _TASKS.move_to_end(key)
-    return _TASKS[key]
-
-
 def _sees(probe: tuple[str | None, str]) -> bool:
     if probe[0] is None:
         return False
@@ -328,79 +303,10 @@ def _run_task(run: GridRun, probe: tuple[str | None, str], files: dict[str, byte
     import torch
 
     torch.set_num_threads(threads)  # the run's CPUs, not the machine's
-    task = _task_for(run)
+    task = task_for_run(run)
     if run.out_dir is None or _sees(probe):
         result = run_one(_attempt(run), task=task)
     else:
         result = _in_scratch(run, task, files, probe[1])
     result["node_id"] = ray.get_runtime_context().get_node_id()
     return result
-
-
-# --------------------------------------------------------------------------- progress
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class RunProgress:
-    """One display over the runs of a command: done / running / queued and an ETA (from
-    the runs finished so far per second of wall-clock). A tqdm bar on a terminal, else one
-    line per finished run; nothing when ``quiet``. ``running`` counts the runs submitted
-    and not done, up to the ``slots`` the cluster holds at once."""
-
-    def __init__(self, total: int | None, slots: int, quiet: bool) -> None:
-        self.total, self.slots, self.quiet = total, slots, quiet
-        self.done = self.in_flight = 0
-        self.start: float | None = None
-        self.bar = None
-        if not quiet and sys.stdout.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="run", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def submitted(self, n: int) -> None:
-        if self.start is None:
-            self.start = time.perf_counter()
-        self.in_flight += n
-        self._show_state()
-
-    def state(self) -> dict[str, Any]:
-        """``done``, ``running``, ``queued`` and ``eta_s`` (None before a run finished or
-        without a total)."""
-        running = min(self.in_flight, self.slots)
-        eta = None
-        if self.done and self.total is not None and self.start is not None:
-            rate = self.done / (time.perf_counter() - self.start)
-            eta = max(0, self.total - self.done) / rate
-        return {"done": self.done, "running": running, "queued": self.in_flight - running,
-                "eta_s": eta}
-
-    def finished(self, title: str, result: dict[str, Any]) -> None:
-        self.done += 1
-        self.in_flight -= 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self._show_state()
-        elif not self.quiet:
-            final, s = result["final"], self.state()
-            acc = "-" if final.get("test_acc") is None else f"{final['test_acc']:.2f}"
-            eta = "-" if s["eta_s"] is None else _clock(s["eta_s"])
-            total = "?" if self.total is None else self.total
-            print(f"run {self.done}/{total} done: {title}: accuracy {acc} %, "
-                  f"{final.get('train_time', 0.0):.1f} s on {result.get('host')}; "
-                  f"{s['running']} running, {s['queued']} queued, ETA {eta}", flush=True)
-
-    def _show_state(self) -> None:
-        if self.bar is not None:
-            s = self.state()
-            self.bar.set_postfix(running=s["running"], queued=s["queued"])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

@@ -237,6 +237,8 @@ DEFAULT_LR_SWEEP = (0.1, 0.2, 0.4)
 #: Held-out fraction of the training set the lr sweep scores on.
 DEFAULT_SWEEP_SPLIT = 0.2
 LR_SCHEDULES = ("cosine", "constant")
+#: What ``--budget`` equalizes: example passes (deterministic) or training time (measured).
+BUDGETS = ("passes", "time")
 SELECTION_SCOPES = ("local", "global")
 
 
@@ -366,6 +368,16 @@ class TrainConfig(RunConfig):
 
     method: str = "ksam"
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: optimizer steps of the run (None: ``epochs`` whole epochs). Set, the run takes
+    #: ``epochs`` = ceil(steps / steps per epoch) epochs, the last one cut short after the
+    #: remaining steps, and its lr schedule spans ``steps`` (an equal-budget comparison
+    #: sets each method's)
+    steps: int | None = None
+
+    def validate(self) -> None:
+        """:meth:`RunConfig.validate`, and ``steps`` None or an integer >= 1."""
+        super().validate()
+        check_count("steps", self.steps)
 
     @classmethod
     def of(cls, run: RunConfig, **changes: Any) -> TrainConfig:
@@ -405,6 +417,14 @@ class CliConfig(RunConfig):
     of the grid as a Ray task: ``"local"`` on a Ray instance started on this machine,
     ``"auto"`` or ``HOST:PORT`` on a running cluster; ``cpus_per_run`` / ``gpus_per_run``
     size each task (default 1 CPU, and 1 GPU where the cluster has GPUs).
+
+    ``budget`` (:data:`BUDGETS`) adds a grid at equal cost beside the equal-epochs one:
+    every method trains for as many steps as SGD's run of ``epochs`` epochs buys in example
+    passes or in measured training time (:mod:`ksam.budget`). ``jobs``: parallel worker
+    processes for the grid's runs on the CPU (None: one per core); ``threads``: torch
+    threads of a run (None: ``ksam compare`` 1 per run, ``ksam train`` the cores not busy).
+    ``task`` may name a function of the user's (:mod:`ksam.tasks.user`): a file's path is
+    made absolute, so that worker processes import the same file.
     """
 
     data_dir: str | None = None
@@ -427,6 +447,9 @@ class CliConfig(RunConfig):
     ray: str | None = None
     cpus_per_run: float | None = None
     gpus_per_run: float | None = None
+    budget: str | None = None
+    jobs: int | None = None
+    threads: int | None = None
 
     @classmethod
     def from_layers(cls, *layers: Mapping[str, Any]) -> CliConfig:
@@ -454,6 +477,10 @@ class CliConfig(RunConfig):
         return cfg
 
     def _normalize(self) -> None:
+        from .tasks.user import normalize
+
+        if isinstance(self.task, str):
+            self.task = normalize(self.task)
         self.methods = [MethodSpec.parse(m) for m in self.methods]
         labels = [m.label for m in self.methods]
         twice = sorted({x for x in labels if labels.count(x) > 1})
@@ -476,6 +503,10 @@ class CliConfig(RunConfig):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number, "
                                  f"got {value}")
         self._check_ray()
+        check_count("jobs (--jobs)", self.jobs)
+        check_count("threads (--threads)", self.threads)
+        if self.budget is not None:
+            _check_choice("budget (--budget)", self.budget, BUDGETS)
 
     def _check_ray(self) -> None:
         """ValueError for a Ray task size without ``--ray``, or one that is not a number

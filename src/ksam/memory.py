@@ -254,6 +254,9 @@ class LossTerm(Stateful):
 
     #: the term reads per-example memory (the batch must carry example ids)
     memory: ExampleMemory | None = None
+    #: forwards of another model (without gradient) the term runs over the rows of each
+    #: gradient pass it is added to (MESA's average model: 1); what a step costs counts them
+    extra_forwards: int = 0
 
     def active(self, step: int) -> bool:
         """Whether the term is added at optimizer step ``step`` (host-side, static)."""
@@ -321,6 +324,8 @@ class EMAKL(LossTerm):
     optimizer step ``start_step`` on. The average is updated after every applied step:
     ``ema = decay * ema + (1 - decay) * w`` for every floating-point entry of the model's
     ``state_dict`` (parameters and BatchNorm statistics), other entries copied."""
+
+    extra_forwards = 1
 
     def __init__(self, model: nn.Module, *, lam: float = 0.3, temperature: float = 5.0,
                  decay: float = 0.9998, start_step: int = 0) -> None:

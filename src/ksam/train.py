@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .batch import IndexedBatch
 from .config import PRECISIONS, RENAMED_FIELDS, TrainConfig, resolve_device
+from .cost import step_rows
 from .engine import Method
 from .methods import create, takes_num_examples
 from .outputs import (
@@ -185,6 +186,15 @@ class _Run:
     rank: int
     world: int
     steps_per_epoch: int
+    #: the run's optimizer steps: ``cfg.steps``, else ``epochs`` whole epochs
+    total_steps: int
+    #: example passes so far (:mod:`ksam.cost`; None in a run resumed from a checkpoint
+    #: that did not count them)
+    passes: int | None = 0
+
+    def steps_in(self, epoch: int) -> int:
+        """The steps of epoch ``epoch`` (0-based): a whole epoch, or the rest of the run."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
 
 
 def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
@@ -200,6 +210,10 @@ def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set "
                          f"({len(train_x) // world} examples per process)")
+    total_steps = steps_per_epoch * cfg.epochs if cfg.steps is None else cfg.steps
+    if -(-total_steps // steps_per_epoch) != cfg.epochs:
+        raise ValueError(f"steps={cfg.steps} take {-(-total_steps // steps_per_epoch)} epochs "
+                         f"of {steps_per_epoch} steps, not epochs={cfg.epochs}")
     torch.manual_seed(cfg.seed)  # same initial weights for every method
     model = task.make_model().to(device)
     if device.type == "cuda" and train_x.dim() == 4:
@@ -218,12 +232,13 @@ def _setup(cfg: TrainConfig, task: Any, dist_info: Any) -> _Run:
         # the previous run of the same model class), and no run inherits another's
         # recompiles towards dynamo's limit (past it, dynamo silently runs eagerly).
         dynamo.reset()
-    engine, scheduler = build_engine(cfg.method, net, cfg, steps_per_epoch * cfg.epochs,
+    engine, scheduler = build_engine(cfg.method, net, cfg, total_steps,
                                      num_examples=len(train_x))
     engine.check_batch(cfg.batch_size)
     return _Run(cfg, task, device, model, net, engine, scheduler,
                 torch.Generator(device=device).manual_seed(cfg.seed + 1), train_x, train_y,
-                task.test_x.to(device), task.test_y.to(device), rank, world, steps_per_epoch)
+                task.test_x.to(device), task.test_y.to(device), rank, world, steps_per_epoch,
+                total_steps)
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
@@ -243,8 +258,11 @@ def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"], run.device)
 
 
-def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float]]:
-    """One epoch of steps: (summed loss on the device, wall-clock, per-step times)."""
+def _train_epoch(run: _Run, timer: StepTimer,
+                 steps: int) -> tuple[Tensor, float, list[float]]:
+    """One epoch of ``steps`` steps (a whole epoch, or the last one cut short): (summed loss
+    on the device, wall-clock, per-step times). Counts the steps' example passes into
+    ``run.passes``."""
     from .tasks import cross_entropy_output, per_sample_cross_entropy
 
     cfg, device = run.cfg, run.device
@@ -261,7 +279,8 @@ def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float
     _synchronize(device)
     t0 = time.perf_counter()
     timer.mark()
-    for i in range(run.steps_per_epoch):
+    sharp = []
+    for i in range(steps):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         xb, yb = run.train_x[idx], run.train_y[idx]
         if run.task.augment is not None:
@@ -269,14 +288,21 @@ def _train_epoch(run: _Run, timer: StepTimer) -> tuple[Tensor, float, list[float
         batch = IndexedBatch((xb, yb), idx) if with_ids else (xb, yb)
         result = run.engine.step(batch, loss_fn)
         loss_sum += result.raw_loss  # no host sync on the fast path
+        sharp.append(result.sharp)
         run.scheduler.step()
         timer.mark()
     _synchronize(device)
-    return loss_sum, time.perf_counter() - t0, timer.step_times()
+    elapsed = time.perf_counter() - t0
+    if run.passes is not None:  # outside the clock
+        first = run.engine.steps - steps
+        run.passes += sum(step_rows(run.engine.plan, cfg.batch_size, first + i, s,
+                                    micro_batch_size=cfg.micro_batch_size).passes
+                          for i, s in enumerate(sharp))
+    return loss_sum, elapsed, timer.step_times()
 
 
 def _epoch_row(run: _Run, epoch: int, loss_sum: Tensor, epoch_time: float,
-               train_time: float, steps: list[float]) -> dict[str, Any]:
+               train_time: float, steps: list[float], count: int) -> dict[str, Any]:
     """Evaluate (outside the clock; every ``eval_every`` epochs and after the last) and
     return the epoch's metrics."""
     test_loss = test_acc = None
@@ -289,13 +315,14 @@ def _epoch_row(run: _Run, epoch: int, loss_sum: Tensor, epoch_time: float,
                                        PRECISIONS[run.cfg.precision])
     return {
         "epoch": epoch + 1,
-        "train_loss": float(loss_sum) / run.steps_per_epoch,
+        "train_loss": float(loss_sum) / count,
         "test_loss": test_loss,
         "test_acc": test_acc,
         "epoch_time": epoch_time,
         "train_time": train_time,
         "step_time_median": statistics.median(steps) if steps else float("nan"),
-        "steps": (epoch + 1) * run.steps_per_epoch,
+        "steps": epoch * run.steps_per_epoch + count,
+        "passes": run.passes,
         "skipped_steps": run.engine.skipped_steps,
         "lr": float(run.scheduler.get_last_lr()[0]),
     }
@@ -513,10 +540,14 @@ def _train_epochs(run: _Run, history: list[dict[str, Any]], folder: OutputFolder
     each when ``saving``."""
     timer = StepTimer(run.device)
     train_time = history[-1]["train_time"] if history else 0.0
+    if history:
+        run.passes = history[-1].get("passes")
     for epoch in range(len(history), run.cfg.epochs):
-        loss_sum, epoch_time, steps = _train_epoch(run, timer)
+        count = run.steps_in(epoch)
+        loss_sum, epoch_time, steps = _train_epoch(run, timer, count)
         train_time += epoch_time
-        history.append(_epoch_row(run, epoch, loss_sum, epoch_time, train_time, steps))
+        history.append(_epoch_row(run, epoch, loss_sum, epoch_time, train_time, steps,
+                                  count))
         # FSDP2: every rank takes part in gathering the shards; rank 0 writes them.
         sharded = _gathered_state(run) if saving else None
         if folder is not None:  # the checkpoint first: the metrics never run ahead of it

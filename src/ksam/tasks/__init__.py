@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from ..memory import LossOutput
 from . import data as _data
 from . import models as _models
+from . import user
 from .augment import RandomCropFlip, random_crop_flip
-from .base import Augment, TaskData
+from .base import Augment, Builder, TaskData, TaskSpec
 
 __all__ = [
     "TASKS",
@@ -43,6 +44,7 @@ __all__ = [
     "cross_entropy_output",
     "random_crop_flip",
     "register_task",
+    "task_spec",
 ]
 
 @dataclass(eq=False, repr=False)
@@ -96,38 +98,45 @@ def cross_entropy_output(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Loss
     return LossOutput(F.cross_entropy(logits, y, reduction="none"), logits)
 
 
-Builder = Callable[..., TaskData]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A registered task: its builder, a one-line description and its options' defaults."""
-
-    name: str
-    build: Builder
-    description: str
-    options: dict[str, Any]
-
-
 TASKS: dict[str, TaskSpec] = {}
 
 
 def register_task(
-    name: str, description: str, options: dict[str, Any] | None = None
+    name: str, description: str, options: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None, defaults_note: str = "",
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``build(data_dir, need_test, **options) -> TaskData`` as ``name``.
 
     ``options`` lists the task-specific options and their defaults; any other option passed
-    to :func:`get_task` is rejected, so typos fail instead of being ignored.
+    to :func:`get_task` is rejected, so typos fail instead of being ignored. ``defaults``:
+    the training defaults the builder sets with the default options (``ksam tasks`` lists
+    them), ``defaults_note`` where an option changes them.
     """
 
     def deco(build: Builder) -> Builder:
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = TaskSpec(name, build, description, dict(options or {}))
+        if user.is_spec(name):
+            raise ValueError(f"task name {name!r}: a name with ':' is a function "
+                             f"({user.SPEC_FORMS})")
+        TASKS[name] = TaskSpec(name, build, description, dict(options or {}),
+                               dict(defaults or {}), defaults_note)
         return build
 
     return deco
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The task ``name``: a registered one, or one of the user's own
+    (:mod:`ksam.tasks.user`: ``path/to/file.py:function``, ``package.module:function``).
+    ValueError for an unknown name, or a function that cannot be found."""
+    if name in TASKS:
+        return TASKS[name]
+    spec = user.task_spec(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(available_tasks())};"
+                         f" or a task of your own: {user.SPEC_FORMS}")
+    return spec
 
 
 def available_tasks() -> list[str]:
@@ -312,19 +321,27 @@ def get_task(
             part of a noisy training set does; default False keeps them clean.
         **options: task-specific options, see ``TASKS[name].options``.
 
+    ``name`` may also name a task of the user's own (:mod:`ksam.tasks.user`): a function
+    ``path/to/file.py:function`` or ``package.module:function`` returning a dict of arrays
+    and a model factory, or a TaskData; its keyword parameters are its options. Its data
+    are checked, and its model is built and run on two training examples, before anything
+    is moved to the device.
+
     Raises ValueError for a bad option, and for data whose labels are outside the task's
     classes, before anything is moved to the device.
     """
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(available_tasks())}")
-    spec = TASKS[name]
+    spec = task_spec(name)
     label_noise, validation_split = _check_arguments(spec, train_subset, label_noise, seed,
                                                      validation_split, options)
     _check_noise_options(label_noise_type, noisy_validation)
     td = spec.build(data_dir=data_dir, need_test=validation_split == 0.0,
                     **{**spec.options, **options})
-    _check_labels(name, td.splits, td.num_classes)
-    train_idx, test_x, test_y, task_name = _split(td.splits, name, validation_split, seed)
+    shown = user.display_name(name)
+    _check_labels(shown, td.splits, td.num_classes)
+    if spec.check_model:
+        user.check_model(td, _to_device(td.splits.train_x[:2], torch.device("cpu"), td.mean,
+                                        td.std), f"--task {shown}")
+    train_idx, test_x, test_y, task_name = _split(td.splits, shown, validation_split, seed)
     train_idx = _subset(train_idx, train_subset, seed, task_name)
     train_y = td.splits.train_y[train_idx].astype(np.int64)  # a copy, safe to edit
     test_y = np.array(test_y, dtype=np.int64)  # a copy: the held-out labels may get noise
@@ -388,11 +405,19 @@ class _ModelFactory:
         return f"{getattr(self.fn, '__name__', self.fn)}({', '.join(parts)})"
 
 
+MNIST1D_DEFAULTS = {"epochs": 50, "batch_size": 128, "lr": 0.1, **_COMMON_DEFAULTS}
+#: MNIST-1D's lr with model=mlp
+MNIST1D_MLP_LR = 0.2
+FASHION_MNIST_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 0.05, **_COMMON_DEFAULTS}
+CIFAR_DEFAULTS = {"epochs": 200, "batch_size": 128, "lr": 0.1, **_COMMON_DEFAULTS}
+
+
 @register_task(
     "mnist1d",
     "MNIST-1D (Greydanus 2020): 1-D digit signals of length 40, generated locally; "
     "the built-in default, trains in seconds on a CPU",
     options={"num_samples": 5000, "model": "cnn", "data_seed": 42},
+    defaults=MNIST1D_DEFAULTS, defaults_note=f"lr {MNIST1D_MLP_LR:g} with model=mlp",
 )
 def _build_mnist1d(
     data_dir: str | os.PathLike[str] | None,
@@ -411,8 +436,8 @@ def _build_mnist1d(
         splits=_data.make_mnist1d(num_samples, data_seed),
         num_classes=10,
         make_model=_ModelFactory(builder, 10),
-        defaults={"epochs": 50, "batch_size": 128, "lr": 0.1 if model == "cnn" else 0.2,
-                  **_COMMON_DEFAULTS},
+        defaults={**MNIST1D_DEFAULTS, "lr": MNIST1D_DEFAULTS["lr"] if model == "cnn"
+                  else MNIST1D_MLP_LR},
         description=f"MNIST-1D ({num_samples} samples, 80/20 split, {model})",
     )
 
@@ -422,6 +447,7 @@ def _build_mnist1d(
     "Fashion-MNIST 28x28 grayscale clothing: a small 3-stage ResNet (default) or a small CNN "
     "(model=cnn), crop+flip augmentation (augment=false: none)",
     options={"width": 1.0, "model": "resnet", "augment": True},
+    defaults=FASHION_MNIST_DEFAULTS,
 )
 def _build_fashion_mnist(
     data_dir: str | os.PathLike[str] | None, need_test: bool, width: float, model: str,
@@ -444,7 +470,7 @@ def _build_fashion_mnist(
         splits=_data.load_fashion_mnist(data_dir, need_test=need_test),
         num_classes=10,
         make_model=make_model,
-        defaults={"epochs": 10, "batch_size": 128, "lr": 0.05, **_COMMON_DEFAULTS},
+        defaults=dict(FASHION_MNIST_DEFAULTS),
         description=f"Fashion-MNIST, {name}, "
                     + ("random crop 2 + flip" if augment else "no augmentation"),
         augment=RandomCropFlip(padding=2, flip=True) if augment else None,
@@ -468,7 +494,7 @@ def _cifar_builder(num_classes: int) -> Builder:
             splits=_data.load_cifar(num_classes, data_dir, download=download, need_test=need_test),
             num_classes=num_classes,
             make_model=_ModelFactory(_models.build_cifar_model, model, num_classes),
-            defaults={"epochs": 200, "batch_size": 128, "lr": 0.1, **_COMMON_DEFAULTS},
+            defaults=dict(CIFAR_DEFAULTS),
             description=f"CIFAR-{num_classes}, {model}, random crop 4 + flip",
             augment=RandomCropFlip(padding=4, flip=True),
             mean=mean,
@@ -484,11 +510,21 @@ for _c in (10, 100):
         f"CIFAR-{_c} 32x32 colour images (python release, optional download), "
         "ResNet-18 / WRN-16-8 / WRN-28-10, crop+flip augmentation",
         options={"model": "resnet18", "download": False},
+        defaults=CIFAR_DEFAULTS,
     )(_cifar_builder(_c))
 del _c
 
 # GLUE-style text classification (SST-2 shape): synthetic sentiment data generated locally,
 # a small transformer in plain torch; any Hugging Face model/data set when online.
-from .text import TEXT_TASK_DESCRIPTION, TEXT_TASK_OPTIONS, make_text_task  # noqa: E402
+from .text import (  # noqa: E402
+    TEXT_HF_DEFAULTS,
+    TEXT_TASK_DEFAULTS,
+    TEXT_TASK_DESCRIPTION,
+    TEXT_TASK_OPTIONS,
+    make_text_task,
+)
 
-register_task("text", TEXT_TASK_DESCRIPTION, options=TEXT_TASK_OPTIONS)(make_text_task)
+register_task("text", TEXT_TASK_DESCRIPTION, options=TEXT_TASK_OPTIONS,
+              defaults=TEXT_TASK_DEFAULTS,
+              defaults_note="with hf_dataset: " + ", ".join(
+                  f"{k} {v:g}" for k, v in TEXT_HF_DEFAULTS.items()))(make_text_task)

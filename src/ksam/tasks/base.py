@@ -1,10 +1,11 @@
-"""What a task builder returns (:class:`TaskData`); its own module so that builders in
-sub-modules (``text``) import it without importing the package that registers them."""
+"""What a task builder returns (:class:`TaskData`) and a registered task
+(:class:`TaskSpec`); their own module so that builders in sub-modules (``text``, ``user``)
+import them without importing the package that registers them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,3 +32,23 @@ class TaskData:
     augment: Augment | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+
+Builder = Callable[..., TaskData]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task: its builder ``build(data_dir, need_test, **options) -> TaskData``, a
+    one-line description, its options' defaults and the training defaults it sets (for
+    ``ksam tasks``; ``defaults_note`` says where an option changes them).
+    ``check_model``: before any run, build the model and run it on two training examples
+    (a task of the user's own, :mod:`ksam.tasks.user`)."""
+
+    name: str
+    build: Builder
+    description: str
+    options: dict[str, Any]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults_note: str = ""
+    check_model: bool = False

@@ -49,6 +49,8 @@ __all__ = [
     "CLS_ID",
     "HFTextClassifier",
     "PAD_ID",
+    "TEXT_HF_DEFAULTS",
+    "TEXT_TASK_DEFAULTS",
     "TEXT_TASK_DESCRIPTION",
     "TEXT_TASK_OPTIONS",
     "TextTransformer",
@@ -78,6 +80,10 @@ TEXT_TASK_OPTIONS: dict[str, Any] = {
     "hf_config": None,
     "max_length": 128,
 }
+#: The training defaults of the synthetic data, and what a Hugging Face data set changes.
+TEXT_TASK_DEFAULTS: dict[str, Any] = {"epochs": 15, "batch_size": 64, "lr": 0.05,
+                                      "momentum": 0.9, "weight_decay": 5e-4}
+TEXT_HF_DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 32, "lr": 2e-3}
 TEXT_TASK_DESCRIPTION = (
     "text classification, SST-2 shape: synthetic sentiment with negation (offline, "
     "2-layer transformer), or a Hugging Face model/data set via hf_model/hf_dataset"
@@ -347,8 +353,7 @@ def make_text_task(
     the test split. See the module docstring for the options.
     """
     del data_dir
-    defaults = {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
-                "weight_decay": 5e-4}
+    defaults = dict(TEXT_TASK_DEFAULTS)
     if hf_dataset is not None:
         if hf_model is None:
             raise ValueError("hf_dataset needs hf_model too (its tokenizer makes the ids)")
@@ -358,7 +363,7 @@ def make_text_task(
         return TaskData(
             splits=splits, num_classes=num_classes,
             make_model=_HFModelFactory(hf_model, num_classes, pad_id),
-            defaults={**defaults, "epochs": 3, "batch_size": 32, "lr": 2e-3},
+            defaults={**defaults, **TEXT_HF_DEFAULTS},
             description=f"{hf_dataset}{'/' + hf_config if hf_config else ''} "
                         f"({len(splits.train_y)} train), {hf_model}, max_length {max_length}",
         )
