@@ -7,7 +7,7 @@ dead ReLU units (zero on every example of the batch), the fraction of the networ
 that predict one class, and per epoch the overlap of the selected examples with the previous
 epoch's selection. Writes ``<out>/<label>.json`` and a PNG of the traces.
 
-    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --model mlp --lr 0.2 --k 16 \
+    OMP_NUM_THREADS=1 python experiments/scripts/collapse_probe.py --model mlp --lr 0.2 --k 16 \
         --epochs 100 --seeds 0 1 2 --out runs/probe
 """
 
@@ -67,7 +67,8 @@ def probe(model_name: str, method: str, lr: float, epochs: int, seed: int,
 
     def step_with_norm(*a: Any, **k: Any) -> Any:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        descent_norm.append(float(ksam.perturbation.global_norm(grads)))
+        descent_norm.append(float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))))
         return base_step(*a, **k)
 
     opt.step = step_with_norm  # type: ignore[method-assign]

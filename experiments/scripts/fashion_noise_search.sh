@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The held-out searches on the `fashion-cnn-noise40` preset's setting
-# (docs/label_noise.md, "Fashion-MNIST: a CPU-sized setting"): Fashion-MNIST, the small CNN
+# (docs/experiments/label-noise-fashion.md): Fashion-MNIST, the small CNN
 # without augmentation, a 5k-image subset, 40 epochs, batch 128, cosine schedule; 40 % or
 # 20 % symmetric, 30 % pair label noise or clean labels. Every run holds out 20 % of the
 # training set, whose labels carry the same noise, and is scored on it; the test set is never
 # used. Two ksam processes at a time, one thread each; a grid whose runs are on disk is not run
 # again (--resume).
 #
-#   benchmarks/fashion_noise_search.sh          # 40 % symmetric noise
-#   benchmarks/fashion_noise_search.sh clean    # clean labels
-#   benchmarks/fashion_noise_search.sh noise20  # 20 % symmetric noise
-#   benchmarks/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
-#   benchmarks/fashion_noise_search.sh field-pair30  # the rest of the field at 30 % pair noise
-#   benchmarks/fashion_noise_search.sh memory-stratified  # K-SAM from memory, `stratified`, B/8
-#   benchmarks/fashion_noise_search.sh memory-split  # ... with the ascent/descent rows split
-#   benchmarks/fashion_noise_search.sh field-noise40 # ... at 40 % symmetric noise (field-noise20
+#   experiments/scripts/fashion_noise_search.sh          # 40 % symmetric noise
+#   experiments/scripts/fashion_noise_search.sh clean    # clean labels
+#   experiments/scripts/fashion_noise_search.sh noise20  # 20 % symmetric noise
+#   experiments/scripts/fashion_noise_search.sh pair30   # 30 % pair noise (class c becomes c+1 mod 10)
+#   experiments/scripts/fashion_noise_search.sh field-pair30  # the rest of the field at 30 % pair noise
+#   experiments/scripts/fashion_noise_search.sh memory-stratified  # K-SAM from memory, `stratified`, B/8
+#   experiments/scripts/fashion_noise_search.sh memory-split  # ... with the ascent/descent rows split
+#   experiments/scripts/fashion_noise_search.sh field-noise40 # ... at 40 % symmetric noise (field-noise20
 #                                                    # likewise; field-clean: the noise rules only)
-#   OUT=/some/dir KSAM="python -m ksam" benchmarks/fashion_noise_search.sh
+#   OUT=/some/dir KSAM="python -m ksam" experiments/scripts/fashion_noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/fashion-noise-search}
 KSAM=${KSAM:-ksam}

@@ -5,8 +5,8 @@ when its final test accuracy is more than 10 points below SGD's mean for the sam
 Runs are appended to ``<out>/runs.jsonl`` as they finish (re-running skips finished ones), so
 the grid can be spread over several sessions; ``--budget-min`` stops launching new runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/stress.py --seeds 0 1 --cnn-epochs 20 --mlp-epochs 40 \
-        --out runs/stress --table docs/stress_table.md
+    OMP_NUM_THREADS=1 python experiments/scripts/stress.py --seeds 0 1 --cnn-epochs 20 \
+        --mlp-epochs 40 --out runs/stress --table runs/stress/table.md
 """
 
 from __future__ import annotations

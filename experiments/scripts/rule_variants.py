@@ -1,5 +1,6 @@
-"""``ksam compare`` with extra selection rules registered, for screening rule variants that
-are not in :data:`ksam.selection.RULES` (docs/label_noise.md, "Rules that did not work").
+"""``ksam compare`` with extra selection rules registered, for trying rule variants that
+are not in :data:`ksam.selection.RULES` (docs/experiments/selection-rules.md, "Rules that did not
+work").
 
 Registers, for this process only:
 
@@ -27,8 +28,9 @@ Registers, for this process only:
 
 Every other argument goes to ``ksam compare``::
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_screen.py --label-noise 0.2 \\
-        --epochs 30 --seeds 2 --lr 0.1 --methods ksam:k=32,rho=0.02,select=otsu --out runs/x
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/rule_variants.py \\
+        --label-noise 0.2 --epochs 30 --seeds 2 --lr 0.1 \\
+        --methods ksam:k=32,rho=0.02,select=otsu --out runs/x
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ class AdaptiveBand(selection.TopLoss):
     at w above ``threshold`` (ln 2: the model gives the label less than half its
     probability), capped at ``max_skip * B`` and ``B - K``; ``s`` stays on the device.
 
-    Measured (docs/label_noise.md): the examples it skips are never trained on and stay
-    unfitted, so the skip stays far above the noise rate (about 50 of 128 at 20 % noise,
+    Measured (docs/experiments/selection-rules.md): the examples it skips are never trained
+    on and stay unfitted, so the skip stays far above the noise rate (about 50 of 128 at 20 % noise,
     where 26 are mislabelled) and the model learns slowly.
     """
 
@@ -110,8 +112,8 @@ class ChanceBand(selection.TopLoss):
     half the batch, recomputed at every step; while the subset is larger than K (K-SAM's
     warm-up) evenly spaced ranks, or the top with ``warm="top"``.
 
-    Measured (docs/label_noise.md): on clean data the skip feeds itself - the examples it
-    skips are not trained on and rise above chance, the skip grows, the run collapses.
+    Measured (docs/experiments/selection-rules.md): on clean data the skip feeds itself - the
+    examples it skips are not trained on and rise above chance, the skip grows, the run collapses.
     """
 
     needs_labels = True

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The search behind the `mnist1d-noise30` preset (docs/results.md, "Where SAM beats SGD"):
+# The search behind the `mnist1d-noise30` preset (docs/experiments/results.md, "mnist1d-noise30"):
 # MNIST-1D CNN, 30 % symmetric label noise, 80 epochs, batch 128, cosine schedule. Every run
 # holds out 20 % of the training set (--validation-split 0.2) and is scored on it; the test
 # set is never used. One ksam process at a time.
 #
-#   benchmarks/noise_search.sh          # SGD and SAM: lr and rho grid, 2 seeds
-#   benchmarks/noise_search.sh field    # the rest of the field: lr (and some rho), 2 seeds
-#   benchmarks/noise_search.sh auto     # K-SAM with select=auto: rho and lr grid, 2 seeds
-#   OUT=/some/dir KSAM="python -m ksam" benchmarks/noise_search.sh
+#   experiments/scripts/noise_search.sh          # SGD and SAM: lr and rho grid, 2 seeds
+#   experiments/scripts/noise_search.sh field    # the rest of the field: lr (and some rho), 2 seeds
+#   experiments/scripts/noise_search.sh auto     # K-SAM with select=auto: rho and lr grid, 2 seeds
+#   OUT=/some/dir KSAM="python -m ksam" experiments/scripts/noise_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/noise-search}
 KSAM=${KSAM:-ksam}
@@ -50,13 +50,13 @@ if [[ ${1:-sgd-sam} == field ]]; then
   exit 0
 fi
 
-run screen1 --methods sgd:lr=0.05 sgd:lr=0.1 sgd:lr=0.2 \
+run sgd-sam-1 --methods sgd:lr=0.05 sgd:lr=0.1 sgd:lr=0.2 \
   sam:rho=0.05,lr=0.1 sam:rho=0.1,lr=0.1 sam:rho=0.2,lr=0.1 \
   sam:rho=0.05,lr=0.2 sam:rho=0.1,lr=0.2 sam:rho=0.2,lr=0.2
-run screen2 --methods sgd:lr=0.01 sgd:lr=0.02 sgd:lr=0.4 \
+run sgd-sam-2 --methods sgd:lr=0.01 sgd:lr=0.02 sgd:lr=0.4 \
   sam:rho=0.2,lr=0.05 sam:rho=0.3,lr=0.05 sam:rho=0.3,lr=0.1 sam:rho=0.5,lr=0.05 \
   sam:rho=0.5,lr=0.1
 # Larger lrs diverge already at seed 0 (one seed is enough to rule them out).
-run screen3 --seeds 1 --methods sgd:lr=0.6 sgd:lr=0.8 \
+run sgd-sam-3 --seeds 1 --methods sgd:lr=0.6 sgd:lr=0.8 \
   sam:rho=0.2,lr=0.4 sam:rho=0.3,lr=0.2 sam:rho=0.3,lr=0.4
-run screen4 --methods sgd:lr=0.3 sgd:lr=0.5 sam:rho=0.15,lr=0.1 sam:rho=0.25,lr=0.1
+run sgd-sam-4 --methods sgd:lr=0.3 sgd:lr=0.5 sam:rho=0.15,lr=0.1 sam:rho=0.25,lr=0.1

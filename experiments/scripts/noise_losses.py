@@ -1,5 +1,5 @@
 """How the training losses of clean and mislabelled examples separate during SGD training
-(docs/label_noise.md, "The auto band").
+(docs/experiments/selection-rules.md, "The auto band").
 
 Trains plain SGD (momentum 0.9, weight decay 5e-4, cosine schedule, batch 128) on MNIST-1D
 with label noise and prints after every epoch the test accuracy and, over the whole training
@@ -7,8 +7,8 @@ set, the share of examples whose loss is above each threshold (ln 2: label proba
 1/2; ln 10: below chance for 10 classes), for all examples, the clean ones and the
 mislabelled ones::
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_losses.py --noise 0.2
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_losses.py --noise 0.3 --pair
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/noise_losses.py --noise 0.2
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/noise_losses.py --noise 0.3 --pair
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The held-out searches for SAF, MESA and K-SAM from memory: their rows of `mnist1d-lr` and
-# `mnist1d-noise30` (docs/results.md), and their lr on the setting of `fashion-cnn-noise40`
-# (docs/label_noise.md). Every run holds out 20 % of the training set (labels with the preset's noise) and
-# is scored on it; the test set is never used. K-SAM from memory runs at the K and rho of
-# the preset's K-SAM row, so the two differ only by where the scores come from; MESA's EMA
-# decay is searched beside its lr (the reference's 0.9998 averages over ~5000 steps, longer
-# than these runs).
+# `mnist1d-noise30` (docs/experiments/results.md), and their lr on the setting of
+# `fashion-cnn-noise40` (docs/experiments/label-noise-fashion.md). Every run holds out 20 %
+# of the training set (labels with the preset's noise) and is scored on it; the test set is
+# never used. K-SAM from memory runs at the K and rho of the preset's K-SAM row, so the two
+# differ only by where the scores come from; MESA's EMA decay is searched beside its lr (the
+# reference's 0.9998 averages over ~5000 steps, longer than these runs).
 #
-#   benchmarks/memory_search.sh mnist1d     # clean MNIST-1D, 30 epochs, 3 seeds
-#   benchmarks/memory_search.sh noise30     # MNIST-1D, 30 % noise, 80 epochs, 2 seeds
-#   benchmarks/memory_search.sh fashion40   # Fashion-MNIST 5k, 40 % noise, 40 epochs, 2 seeds
-#   OUT=/some/dir KSAM="python -m ksam" benchmarks/memory_search.sh fashion40
+#   experiments/scripts/memory_search.sh mnist1d     # clean MNIST-1D, 30 epochs, 3 seeds
+#   experiments/scripts/memory_search.sh noise30     # MNIST-1D, 30 % noise, 80 epochs, 2 seeds
+#   experiments/scripts/memory_search.sh fashion40   # Fashion-MNIST 5k, 40 % noise, 40 epochs, 2 seeds
+#   OUT=/some/dir KSAM="python -m ksam" experiments/scripts/memory_search.sh fashion40
 set -euo pipefail
 OUT=${OUT:-runs/memory-search}
 KSAM=${KSAM:-ksam}

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# K-SAM from memory with `stratified` on MNIST-1D's label-noise settings (docs/label_noise.md,
-# "Full grid"): the MNIST-1D CNN, 30 epochs, batch 128, clean labels, 20 % and 40 % symmetric
-# and 30 % pair noise. Per setting two commands, as for the full grid: the first sweeps the
+# K-SAM from memory with `stratified` on MNIST-1D's label-noise settings
+# (docs/experiments/label-noise-memory.md): the MNIST-1D CNN, 30 epochs, batch 128, clean
+# labels, 20 % and 40 % symmetric and 30 % pair noise. Per setting two commands, as for the full grid: the first sweeps the
 # lr on a held-out 20 % of the training set whose labels carry the same noise (seed 0) and
 # runs seed 0 at the chosen lr on the test set; the second adds seeds 1-4 at the chosen lrs.
 # Specs: the 32 rows of a step split evenly (K1 = K2 = 16, B/8 each) or unevenly (K1 = 8
 # ascent rows, K2 = 24 descent rows), each at rho 0.01, 0.02 (the grid's K-SAM radius) and
 # 0.05. Two ksam processes at a time, one thread each; finished runs are kept (--resume).
 #
-#   benchmarks/mnist1d_memory_search.sh
-#   OUT=/some/dir KSAM="python -m ksam" benchmarks/mnist1d_memory_search.sh
+#   experiments/scripts/mnist1d_memory_search.sh
+#   OUT=/some/dir KSAM="python -m ksam" experiments/scripts/mnist1d_memory_search.sh
 set -euo pipefail
 OUT=${OUT:-runs/mnist1d-memory-search}
 KSAM=${KSAM:-ksam}

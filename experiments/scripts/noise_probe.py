@@ -1,4 +1,5 @@
-"""Which examples a selection rule trains on under label noise (docs/label_noise.md).
+"""Which examples a selection rule trains on under label noise
+(docs/experiments/selection-rules.md).
 
 Trains K-SAM (K = B/4, the default guard) on MNIST-1D (rho 0.02) or on the Fashion-MNIST CNN
 setting of the ``fashion-cnn-*`` presets (``--task fashion-cnn``: 5000-image subset, no
@@ -6,14 +7,14 @@ augmentation, rho 0.1) with symmetric or pair label noise and prints, every few 
 share of mislabelled examples in the batch (the noise rate) and in the descent subset, the
 mean rank (in the batch's loss order, 0 = largest) of the subset's first row - the skip of
 a band rule - and the test accuracy; with ``--per-class``, after the last epoch, each true
-class's test accuracy and its share predicted as the pair label c+1. The screening variants of
-``benchmarks/noise_screen.py`` are known by name too::
+class's test accuracy and its share predicted as the pair label c+1. The extra rule variants of
+``experiments/scripts/rule_variants.py`` are known by name too::
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0.2 \\
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/noise_probe.py --noise 0.2 \\
         --select top band median
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --noise 0 --lr 0.2 \\
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/noise_probe.py --noise 0 --lr 0.2 \\
         --select chance10 auto
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/noise_probe.py --task fashion-cnn \\
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/scripts/noise_probe.py --task fashion-cnn \\
         --noise 0.3 --noise-type pair --lr 0.025 --epochs 40 --select top stratified median \\
         --per-class
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-import noise_screen  # benchmarks/: the screening variants, by name
+import rule_variants  # experiments/scripts/: the extra rule variants, by name
 import torch
 import torch.nn.functional as F
 
@@ -110,7 +111,7 @@ def main() -> None:
                         "labelled c+1 (the pair label)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    ksam.selection.RULES.update(noise_screen.EXTRA)
+    ksam.selection.RULES.update(rule_variants.EXTRA)
     print(f"{args.task}, {args.noise_type} noise {args.noise:g}: "
           f"mislabelled share of the batch = {args.noise:.0%}")
     print("| rule | epoch | mislabelled share of the descent subset | first rank | test acc % |")

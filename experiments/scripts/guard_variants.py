@@ -1,4 +1,5 @@
-"""Looser collapse guards for K-SAM, tried against the default (docs/collapse.md, section 5).
+"""Looser collapse guards for K-SAM, tried against the default
+(docs/experiments/collapse.md, section 5).
 
 The default scales the top-K descent step by s, the estimated full-batch/subset gradient
 ratio (``rescale=True``). Variants: ``rescale=0.5`` (s to the power 0.5), ``rescale=False``
@@ -6,8 +7,9 @@ ratio (``rescale=True``). Variants: ``rescale=0.5`` (s to the power 0.5), ``resc
 option of ksam, patched in here because it lost). MNIST-1D CNN (30 epochs, lr 0.1 and 0.2)
 and MLP (40 epochs, lr 0.2), K in {32, 16}, batch 128. Runs append to ``--out``.
 
-    OMP_NUM_THREADS=1 python benchmarks/guard_variants.py --seeds 0 1 2 3 4 --out runs/g.jsonl
-    OMP_NUM_THREADS=1 python benchmarks/guard_variants.py --cap 2 --seeds 0 1 2 3 4 ...
+    OMP_NUM_THREADS=1 python experiments/scripts/guard_variants.py --seeds 0 1 2 3 4 \
+        --out runs/g.jsonl
+    OMP_NUM_THREADS=1 python experiments/scripts/guard_variants.py --cap 2 --seeds 0 1 2 3 4 ...
 """
 
 from __future__ import annotations

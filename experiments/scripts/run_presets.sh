@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md: the rho sweep and the presets, one ksam process at a time.
+# Reproduce docs/experiments/results.md: the rho sweep and the presets, one ksam process at a time.
 #
-#   benchmarks/run_presets.sh            # CPU: rho and lr sweeps + mnist1d, mnist1d-lr,
+#   experiments/scripts/run_presets.sh            # CPU: rho and lr sweeps + mnist1d, mnist1d-lr,
 #                                        #      mnist1d-noise30 (its search:
-#                                        #      benchmarks/noise_search.sh)
-#   benchmarks/run_presets.sh gpu        # GPU: fashion-mnist-gpu, -5k, -10k, -noise
-#   OUT=/some/dir benchmarks/run_presets.sh
+#                                        #      experiments/scripts/noise_search.sh)
+#   experiments/scripts/run_presets.sh gpu        # GPU: fashion-mnist-gpu, -5k, -10k, -noise
+#   OUT=/some/dir experiments/scripts/run_presets.sh
 #
-# CPU timings in docs/results.md were taken with one thread (OMP_NUM_THREADS=1).
+# CPU timings in docs/experiments/results.md were taken with one thread (OMP_NUM_THREADS=1).
 set -euo pipefail
 OUT=${OUT:-runs/presets}
 KSAM=${KSAM:-ksam}

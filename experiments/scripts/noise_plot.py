@@ -1,8 +1,9 @@
-"""The label-noise grid in one figure (docs/label_noise.md): per data set and noise
+"""The label-noise grid in one figure (docs/experiments/label-noise.md): per data set and noise
 setting, each method's test accuracy (mean and min-max over seeds) from the ``summary.json``
 files of ``ksam compare``::
 
-    python benchmarks/noise_plot.py docs/runs/label-noise docs/img/label-noise-grid.png
+    python experiments/scripts/noise_plot.py experiments/runs/label-noise \\
+        docs/experiments/img/label-noise-grid.png
 
 Reads ``<root>/<setting>[-stratified|-extra|-auto|-memory-split]/summary.json`` for the
 MNIST-1D settings ``n0 n20 n40 pair30`` and ``<root>/fashion-cnn-<setting>[-field|...]`` for
@@ -27,7 +28,8 @@ METHODS = ["SGD", "SAM", "K-SAM top", "K-SAM band", "K-SAM median", "K-SAM strat
            "K-SAM auto", "OSGD band", "OSGD auto", "K-SAM memory 8/24"]
 MEMORY_SPLIT = "K-SAM memory 8/24"
 #: The held-out radius of K-SAM from memory 8/24 on MNIST-1D, whose summaries hold every
-#: radius of its grid (docs/label_noise.md); Fashion-MNIST's hold the chosen one only.
+#: radius of its grid (docs/experiments/label-noise-memory.md); Fashion-MNIST's hold the chosen
+#: one only.
 MNIST1D_MEMORY_SPLIT_RHO = {"n0": "0.05", "n20": "0.01", "n40": "0.01", "pair30": "0.01"}
 
 
