@@ -19,7 +19,7 @@ import functools
 import sys
 
 from ksam import selection
-from ksam.cli import main
+from ksam.lab.cli import main
 
 CANDIDATES = {
     "auto-either": functools.partial(selection.AutoBand, criterion="either"),

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import ksam
-from ksam.bench import cases
+from ksam.lab.bench import cases
 
 RHO = 0.05
 K_FRACTION = 1 / 8

@@ -25,7 +25,7 @@ bench() {  # bench NAME TIMEOUT ARGS...
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" \
     | tee "$out/env-$part.txt"
 if [ "$part" = 1 ]; then
-    timeout 150 python3 -m pytest -q -x tests/test_fast_cuda.py 2>&1 | tail -30 \
+    timeout 150 python3 -m pytest -q -x tests/library/test_fast_cuda.py 2>&1 | tail -30 \
         | tee "$out/fast_cuda_tests.txt"
     bench resnet18-b128 120 --cases resnet18-b128
     bench wrn16-8-b512 150 --cases wrn16-8-b512

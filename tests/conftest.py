@@ -27,9 +27,9 @@ def one_core(monkeypatch):
     """The machine as the tests see it has one core: ``ksam compare``'s default
     ``--jobs`` (one worker per core) trains a grid in the test's own process, and ``ksam
     train`` takes one thread. A test of parallel workers gives ``--jobs``."""
-    import ksam.pool
+    import ksam.lab.pool
 
-    monkeypatch.setattr(ksam.pool, "available_cores", lambda: 1)
+    monkeypatch.setattr(ksam.lab.pool, "available_cores", lambda: 1)
 
 
 # ------------------------------------------------------------------- loss, models, data
@@ -212,7 +212,7 @@ def copy_folder(source: Path, target: Path) -> Path:
 def two_epoch_run(tmp_path_factory) -> Path:
     """The folder of a finished ``ksam train --method sgd --epochs 2`` (:data:`CLI_SMALL`);
     copy it (:func:`copy_folder`) before changing anything there."""
-    from ksam.cli import main
+    from ksam.lab.cli import main
 
     out = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", "--method", "sgd", "--epochs", "2", "--out", str(out),

@@ -44,9 +44,9 @@ from conftest import (
 )
 
 import ksam
-from ksam.cli import main
-from ksam.config import MethodSpec
-from ksam.outputs import MANIFEST, load_checkpoint, save_checkpoint
+from ksam.lab.cli import main
+from ksam.lab.config import MethodSpec
+from ksam.lab.outputs import MANIFEST, load_checkpoint, save_checkpoint
 
 #: Methods by name, with the options they need here (a memory of 64 examples).
 SPECS = {
@@ -500,7 +500,7 @@ def test_overwrite_with_an_absolute_path_in_the_manifest_ends_and_deletes_nothin
 
 
 def test_manifest_paths_are_strictly_inside_the_folder(tmp_path):
-    from ksam.outputs import manifest_path
+    from ksam.lab.outputs import manifest_path
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "out").symlink_to(tmp_path.parent)

@@ -19,7 +19,7 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_task_table_lists_every_task():
-    from ksam.tasks import TASKS
+    from ksam.lab.tasks import TASKS
 
     text = README.read_text()
     table = text[text.index("### Tasks and their data"):]

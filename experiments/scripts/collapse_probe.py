@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ksam
-from ksam.compare import parse_method_spec
-from ksam.tasks import get_task
+from ksam.lab.compare import parse_method_spec
+from ksam.lab.tasks import get_task
 
 
 def probe(model_name: str, method: str, lr: float, epochs: int, seed: int,

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import ksam.selection as selection
-from ksam.tasks import get_task
-from ksam.train import TrainConfig, train
+from ksam.lab.tasks import get_task
+from ksam.lab.train import TrainConfig, train
 
 GRID = (("cnn", (0.1, 0.2), 30), ("mlp", (0.2,), 40))
 

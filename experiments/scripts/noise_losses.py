@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ksam
-from ksam.tasks import get_task
+from ksam.lab.tasks import get_task
 
 THRESHOLDS = (math.log(2), 1.5, math.log(10), 3.0)
 

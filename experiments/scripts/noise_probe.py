@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import ksam
-from ksam.tasks import get_task
+from ksam.lab.tasks import get_task
 
 # task name -> (get_task arguments, K-SAM's rho there)
 SETTINGS = {

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ksam import selection
-from ksam.cli import main
+from ksam.lab.cli import main
 
 
 def high_loss_count(values: Tensor) -> Tensor:

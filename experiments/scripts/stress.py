@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ksam.compare import COLLAPSE_MARGIN
-from ksam.tasks import get_task
-from ksam.train import TrainConfig, train
+from ksam.lab.compare import COLLAPSE_MARGIN
+from ksam.lab.tasks import get_task
+from ksam.lab.train import TrainConfig, train
 
 BATCH = 128
 

@@ -79,7 +79,7 @@ _MOVED = {
 
 def __getattr__(name: str) -> Any:
     if name == "compare":  # the comparison harness, imported only when asked for
-        return importlib.import_module("ksam.compare")
+        return importlib.import_module("ksam.lab.compare").compare_task
     if name == "distributed":
         return importlib.import_module("ksam.distributed")
     moved = _MOVED.get(name)
