@@ -4,7 +4,7 @@ the training set whose labels carry the training noise (1 seed, the grid below),
 seeds at the chosen values on the clean test set, SGD and SAM in the same command::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/default_confirm.py mnist1d n20 \\
-        --out runs/default-confirm --jobs 2
+        --out runs/default-confirm
 
 Writes ``OUT/DATA-SETTING/held-out`` (the grid), ``.../choice.json`` (each method's
 chosen spec and its validation accuracy) and ``.../test`` (the 5-seed comparison). Every
@@ -66,7 +66,9 @@ def main() -> int:
     parser.add_argument("setting", choices=SETTINGS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rules", nargs="+", default=["stratified", "sample", "auto-either"])
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes (the candidates are registered in this "
+                        "process only: 1, and run two settings side by side instead)")
     parser.add_argument("--seeds", default="5")
     parser.add_argument("--epochs-scale", type=int, default=1)
     args = parser.parse_args()

@@ -68,9 +68,9 @@ from .executor import EagerExecutor
 from .params import is_ddp
 from .passes import LossFn
 
-__all__ = ["SyncFreeExecutor", "WARMUP_STEPS", "MAX_GRAPHS"]
+__all__ = ["SyncFreeExecutor", "STEPS_BEFORE_CAPTURE", "MAX_GRAPHS"]
 
-WARMUP_STEPS = 3  # eager sync-free steps on a side stream before capture (torch's recipe)
+STEPS_BEFORE_CAPTURE = 3  # sync-free steps run eagerly on a side stream before a capture
 MAX_GRAPHS = 8  # distinct (shape, subset size, loss_fn) graphs kept before stepping eagerly
 
 
@@ -85,7 +85,7 @@ def _copy_tree_(dst: Batch, src: Batch) -> None:
 
 @dataclass
 class _Captured:
-    warmup_left: int
+    eager_left: int
     graph: torch.cuda.CUDAGraph | None = None
     static_batch: Batch = None
     static_out: ComputedStep | None = None
@@ -247,10 +247,10 @@ class SyncFreeExecutor:
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:  # shapes keep changing: same results
                 return self._eager.step(batch, loss_fn, n, step, sharp)
-            entry = self._entries[key] = _Captured(WARMUP_STEPS if not self._entries else 1)
-        if entry.graph is None and entry.warmup_left > 0:
-            entry.warmup_left -= 1
-            return self._warmup(batch, loss_fn, n, step, sharp)
+            entry = self._entries[key] = _Captured(STEPS_BEFORE_CAPTURE if not self._entries else 1)
+        if entry.graph is None and entry.eager_left > 0:
+            entry.eager_left -= 1
+            return self._side_stream_step(batch, loss_fn, n, step, sharp)
         if entry.graph is None:
             try:
                 self._capture(entry, batch, loss_fn, n, step, sharp)
@@ -277,7 +277,7 @@ class SyncFreeExecutor:
                                  descent_grad_norm=None if norm is None else norm.clone())
         return StepResult.of(copied, copied_verdict, scalars[0], scalars[1].bool())
 
-    def _warmup(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
+    def _side_stream_step(self, batch: Batch, loss_fn: LossFn, n: int, step: int,
                 sharp: bool) -> StepResult:
         """An eager sync-free step on a side stream (optimizer state, cuDNN autotuning and
         the autograd streams must exist before capture)."""

@@ -80,17 +80,6 @@ K_WARMUP = 100
 RESCALE = True
 
 
-class _Auto:
-    """Type of :data:`_AUTO`, the default of K-SAM's ``rescale``."""
-
-    def __repr__(self) -> str:
-        return f"{RESCALE} where loss_kind has an estimate, else False"
-
-
-#: ``rescale``'s default: :data:`RESCALE` for a ``loss_kind`` with an estimate, else off.
-_AUTO = _Auto()
-
-
 class KSAM(Method):
     """K-SAM (Ni et al. 2022): both SAM gradients on the examples of largest loss.
 
@@ -136,7 +125,7 @@ class KSAM(Method):
                  rho: float = 0.05, k: float | int = 0.25, k_ascent: float | int | None = None,
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
-                 rescale: bool | float | _Auto = _AUTO, loss_kind: str = "ce",
+                 rescale: bool | float | None = None, loss_kind: str = "ce",
                  start_step: int = 0, p: float = 1.0, select: str | RuleFactory = "top",
                  scores: str = "forward", num_examples: int | None = None, **engine: Any):
         rule_memory = select in RULES_WITH_MEMORY
@@ -146,12 +135,12 @@ class KSAM(Method):
                 raise ValueError(f"select={select!r} keeps a per-example memory: it needs "
                                  "num_examples=N, the size of the training set")
             select = functools.partial(RULES[select], num_examples=num_examples)
-        if remembered is not None and not isinstance(rescale, _Auto) and rescale:
+        if remembered is not None and rescale:
             raise ValueError("scores='memory' takes no rescale (its estimate reads the "
                              "batch's losses at w, which the memory has only stale)")
         if remembered is not None:
             rescale = False
-        if isinstance(rescale, _Auto):  # the default: on where the loss kind has an estimate
+        if rescale is None:  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = sam_perturbation(rho, adaptive, eta)
         ascent = build_rule(
@@ -385,6 +374,12 @@ def takes_num_examples(name: str, options: dict[str, Any]) -> bool:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "method_options":  # the name before 0.2
+        import warnings
+
+        warnings.warn("ksam.methods.method_options is deprecated and goes in 0.3: use "
+                      "ksam.methods.option_names", DeprecationWarning, stacklevel=2)
+        return option_names
     if name == "SGD":  # the name before 0.2
         import warnings
 
@@ -405,11 +400,11 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError(
             f"unknown method {name!r}; choose one of: {', '.join(METHODS)}"
         ) from None
-    unknown = sorted(set(kwargs) - method_options(name.lower()) - ENGINE_KEYWORDS)
+    unknown = sorted(set(kwargs) - option_names(name.lower()) - ENGINE_KEYWORDS)
     if unknown:
         raise ValueError(
             f"method {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-            f"{', '.join(sorted(method_options(name.lower())))}; engine options: "
+            f"{', '.join(sorted(option_names(name.lower())))}; engine options: "
             f"{', '.join(sorted(ENGINE_KEYWORDS))}")
     return factory(model, optimizer, **kwargs)
 
@@ -421,7 +416,7 @@ ENGINE_KEYWORDS = frozenset(
                                     "transform", "term", "remembered"}
 
 
-def method_options(name: str) -> set[str]:
+def option_names(name: str) -> set[str]:
     """The options of method ``name`` of :data:`METHODS` besides the engine's: its
     factory's keyword-only parameters."""
     factory = METHODS[name]

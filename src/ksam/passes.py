@@ -34,7 +34,9 @@ from .memory import LossOutput, LossTerm
 
 __all__ = ["Passes", "StepPasses", "LossFn", "Objective"]
 
-LossFn = Callable[[nn.Module, Batch], Tensor]
+#: ``loss_fn(model, batch)``: the per-sample losses ``[n]`` of the batch, or a
+#: :class:`ksam.LossOutput` of the losses and the logits they came from.
+LossFn = Callable[[nn.Module, Batch], "Tensor | LossOutput"]
 #: what a gradient pass differentiates: a scalar from the pass's per-sample losses, linear in
 #: them (a mean times a scale), so that chunks' gradients add up to the whole pass's
 Objective = Callable[[Tensor], Tensor]

@@ -26,7 +26,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from ksam.lab.cli import main  # noqa: E402
-from ksam.lab.cluster import SHARED_FS_ENV, RayExecutor  # noqa: E402
+from ksam.lab.cluster import SHARED_FS_ENV, RayRunner  # noqa: E402
 from ksam.lab.compare import GridRun  # noqa: E402
 from ksam.lab.outputs import MANIFEST, load_checkpoint  # noqa: E402
 from ksam.lab.train import TrainConfig  # noqa: E402
@@ -250,8 +250,8 @@ def test_a_bad_run_fails_the_command_with_its_own_error(tmp_path):
     cfg = TrainConfig(method="sgd", epochs=1, batch_size=10_000,
                       task_options={"num_samples": 300})
     bad = GridRun(cfg, "sgd", 0, 0, tmp_path / "bad", False, False, "bad")
-    with RayExecutor() as executor, pytest.raises(ValueError, match="larger than the training"):
-        executor.execute([bad])
+    with RayRunner() as runner, pytest.raises(ValueError, match="larger than the training"):
+        runner.execute([bad])
 
 
 # ------------------------------------------------------------------- no shared file system

@@ -55,7 +55,7 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     cfg = replace(base, device="cpu", fast=False)
 
     # The controls the results rely on: same K for K-SAM and Ordered SGD, two K values.
-    named = [(spec.name, spec.method_options(args.shared), spec) for spec in args.methods]
+    named = [(spec.name, spec.run_options(args.shared), spec) for spec in args.methods]
     methods = [n for n, _, _ in named]
     reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
     tuned = name == "mnist1d-lr"  # the methods whose lr was tuned: K=B/4 and its control
@@ -101,7 +101,7 @@ def test_user_k_and_rho_replace_the_preset_spec_values():
                    for spec in _labels(args) for item in spec.partition(":")[2].split(","))
     assert len(args.methods) == len(set(_labels(args)))
     for spec in args.methods:
-        name, options = spec.name, spec.method_options(args.shared)
+        name, options = spec.name, spec.run_options(args.shared)
         if name in ("ksam", "osgd"):
             assert options["k"] == 8
         if name in ("sam", "ksam", "random-sam", "esam"):

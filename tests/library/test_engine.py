@@ -575,7 +575,7 @@ def test_unknown_option_names_the_method_and_its_options(method, option):
         ksam.create(method, model, sgd(model), **{option: 8})
     message = str(info.value)
     assert f"method {method!r} takes no option {option!r}" in message
-    takes = ksam.methods.method_options(method)
+    takes = ksam.methods.option_names(method)
     assert all(name in message for name in takes)
     assert "engine options" in message and "micro_batch_size" in message
     assert_same(params(model), before)

@@ -267,7 +267,7 @@ def test_rescale_power_is_the_scale_to_that_power(power):
     assert repr(rule) == f"TopLoss(k=2, rescale={power})"
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "yes", None])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "yes"])
 def test_rescale_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="rescale must be"):
         TopLoss(2, rescale=bad)
@@ -276,6 +276,18 @@ def test_rescale_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="rescale must be"):
         ksam.KSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rescale=bad)
     assert_same(params(model), before)
+
+
+def test_rescale_none_is_the_default_for_the_loss_kind():
+    """``rescale=None`` (K-SAM's default) turns the estimate on where the loss kind has one
+    and off for ``loss_kind="other"``; a rule itself takes no None."""
+    with pytest.raises(ValueError, match="rescale must be"):
+        TopLoss(2, rescale=None)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert ksam.KSAM(model, opt, k=2, rescale=None).descent.rescale is True
+    assert ksam.KSAM(model, opt, k=2).descent.rescale is True
+    assert ksam.KSAM(model, opt, k=2, loss_kind="other").descent.rescale is False
 
 
 def test_rescaled_step_is_the_plain_step_times_the_scale():

@@ -75,18 +75,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
 
 from ..batch import Batch, batch_size, loss_batch
 from ..engine import Method, StepResult
-from ..memory import LossOutput
 from ..methods import create, takes_num_examples
+from ..passes import LossFn
 from . import ProxyOptimizer
 
 __all__ = ["KSAMMixin"]
 
 KSAM_CHECKPOINT_KEY = "ksam_state"
-LossFn = Callable[[nn.Module, Batch], "Tensor | LossOutput"]
 
 
 class _LightningStepOptimizer(ProxyOptimizer):

@@ -145,9 +145,10 @@ def with_data_inputs(case: Case, data_dir: str | None) -> Case:
     return dataclasses.replace(case, make_batch=make)
 
 
-def methods_for(batch: int, memory: bool = True) -> list[tuple[str, str, dict[str, Any]]]:
-    """K-SAM is timed in its steady state: the K warm-up (docs/collapse.md) runs full-batch
-    descents for its first few hundred steps only. ``memory``: with the methods that keep a
+def methods_for(batch: int, example_memory: bool = True
+                ) -> list[tuple[str, str, dict[str, Any]]]:
+    """K-SAM is timed in its steady state: the K warm-up runs full-batch descents for its
+    first few hundred steps only. ``example_memory``: with the methods that keep a
     per-example memory or an average model (SAF, MESA, K-SAM from memory); the bench steps
     on one batch, its examples the training set (ids 0..B-1)."""
     rows = [
@@ -164,7 +165,7 @@ def methods_for(batch: int, memory: bool = True) -> list[tuple[str, str, dict[st
         ("rst p=0.5", "rst", {"p": 0.5}),
         ("sam-late start=0.8", "sam-late", {"start": 0.8}),
     ]
-    if memory:
+    if example_memory:
         rows += [
             ("saf", "saf", {"num_examples": batch}),
             ("mesa", "mesa", {}),
@@ -361,7 +362,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
 
 
 # ------------------------------------------------------------------------- peak memory
-def memory_configs(chunk: int) -> list[tuple[str, str, dict[str, Any]]]:
+def peak_memory_configs(chunk: int) -> list[tuple[str, str, dict[str, Any]]]:
     """What ``--memory`` compares on a batch of ``8 * chunk``: SAM, K-SAM with K = B/8
     unchunked and in chunks of ``chunk``, and SGD for scale."""
     b = 8 * chunk
@@ -388,7 +389,7 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def measure_memory(case_name: str, quick: bool, device: str, method: str,
+def measure_peak_memory(case_name: str, quick: bool, device: str, method: str,
                    options: dict[str, Any], batch: int, steps: int) -> dict[str, float]:
     """Peak memory of ``steps`` optimizer steps of one configuration, in this process.
 
@@ -430,15 +431,15 @@ def measure_memory(case_name: str, quick: bool, device: str, method: str,
 
 def memory_table(case_name: str, quick: bool, device: str, chunk: int,
                  steps: int = 2) -> list[dict[str, Any]]:
-    """:func:`measure_memory` of every :func:`memory_configs` entry, each in a fresh Python
-    process (the CPU figure is a process's peak resident set); ``ratio_to_sam`` compares
-    with SAM at the same batch."""
+    """:func:`measure_peak_memory` of every :func:`peak_memory_configs` entry, each in a fresh
+    Python process (the CPU figure is a process's peak resident set); ``ratio_to_sam``
+    compares with SAM at the same batch."""
     rows = []
     batch = 8 * chunk
-    for label, method, options in memory_configs(chunk):
+    for label, method, options in peak_memory_configs(chunk):
         args = json.dumps([case_name, quick, device, method, options, batch, steps])
-        code = ("import json, sys; from ksam.lab.bench import measure_memory; "
-                "print(json.dumps(measure_memory(*json.loads(sys.argv[1]))))")
+        code = ("import json, sys; from ksam.lab.bench import measure_peak_memory; "
+                "print(json.dumps(measure_peak_memory(*json.loads(sys.argv[1]))))")
         done = subprocess.run([sys.executable, "-c", code, args], capture_output=True,
                               text=True, check=False)
         if done.returncode != 0:
@@ -488,7 +489,7 @@ def ddp_vs_fsdp(case: Case, device: torch.device, steps: int, warmup: int,
     x, y = case.make_batch(case.batch_size, device)
     x = x + kd.get_rank()  # a different batch on each rank
     entries = []
-    for label, name, options in methods_for(case.batch_size, memory=False):
+    for label, name, options in methods_for(case.batch_size, example_memory=False):
         if only and label.split()[0] not in only:
             continue
         for mode in ("ddp", "ddp-sync", "fsdp"):

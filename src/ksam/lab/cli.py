@@ -324,7 +324,7 @@ def cmd_train(cfg: CliConfig) -> int:
 
     spec = cfg.methods[0]
     base = cfg.train_config()
-    base.method, base.method_options = spec.name, spec.method_options(cfg.shared)
+    base.method, base.method_options = spec.name, spec.run_options(cfg.shared)
     if spec.lr is not None:
         base.lr = spec.lr
     out = cfg.out or default_out("train", base.task, spec.name, f"seed{cfg.seed}")

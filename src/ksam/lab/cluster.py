@@ -1,8 +1,8 @@
 """``ksam compare --ray``: every run of a comparison grid as one Ray task.
 
-:class:`RayExecutor` is the executor :func:`ksam.lab.compare.compare` and
+:class:`RayRunner` is the runner :func:`ksam.lab.compare.compare` and
 :func:`ksam.lab.compare.sweep_lr` hand their list of runs to, instead of the
-:class:`ksam.lab.compare.SerialExecutor`. Each run is one task asking for one run's resources
+:class:`ksam.lab.compare.SerialRunner`. Each run is one task asking for one run's resources
 (``cpus_per_run``, ``gpus_per_run``); a worker builds the task's data from the run's
 configuration, trains with :func:`ksam.lab.compare.run_one` and returns the result (no model).
 
@@ -15,7 +15,7 @@ configuration, trains with :func:`ksam.lab.compare.run_one` and returns the resu
 - A run that raises a user error (a bad value, a missing file or package) cancels the
   other runs and the error is raised on the driver as it was raised on the worker.
 
-Ray is imported only here, and only when a :class:`RayExecutor` is made.
+Ray is imported only here, and only when a :class:`RayRunner` is made.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .progress import RunProgress
 from .runs import GridRun, is_resumable, run_one, run_slug, task_for_run
 from .tasks.data import MissingDependencyError
 
-__all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayExecutor", "RunProgress", "import_ray"]
+__all__ = ["MAX_RETRIES", "SHARED_FS_ENV", "RayRunner", "RunProgress", "import_ray"]
 
 #: How often a task whose worker died is started again (from its last checkpoint).
 MAX_RETRIES = 3
@@ -125,7 +125,7 @@ def _slots(total: dict[str, float], cpus: float, gpus: float) -> int:
     return max(1, int(min(fits))) if fits else 1
 
 
-class RayExecutor:
+class RayRunner:
     """Runs a grid's runs as Ray tasks, one task per run.
 
     ``address``: None starts a local Ray instance sized to this machine; ``"auto"`` or
@@ -134,7 +134,7 @@ class RayExecutor:
     each task's resources (default 1 CPU, and 1 GPU where the cluster has GPUs; ValueError
     beyond the cluster's). ``total_runs``: the runs of the whole command, for the ETA.
     Progress (``quiet`` False): one display over all runs, on stdout. :meth:`close` ends
-    the Ray instance this executor started.
+    the Ray instance this runner started.
     """
 
     def __init__(self, address: str | None = None, *, cpus_per_run: float | None = None,
@@ -217,7 +217,7 @@ class RayExecutor:
         return result
 
     def close(self) -> None:
-        """End the progress display and the Ray instance this executor started."""
+        """End the progress display and the Ray instance this runner started."""
         progress = getattr(self, "progress", None)
         if progress is not None:
             progress.close()
@@ -225,7 +225,7 @@ class RayExecutor:
             self.ray.shutdown()
         self.owned = False
 
-    def __enter__(self) -> RayExecutor:
+    def __enter__(self) -> RayRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -298,7 +298,7 @@ def _in_scratch(run: GridRun, task: Any, files: dict[str, bytes] | None,
 
 def _run_task(run: GridRun, probe: tuple[str | None, str], files: dict[str, bytes] | None,
               threads: int) -> dict[str, Any]:
-    """One run on a Ray worker (see :class:`RayExecutor`)."""
+    """One run on a Ray worker (see :class:`RayRunner`)."""
     import ray
     import torch
 

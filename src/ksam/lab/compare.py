@@ -30,7 +30,7 @@ from .outputs import atomic_write_bytes
 from .runs import GridRun, is_resumable, run_one, run_place, run_slug, task_for_run
 from .train import TrainConfig
 
-__all__ = ["GridRun", "SerialExecutor", "compare", "compare_task", "is_resumable", "run_one",
+__all__ = ["GridRun", "SerialRunner", "compare", "compare_task", "is_resumable", "run_one",
            "run_place", "run_slug", "run_comparison", "sweep_lr", "summarize", "task_for_run"]
 
 COLLAPSE_MARGIN = 10.0  # points of test accuracy below SGD's mean that count as a collapse
@@ -321,7 +321,7 @@ def check_methods(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, A
     for spec in specs:
         model = task.make_model()
         try:
-            run_cfg = replace(cfg, method_options=spec.method_options(shared), fast=False,
+            run_cfg = replace(cfg, method_options=spec.run_options(shared), fast=False,
                               device="cpu", lr=cfg.lr if spec.lr is None else spec.lr)
             run_cfg.validate()
             steps = max(1, task.num_train // cfg.batch_size) * cfg.epochs
@@ -339,7 +339,7 @@ Adjust = Callable[[TrainConfig, str], TrainConfig]
 
 def _run_config(cfg: TrainConfig, spec: MethodSpec, shared: dict[str, Any] | None,
                 seed: int, adjust: Adjust | None = None) -> TrainConfig:
-    run = replace(cfg, method=spec.name, method_options=spec.method_options(shared),
+    run = replace(cfg, method=spec.name, method_options=spec.run_options(shared),
                   seed=seed, lr=cfg.lr if spec.lr is None else spec.lr)
     return run if adjust is None else adjust(run, spec.label)
 
@@ -374,7 +374,7 @@ def _check_runs(cfg: TrainConfig, specs: list[MethodSpec], shared: dict[str, Any
                             saved_run_config(point), point)
 
 
-class SerialExecutor:
+class SerialRunner:
     """Runs a grid's runs one after the other in this process (under torchrun: every rank
     takes part in each run). ``progress(title, row)`` is called after every epoch and, if
     it has one, ``progress.finished(title, result)`` after every run. ``threads``: torch's
@@ -408,7 +408,7 @@ class SerialExecutor:
 
 
 @dataclass
-class _Plan:
+class _Grid:
     """A comparison ready to run: validated, its folder (rank 0's) open, its config.json
     written and its runs listed (seed by seed, all methods, so that machine noise hits
     all methods alike)."""
@@ -450,12 +450,13 @@ class _Plan:
             self.folder.close()
 
 
-def _plan(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
-          out_dir: Path | None, *, shared: dict[str, Any] | None, task: Any, is_main: bool,
-          resume: bool, overwrite: bool, lr_choice: dict[str, Any] | None,
-          title: str = "", adjust: Adjust | None = None,
-          reuse: list[tuple[TrainConfig, dict[str, Any]]] | None = None,
-          extra_config: dict[str, Any] | None = None) -> _Plan:
+def _new_grid(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
+              out_dir: Path | None, *, shared: dict[str, Any] | None, task: Any,
+              is_main: bool, resume: bool, overwrite: bool,
+              lr_choice: dict[str, Any] | None, title: str = "",
+              adjust: Adjust | None = None,
+              reuse: list[tuple[TrainConfig, dict[str, Any]]] | None = None,
+              extra_config: dict[str, Any] | None = None) -> _Grid:
     """Validate a comparison, open its folder and list its runs (see :func:`compare`).
     ``adjust`` changes each run's configuration; a run whose configuration is one of
     ``reuse``'s (configuration, result) pairs is not trained: its result is reused and it
@@ -499,7 +500,7 @@ def _plan(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
         if folder is not None:
             folder.close()
         raise
-    return _Plan(parsed, resolved, base, task, lr_choice, seeds, folder, runs, reused)
+    return _Grid(parsed, resolved, base, task, lr_choice, seeds, folder, runs, reused)
 
 
 def _base_config(resolved: TrainConfig, lr_choice: dict[str, Any]) -> dict[str, Any]:
@@ -524,9 +525,9 @@ def _grid_run(cfg: TrainConfig, spec: MethodSpec, seed: int, task_seed: int,
                    overwrite, f"{title}{spec.label} seed {seed}", task)
 
 
-def _executor(executor: Any, progress: Callable[[str, dict[str, Any]], None] | None,
+def _runner(runner: Any, progress: Callable[[str, dict[str, Any]], None] | None,
               dist_info: Any) -> Any:
-    return executor if executor is not None else SerialExecutor(progress=progress,
+    return runner if runner is not None else SerialRunner(progress=progress,
                                                                 dist_info=dist_info)
 
 
@@ -543,7 +544,7 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
             progress: Callable[[str, dict[str, Any]], None] | None = None,
             is_main: bool = True, dist_info: Any = None, resume: bool = False,
             overwrite: bool = False, lr_choice: dict[str, Any] | None = None,
-            executor: Any = None, budget: str | None = None,
+            runner: Any = None, budget: str | None = None,
             held_out_where: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train every method spec with every seed; write the report to ``out_dir``.
 
@@ -555,46 +556,46 @@ def compare(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     is only re-read), after every checkpoint is verified and its configuration checked
     against this one. ``progress(label, row)`` is called after every epoch, the label
     naming the method spec and the seed. ``lr_choice`` (see :func:`describe_lrs`) says in
-    the report how the lrs were set. ``executor`` runs the list of runs (an object with
-    ``execute(runs) -> results``, e.g. :class:`ksam.lab.cluster.RayExecutor`); default: a
-    :class:`SerialExecutor` in this process (with ``progress`` and ``dist_info``).
+    the report how the lrs were set. ``runner`` runs the list of runs (an object with
+    ``execute(runs) -> results``, e.g. :class:`ksam.lab.cluster.RayRunner`); default: a
+    :class:`SerialRunner` in this process (with ``progress`` and ``dist_info``).
 
     ``budget`` (``"passes"`` or ``"time"``, :mod:`ksam.lab.budget`): then an equal-budget grid
     in ``out_dir/budget-MODE``, every method at the cost of SGD's run of ``epochs``
     epochs; the report's ``budget`` entry holds its report, its table and the budget.
     ``held_out_where``: where the lr sweep's held-out runs ran, for the report.
     """
-    plan = _plan(base, specs, seeds, out_dir, shared=shared, task=task, is_main=is_main,
-                 resume=resume, overwrite=overwrite, lr_choice=lr_choice,
-                 extra_config={"budget": budget} if budget else None)
+    grid = _new_grid(base, specs, seeds, out_dir, shared=shared, task=task, is_main=is_main,
+                      resume=resume, overwrite=overwrite, lr_choice=lr_choice,
+                      extra_config={"budget": budget} if budget else None)
     try:
-        runner = _executor(executor, progress, dist_info)
-        results = runner.execute(plan.runs)
+        runner = _runner(runner, progress, dist_info)
+        results = runner.execute(grid.runs)
         extra: dict[str, Any] = {"held_out_where": held_out_where}
         if budget is not None:
-            extra["budget"] = _budget_grid(plan, results, budget, runner, out_dir,
+            extra["budget"] = _budget_grid(grid, results, budget, runner, out_dir,
                                            shared=shared, is_main=is_main, resume=resume,
                                            overwrite=overwrite, dist_info=dist_info,
                                            progress=progress)
-        return plan.report(results, **extra)
+        return grid.report(results, **extra)
     finally:
-        plan.close()
+        grid.close()
 
 
-def _budget_grid(plan: _Plan, results: list[dict[str, Any]], mode: str, runner: Any,
+def _budget_grid(epochs_grid: _Grid, results: list[dict[str, Any]], mode: str, runner: Any,
                  out_dir: Path | None, *, shared: dict[str, Any] | None, is_main: bool,
                  resume: bool, overwrite: bool, dist_info: Any,
                  progress: Any) -> dict[str, Any]:
-    """The equal-budget grid beside the equal-epochs grid ``plan`` (whose runs gave
+    """The equal-budget grid beside the equal-epochs grid ``epochs_grid`` (whose runs gave
     ``results``), trained by ``runner`` into ``out_dir/budget-MODE``: its report, with
     the budget and its table (:mod:`ksam.lab.budget`)."""
     from . import budget as bud
 
     world = dist_info.world_size if dist_info is not None else 1
-    resolved, task = plan.resolved, plan.task
+    resolved, task = epochs_grid.resolved, epochs_grid.task
     spe = bud.steps_per_epoch(task.num_train, resolved.batch_size, world)
-    labels = [spec.label for spec in plan.parsed]
-    reference = reference_label(labels, [spec.name for spec in plan.parsed])
+    labels = [spec.label for spec in epochs_grid.parsed]
+    reference = reference_label(labels, [spec.name for spec in epochs_grid.parsed])
     budget_s = None
     if mode == "time":
         budget_s = statistics.fmean(r["final"]["train_time"] for r in results
@@ -619,18 +620,20 @@ def _budget_grid(plan: _Plan, results: list[dict[str, Any]], mode: str, runner: 
 
     name = f"budget-{mode}"
     sub = Path(out_dir) / name if out_dir is not None else None
-    if plan.folder is not None:
-        plan.folder.record(name)
+    if epochs_grid.folder is not None:
+        epochs_grid.folder.record(name)
     passes = bud.passes_budget(resolved, spe)
     amount = passes if mode == "passes" else budget_s
     text = bud.budget_text(mode, resolved.epochs, spe * resolved.epochs, amount)
-    grid = _plan(plan.base, plan.parsed, plan.seeds, sub, shared=shared, task=task,
-                 is_main=is_main, resume=resume and sub is not None and sub.is_dir(),
-                 overwrite=overwrite, lr_choice=plan.lr_choice, title=f"budget {mode}: ",
-                 adjust=adjust, reuse=[(run.cfg, result)
-                                       for run, result in zip(plan.runs, results)],
-                 extra_config={"budget": mode, "budget_amount": amount,
-                               "budget_text": text})
+    grid = _new_grid(epochs_grid.base, epochs_grid.parsed, epochs_grid.seeds, sub,
+                      shared=shared, task=task,
+                      is_main=is_main, resume=resume and sub is not None and sub.is_dir(),
+                      overwrite=overwrite, lr_choice=epochs_grid.lr_choice,
+                      title=f"budget {mode}: ", adjust=adjust,
+                      reuse=[(run.cfg, result)
+                             for run, result in zip(epochs_grid.runs, results)],
+                      extra_config={"budget": mode, "budget_amount": amount,
+                                    "budget_text": text})
     try:
         shows = {id(p): p for p in (progress, getattr(runner, "progress", None))
                  if getattr(p, "total", None) is not None}
@@ -808,7 +811,7 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
              shared: dict[str, Any] | None = None,
              progress: Callable[[str, dict[str, Any]], None] | None = None,
              is_main: bool = True, dist_info: Any = None,
-             resume: bool = False, overwrite: bool = False, executor: Any = None
+             resume: bool = False, overwrite: bool = False, runner: Any = None
              ) -> dict[str, Any]:
     """Each method's learning rate, chosen on a held-out split of the training set.
 
@@ -819,7 +822,7 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
     markdown, "validation": {label: {lr: mean acc}}, "lrs", "validation_split"}`` and writes
     each sweep run under ``out_dir/lr-sweep/`` and the table to ``out_dir/lr_sweep.md``
     (``out_dir`` locked and checked as by :func:`compare`). Every lr's comparison is
-    validated and planned first; then ``executor`` (as in :func:`compare`) runs all their
+    validated and planned first; then ``runner`` (as in :func:`compare`) runs all their
     runs as one list, lr by lr.
     """
     parsed = [MethodSpec.parse(spec) for spec in specs]
@@ -831,28 +834,28 @@ def sweep_lr(base: TrainConfig, specs: list[str | MethodSpec], seeds: list[int],
 
     folder = open_output(out_dir, "compare", resume=resume, overwrite=overwrite) \
         if out_dir is not None and is_main else None
-    plans: list[_Plan] = []
+    grids: list[_Grid] = []
     try:
         for lr in lrs:
             name = f"lr-sweep/lr-{lr:g}"
             sub = out_dir / name if out_dir is not None else None
             if folder is not None:
                 folder.record(name)
-            plans.append(_plan(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
+            grids.append(_new_grid(replace(held_out, lr=lr), parsed, seeds, sub, shared=shared,
                                task=None, is_main=is_main, overwrite=overwrite,
                                resume=resume and sub is not None and sub.is_dir(),
                                lr_choice=None, title=f"lr {lr:g} (held out) "))
-        results = _executor(executor, progress, dist_info).execute(
-            [run for plan in plans for run in plan.runs])
-        reports = [plan.report(results[i * len(plan.runs):(i + 1) * len(plan.runs)])
-                   for i, plan in enumerate(plans)]
+        results = _runner(runner, progress, dist_info).execute(
+            [run for grid in grids for run in grid.runs])
+        reports = [grid.report(results[i * len(grid.runs):(i + 1) * len(grid.runs)])
+                   for i, grid in enumerate(grids)]
         result = _sweep_result(parsed, lrs, reports, len(seeds), validation_split)
         result["where"] = places(results)
         if folder is not None:
             _write_sweep(folder, result, len(seeds))
     finally:
-        for plan in plans:
-            plan.close()
+        for grid in grids:
+            grid.close()
         if folder is not None:
             folder.close()
     return result
@@ -958,7 +961,7 @@ def join_processes(world: int) -> Any:
     return distributed.init_from_env()
 
 
-# --------------------------------------------------------------------------- executors
+# --------------------------------------------------------------------------- runners
 
 def _jobs(cfg: CliConfig, device: str, world: int, importable: bool) -> int:
     """The worker processes of the grid (1: the runs train in this process); ValueError
@@ -988,8 +991,8 @@ def _jobs(cfg: CliConfig, device: str, world: int, importable: bool) -> int:
     return available_cores()
 
 
-def _ray_executor(cfg: CliConfig, world: int, runs: int, base: Any, importable: bool) -> Any:
-    """With ``--ray``: the :class:`ksam.lab.cluster.RayExecutor` (connected, its task size
+def _ray_runner(cfg: CliConfig, world: int, runs: int, base: Any, importable: bool) -> Any:
+    """With ``--ray``: the :class:`ksam.lab.cluster.RayRunner` (connected, its task size
     checked against the cluster) and ``base``'s ``auto`` device set to the workers'; else
     None (and Ray is not imported)."""
     if cfg.ray is None:
@@ -1004,14 +1007,14 @@ def _ray_executor(cfg: CliConfig, world: int, runs: int, base: Any, importable: 
         raise ValueError("ray starts workers that import the task: give it as "
                          "'path/to/file.py:function' or as a function defined at the top "
                          "level of a file")
-    from .cluster import RayExecutor
+    from .cluster import RayRunner
 
-    executor = RayExecutor(None if cfg.ray == "local" else cfg.ray,
+    runner = RayRunner(None if cfg.ray == "local" else cfg.ray,
                            cpus_per_run=cfg.cpus_per_run, gpus_per_run=cfg.gpus_per_run,
                            quiet=cfg.quiet, total_runs=runs)
     if base.device == "auto":
-        base.device = executor.device
-    return executor
+        base.device = runner.device
+    return runner
 
 
 # --------------------------------------------------------------------------- the command
@@ -1100,7 +1103,7 @@ def run_comparison(cfg: CliConfig, *, echo: Echo = say,
     total = runs * (1 + (len(sweep) if sweep else 0)) + budget_runs
     jobs = _jobs(cfg, device, world, importable)
     threads = cfg.threads if cfg.threads is not None or device != "cpu" or world > 1 else 1
-    executor = _ray_executor(cfg, world, total, base, importable)
+    external = _ray_runner(cfg, world, total, base, importable)  # a runner to close
     dist_info = join_processes(world)
     if dist_info is not None:
         base.device = str(dist_info.device)
@@ -1108,38 +1111,38 @@ def run_comparison(cfg: CliConfig, *, echo: Echo = say,
     quiet = cfg.quiet or not is_main
     if echo is not None and not quiet:
         echo(_plan_text(cfg, resolved, out, sweep, jobs, threads, budget_runs, total))
-    progress = EpochProgress(total, quiet or executor is not None or jobs > 1)
-    if executor is None and jobs > 1:
-        from .pool import ProcessExecutor
+    progress = EpochProgress(total, quiet or external is not None or jobs > 1)
+    if external is None and jobs > 1:
+        from .pool import ProcessRunner
 
-        executor = ProcessExecutor(jobs, threads=threads or 1, quiet=quiet, total_runs=total)
-    runner = executor or SerialExecutor(progress=progress, dist_info=dist_info,
-                                            threads=threads)
+        external = ProcessRunner(jobs, threads=threads or 1, quiet=quiet, total_runs=total)
+    runner = external or SerialRunner(progress=progress, dist_info=dist_info,
+                                      threads=threads)
     common = dict(shared=cfg.shared, progress=progress, is_main=is_main, dist_info=dist_info,
-                  resume=cfg.resume, overwrite=cfg.overwrite, executor=runner)
+                  resume=cfg.resume, overwrite=cfg.overwrite, runner=runner)
     specs = cfg.methods
     lr_choice = describe_lrs(base, specs, default_lr=task.defaults.get("lr"))
     try:
         folder = open_output(out, "compare", resume=cfg.resume, overwrite=cfg.overwrite) \
             if is_main else None
     except BaseException:
-        if executor is not None:
-            executor.close()
+        if external is not None:
+            external.close()
         raise
     chosen = None
     try:
         if sweep:
             held_out = cfg.validation_split or DEFAULT_SWEEP_SPLIT
             chosen = sweep_lr(base, cfg.methods, cfg.seeds, sweep, out,
-                                  validation_split=held_out, **common)
+                              validation_split=held_out, **common)
             specs, lr_choice = chosen["specs"], describe_lrs(base, specs, chosen)
         report = compare(base, specs, cfg.seeds, out, task=task, lr_choice=lr_choice,
-                             budget=cfg.budget,
-                             held_out_where=chosen["where"] if chosen else None, **common)
+                         budget=cfg.budget,
+                         held_out_where=chosen["where"] if chosen else None, **common)
     finally:
         progress.close()
-        if executor is not None:
-            executor.close()
+        if external is not None:
+            external.close()
         if folder is not None:
             folder.close()
     if is_main and echo is not None:

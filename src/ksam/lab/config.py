@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from ..methods import METHODS
-from ..methods import method_options as factory_options
+from ..methods import option_names as factory_options
 
 __all__ = ["MAX_SEED", "PRECISIONS", "RENAMED_FIELDS", "CliConfig", "MethodSpec",
-           "RUN_OPTIONS", "RunConfig", "method_options", "parse_seeds", "parse_value"]
+           "RUN_OPTIONS", "RunConfig", "spec_option_names", "parse_seeds", "parse_value"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: The largest seed: ``torch.manual_seed`` takes 64 bits, and a run's data order is seeded
@@ -56,9 +56,9 @@ RUN_OPTIONS = {"lr"}
 SHARED_OPTIONS = ("k", "rho")
 
 
-def method_options(name: str) -> set[str]:
+def spec_option_names(name: str) -> set[str]:
     """The options a method spec may set: the method's own
-    (:func:`ksam.methods.method_options`; the engine's are set by the run), and ``start``
+    (:func:`ksam.methods.option_names`; the engine's are set by the run), and ``start``
     (a fraction of the run) too where it takes ``start_step``, and ``estimate`` (where
     ``select="auto"`` measures, a fraction of the run) where it takes ``select``."""
     options = factory_options(name)
@@ -108,7 +108,7 @@ class MethodSpec:
         name = name.strip().lower()
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-        allowed = method_options(name) | RUN_OPTIONS
+        allowed = spec_option_names(name) | RUN_OPTIONS
         options: dict[str, Any] = {}
         items: list[tuple[str, str]] = []
         for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -154,11 +154,11 @@ class MethodSpec:
         return MethodSpec(self.name, dict(self.options), float(lr),
                           (*items, ("lr", f"{lr:g}")))
 
-    def method_options(self, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def run_options(self, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The options passed to the method: the spec's own, then the ``shared`` ones
         (``--k``, ``--rho``) that the method takes and the spec does not set."""
         out = dict(self.options)
-        allowed = method_options(self.name)
+        allowed = spec_option_names(self.name)
         for key, value in (shared or {}).items():
             if value is not None and key in allowed and key not in out:
                 out[key] = value

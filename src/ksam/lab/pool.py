@@ -1,6 +1,6 @@
 """The machine's cores for ``ksam compare --jobs N`` and a run's torch threads.
 
-:class:`ProcessExecutor` runs a grid's runs in parallel worker processes of this machine,
+:class:`ProcessRunner` runs a grid's runs in parallel worker processes of this machine,
 one torch thread each (by default), as many processes as there are cores: each worker
 builds the task from the run's configuration (a task of the user's own is imported by its
 path or module) and trains the run into its folder, as the serial command does. A run's
@@ -26,7 +26,7 @@ import torch
 from .progress import RunProgress
 from .runs import GridRun, run_one, task_for_run
 
-__all__ = ["ProcessExecutor", "available_cores", "choose_threads"]
+__all__ = ["ProcessRunner", "available_cores", "choose_threads"]
 
 
 def available_cores() -> int:
@@ -69,7 +69,7 @@ def _run_in_worker(run: GridRun) -> dict[str, Any]:
     return run_one(run, task=task_for_run(run))
 
 
-class ProcessExecutor:
+class ProcessRunner:
     """Runs a grid's runs in ``jobs`` worker processes of this machine (started once, on the
     first grid with more than one run), ``threads`` torch threads each; a grid of one run
     trains in this process at ``threads``. ``progress``: a :class:`RunProgress` made here
@@ -154,7 +154,7 @@ class ProcessExecutor:
         if pool is not None:
             pool.shutdown(wait=True)
 
-    def __enter__(self) -> ProcessExecutor:
+    def __enter__(self) -> ProcessRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -32,7 +32,7 @@ MNIST1D_RHO_KSAM = 0.02
 FASHION_RHO = 0.05
 
 
-def _ksam_warmup() -> int:
+def _ksam_k_warmup() -> int:
     """K-SAM's default descent-subset warm-up (``k_warmup``) in the installed ksam, or 0 when
     the method has none. Ordered SGD, the selection-without-perturbation control, gets the
     same warm-up so that the two differ only by the perturbation."""
@@ -53,7 +53,7 @@ def _methods(k_quarter: int, k_eighth: int, rho_sam: float, rho_ksam: float) -> 
     """SGD, SAM, K-SAM at K=B/4 and B/8, random-subset SAM (ascent on B/4, its paper's
     setting), ESAM (its paper's beta/gamma), Ordered SGD at the same two K (and K-SAM's
     default warm-up, if it has one)."""
-    warmup = _ksam_warmup()
+    warmup = _ksam_k_warmup()
     osgd = f",k_warmup={warmup}" if warmup else ""
     return [
         "sgd",
@@ -75,7 +75,7 @@ NOISE30_RHO = 0.25
 
 def _noise30_methods() -> list[str]:
     """The whole field, each method at its own tuned lr (and rho where said)."""
-    warmup = _ksam_warmup()
+    warmup = _ksam_k_warmup()
     rho = NOISE30_RHO
     return [
         "sgd:lr=0.4",
@@ -231,7 +231,7 @@ for _preset in [
             f"sam:rho={MNIST1D_RHO_SAM:g},lr=0.2",
             f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
             f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
-            f"osgd:k=32,k_warmup={_ksam_warmup()},lr=0.1",
+            f"osgd:k=32,k_warmup={_ksam_k_warmup()},lr=0.1",
             "saf:lr=0.2",
             "mesa:decay=0.999,lr=0.2",
             f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},scores=memory,lr=0.2",

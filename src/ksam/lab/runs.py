@@ -1,6 +1,6 @@
 """One run of a comparison grid: what a process needs to build and train it
 (:class:`GridRun`), training it (:func:`run_one`) and the task it trains on, built in the
-process that trains it (:func:`task_for_run`). Every executor of a grid uses these: the
+process that trains it (:func:`task_for_run`). Every runner of a grid uses these: the
 serial one (:mod:`ksam.lab.compare`), worker processes (:mod:`ksam.lab.pool`), Ray
 (:mod:`ksam.lab.cluster`)."""
 
