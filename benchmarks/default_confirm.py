@@ -71,11 +71,16 @@ def main() -> int:
                         "process only: 1, and run two settings side by side instead)")
     parser.add_argument("--seeds", default="5")
     parser.add_argument("--epochs-scale", type=int, default=1)
+    parser.add_argument("--k", type=int, help="K-SAM's K (default: the data set's, B/4)")
+    parser.add_argument("--with-top", action="store_true",
+                        help="K-SAM's top too (always on clean labels)")
     args = parser.parse_args()
     data, noise = DATA[args.data], SETTINGS[args.setting]
+    if args.k is not None:
+        data = {**data, "k": args.k}
     folder = args.out / f"{args.data}-{args.setting}"
     common = [*data["flags"], *noise, "--quiet", "--resume", "--jobs", str(args.jobs)]
-    specs = grid(data, args.rules, with_top=args.setting == "clean")
+    specs = grid(data, args.rules, with_top=args.with_top or args.setting == "clean")
 
     held_out = folder / "held-out"
     run([*CANDIDATES, "compare", *common, "--epochs", str(data["epochs"]),

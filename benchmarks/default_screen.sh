@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cheap screen of K-SAM selection rules for the default (docs/default_rule.md): every
+# The cheap screen of K-SAM selection rules for the default (docs/experiments/default-rule.md): every
 # candidate rule at the preset's lr and rho, 2 seeds, trained on 80 % of the training set
 # and scored on the held-out 20 % (clean labels), at five label settings of both data sets.
 #

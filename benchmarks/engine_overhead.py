@@ -1,6 +1,6 @@
 """The engine's cost over a hand-written loop of the same algorithm, measured side by side.
 
-For SGD, SAM and K-SAM (the paper's rule, K = B/8) on the CPU bench cases of ``ksam bench``
+For SGD, SAM and K-SAM (the paper's rule, K = B/4 and B/8) on the CPU bench cases of ``ksam bench``
 (the 1-D CNN and the small ResNet, batch 128), each algorithm runs twice on copies of one
 model: through ``ksam.create(...).step`` and as a plain PyTorch loop written out below
 (BatchNorm statistics updated only in the first full-batch pass, as the engine does; one
@@ -28,7 +28,8 @@ import ksam
 from ksam.lab.bench import cases
 
 RHO = 0.05
-K_FRACTION = 1 / 8
+#: K-SAM's subset sizes, as fractions of the batch.
+K_FRACTIONS = {"B/4": 1 / 4, "B/8": 1 / 8}
 
 
 def per_sample(model: nn.Module, batch) -> torch.Tensor:
@@ -84,10 +85,10 @@ def hand_sam(model, opt, batch, frozen):
     return _sam_from(model, opt, params, frozen, batch, loss)
 
 
-def hand_ksam(model, opt, batch, frozen):
+def hand_ksam(model, opt, batch, frozen, fraction):
     params = [p for p in model.parameters() if p.requires_grad]
     x, y = batch
-    k = max(1, round(K_FRACTION * x.shape[0]))
+    k = max(1, round(fraction * x.shape[0]))
     with torch.no_grad():
         scores = per_sample(model, batch)
     top = torch.sort(scores, descending=True, stable=True).indices[:k]
@@ -98,7 +99,11 @@ def hand_ksam(model, opt, batch, frozen):
     return _sam_from(model, opt, params, frozen, sub, scores.mean())
 
 
-HAND = {"sgd": hand_sgd, "sam": hand_sam, "ksam-plain": hand_ksam}
+#: Each algorithm of the table: its method name and options in ksam, and its loop by hand.
+ALGORITHMS = {"sgd": ("sgd", {}, hand_sgd), "sam": ("sam", {"rho": RHO}, hand_sam)}
+ALGORITHMS.update({f"ksam-plain {k}": ("ksam-plain", {"rho": RHO, "k": f},
+                                       functools.partial(hand_ksam, fraction=f))
+                   for k, f in K_FRACTIONS.items()})
 
 
 def main() -> None:
@@ -118,15 +123,13 @@ def main() -> None:
         torch.manual_seed(0)
         base = case.make_model().to(device)
         batch = case.make_batch(case.batch_size, device)
-        k = max(1, round(K_FRACTION * case.batch_size))
         loops, models = {}, {}
-        for name, kwargs in (("sgd", {}), ("sam", {"rho": RHO}),
-                             ("ksam-plain", {"rho": RHO, "k": k})):
+        for name, (method, kwargs, by_hand) in ALGORITHMS.items():
             m_engine, m_hand = copy.deepcopy(base), copy.deepcopy(base)
             o_engine = torch.optim.SGD(m_engine.parameters(), lr=0.01, momentum=0.9)
             o_hand = torch.optim.SGD(m_hand.parameters(), lr=0.01, momentum=0.9)
-            engine = ksam.create(name, m_engine, o_engine, seed=0, **kwargs)
-            hand = functools.partial(HAND[name], m_hand, o_hand, batch, FrozenBN(m_hand))
+            engine = ksam.create(method, m_engine, o_engine, seed=0, **kwargs)
+            hand = functools.partial(by_hand, m_hand, o_hand, batch, FrozenBN(m_hand))
             loops[(name, "engine")] = functools.partial(engine.step, batch, per_sample)
             loops[(name, "hand")] = hand
             models[name] = (m_engine, m_hand)
@@ -137,7 +140,7 @@ def main() -> None:
                 fn()
                 if i >= args.warmup:
                     times[key].append(time.perf_counter() - start)
-        for name in ("sgd", "sam", "ksam-plain"):
+        for name in ALGORITHMS:
             e = statistics.median(times[(name, "engine")]) * 1e3
             h = statistics.median(times[(name, "hand")]) * 1e3
             # Both ran the same algorithm on the same batches: their weights agree up to

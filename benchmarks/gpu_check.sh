@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check for a session lent a device (prepared script, see docs/benchmarks.md), figures
+# The GPU check for a session lent a device (prepared script, see docs/experiments/benchmarks.md), figures
 # into $OUT (or ./gpu-out). Two parts, each under the device tool's 600 s per command:
 #   part 1: the CUDA fast-path tests, the two cases with targets (ResNet-18 b128, WRN-16-8
 #           b512; fp32/bf16 x eager/fast), and torch.compile + fast path on ResNet-18 b128 bf16;

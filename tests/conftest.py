@@ -180,7 +180,8 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
 
 # ----------------------------------------------------------------------- the command line
 #: A short ``ksam train`` / ``compare`` on MNIST-1D: 240 training examples, batches of 32.
-CLI_SMALL = ["--task-option", "num_samples=300", "--batch-size", "32", "--quiet"]
+CLI_SMALL = ["--task", "mnist1d", "--task-option", "num_samples=300", "--batch-size", "32",
+             "--quiet"]
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

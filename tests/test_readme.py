@@ -36,8 +36,9 @@ def _py_blocks(path: Path) -> list[str]:
 def test_the_worked_example_is_the_file_it_names():
     example = (README.parent / "examples" / "digits_task.py").read_text()
     code = example[example.index('"""', 3) + 3:].lstrip()  # without the docstring
-    for doc in (README, README.parent / "docs" / "compare.md"):
-        assert code in [b for b in _py_blocks(doc) if "load_digits" in b], doc
+    guide = README.parent / "docs" / "guide" / "compare.md"
+    assert code in [b for b in _py_blocks(guide) if "load_digits" in b]
+    assert "examples/digits_task.py" in README.read_text()
 
 
 def test_the_compare_example_runs(tmp_path, monkeypatch):
@@ -51,7 +52,7 @@ def test_the_compare_example_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ksam, "compare", small)
     monkeypatch.chdir(tmp_path)
-    for doc in (README, README.parent / "docs" / "compare.md"):
+    for doc in (README, README.parent / "docs" / "guide" / "compare.md"):
         blocks = [b for b in _py_blocks(doc) if "ksam.compare(" in b]
         assert len(blocks) == 1, doc
         exec(compile(blocks[0], str(doc), "exec"), {"__name__": "__readme__"})

@@ -5,10 +5,12 @@ Per step it records: batch-mean loss vs the selected subset's mean loss at w, th
 descent gradient norms, the fraction of selected examples that are misclassified, the share of
 dead ReLU units (zero on every example of the batch), the fraction of the network's outputs
 that predict one class, and per epoch the overlap of the selected examples with the previous
-epoch's selection. Writes ``<out>/<label>.json`` and a PNG of the traces.
+epoch's selection. Writes ``<out>/<label>.json`` and a PNG of the traces (its legend names
+each method as the comparison charts do, :func:`ksam.lab.compare.short_label`; ``--replot``
+redraws the PNG from the JSON files of an earlier run).
 
-    OMP_NUM_THREADS=1 python experiments/scripts/collapse_probe.py --model mlp --lr 0.2 --k 16 \
-        --epochs 100 --seeds 0 1 2 --out runs/probe
+    OMP_NUM_THREADS=1 python experiments/scripts/collapse_probe.py --model mlp --lr 0.2 \
+        --methods ksam-plain:k=16 sgd --epochs 100 --seeds 0 1 --out runs/probe
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ksam
-from ksam.lab.compare import parse_method_spec
+from ksam.lab.compare import parse_method_spec, short_labels, task_text
 from ksam.lab.tasks import get_task
 
 
@@ -133,9 +135,11 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, window: int = 10) -
             ("top_class_share", "share predicted as top class"),
             ("overlap_prev", "selection overlap w/ prev epoch")]
     fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    names = dict(zip(methods, short_labels(methods)))
     for ax, (key, label) in zip(axes.flat, keys):
         for r in runs:
-            lab = f"{r['method']} s{r['seed']} ({r['final_acc']:.0f}%)"
+            lab = f"{names[r['method']]}, seed {r['seed']}: {r['final_acc']:.1f} %"
             if key in ("test_acc", "overlap_prev"):
                 xs = [e["epoch"] * len(r["steps"]) / len(r["epochs"]) for e in r["epochs"]]
                 ys = [e[key] for e in r["epochs"]]
@@ -149,9 +153,12 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, window: int = 10) -
         ax.set_xlabel("step", fontsize=8)
         if key == "descent_norm":
             ax.set_yscale("log")
-    axes.flat[0].legend(fontsize=6)
+    # Under the panels, not over a panel's lines.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9,
+               title="final test accuracy", title_fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -159,13 +166,15 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, window: int = 10) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mlp", choices=["cnn", "mlp"])
-    ap.add_argument("--methods", nargs="+", default=["ksam:k=16"])
+    ap.add_argument("--methods", nargs="+", default=["ksam-plain:k=16"])
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--out", default="runs/probe")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--replot", action="store_true",
+                    help="train nothing: redraw the PNG from the runs' JSON files in --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -173,13 +182,18 @@ def main() -> None:
     runs = []
     for method in args.methods:
         for seed in args.seeds:
-            r = probe(args.model, method, args.lr, args.epochs, seed, args.train_subset)
             label = f"{args.model}_lr{args.lr}_{method.replace(':', '_')}_s{seed}"
-            (out / f"{label}.json").write_text(json.dumps(r))
+            if args.replot:
+                r = json.loads((out / f"{label}.json").read_text())
+            else:
+                r = probe(args.model, method, args.lr, args.epochs, seed, args.train_subset)
+                (out / f"{label}.json").write_text(json.dumps(r))
             print(f"{label}: final {r['final_acc']:.1f}%", flush=True)
             runs.append(r)
     png = Path(args.png) if args.png else out / f"{args.model}_lr{args.lr}.png"
-    plot(runs, png, f"MNIST-1D {args.model}, lr {args.lr}")
+    data = task_text({"task": "mnist1d", "task_options": {"model": args.model}})
+    plot(runs, png, f"{data}: lr {args.lr}, batch 128, {len(args.seeds)} seed"
+                    f"{'s' if len(args.seeds) != 1 else ''}, {args.epochs} epochs")
 
 
 if __name__ == "__main__":

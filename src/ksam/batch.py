@@ -121,15 +121,21 @@ def tensors(batch: Batch) -> list[Tensor]:
 
 
 def batch_labels(batch: Batch, n: int) -> Tensor:
-    """The class labels of an ``(inputs, labels)`` batch: its second element, a 1-D integer
-    tensor of ``n`` rows (inside an :class:`IndexedBatch` too). ValueError for any other
-    batch (for rules that read labels)."""
+    """The class labels of a batch: the second element of an ``(inputs, labels)`` batch, or
+    the ``"labels"`` entry of a mapping (a Hugging Face batch), a 1-D integer tensor of
+    ``n`` rows (inside an :class:`IndexedBatch` too). ValueError for any other batch (for
+    the rules that read labels)."""
     batch = loss_batch(batch)
+    labels = None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         labels = batch[1]
-        if isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n \
-                and not labels.is_floating_point() and not labels.is_complex() \
-                and labels.dtype != torch.bool:
-            return labels
+    elif isinstance(batch, Mapping):
+        labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n \
+            and not labels.is_floating_point() and not labels.is_complex() \
+            and labels.dtype != torch.bool:
+        return labels
     raise ValueError("this selection rule reads class labels: give batches as "
-                     "(inputs, labels) with labels a 1-D integer tensor, one per example")
+                     "(inputs, labels), or a mapping with a 'labels' entry, with labels a "
+                     "1-D integer tensor, one per example (or choose select='top' or "
+                     "'stratified', which read no labels)")

@@ -57,7 +57,7 @@ the perturbation is the one a single process computes; the ascent gradient is al
 synchronized (each rank holds only its shard of it). :func:`state_dict` /
 :func:`load_state_dict` checkpoint through ``torch.distributed.checkpoint``.
 
-Launch with ``torchrun`` (see ``docs/distributed.md``)::
+Launch with ``torchrun`` (see ``docs/guide/distributed.md``)::
 
     info = ksam.distributed.setup()                 # reads RANK, WORLD_SIZE, LOCAL_RANK
     model = ksam.distributed.wrap(model, info.device)
@@ -651,7 +651,9 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
            selection: str = "local", group: Any = None,
            **kwargs: Any) -> Method:
     """:func:`ksam.create` for DDP: the method ``name`` with ``selection="local"``
-    (default: each rank's own top-K) or ``"global"`` (:class:`GlobalTopLoss`).
+    (default: each rank's own selection) or ``"global"`` (:class:`GlobalTopLoss`: the
+    top-K of the whole global batch; K-SAM without ``select`` then selects with ``"top"``,
+    since its default rule, ``"auto"``, has no global form).
 
     Engine options (``sync_perturbation``, ``seed``, ...) pass through; the engine itself
     makes the ranks skip steps together and keeps the replicas identical. Warns when the
@@ -671,6 +673,8 @@ def create(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
             "broadcast into the per-rank ascent pass; wrap it with "
             "ksam.distributed.wrap(...) (forward_sync_buffers=False) and call "
             "sync_buffers() before evaluation instead", stacklevel=2)
+    if selection == "global" and name == "ksam" and kwargs.get("select") is None:
+        kwargs["select"] = "top"
     engine = _create_method(name, model, optimizer, **kwargs)
     if selection == "global":
         use_global_selection(engine, group)

@@ -420,8 +420,15 @@ class Method:
         for key in ("method", "rules", "optimizer_class"):  # older states may lack them
             if key in state and state[key] != mine[key]:
                 what = "optimizer" if key == "optimizer_class" else "method"
+                hint = ""
+                if key == "rules" and isinstance(state[key], dict) \
+                        and state[key].get("descent") == "TopLoss" \
+                        and mine[key].get("descent") in ("AutoBand", "AutoMarginBand"):
+                    # K-SAM's default rule was top-K before 0.2.0
+                    hint = ("; a K-SAM state saved with the default rule before ksam 0.2.0 "
+                            "is top-K's: build the method with select='top'")
                 raise ValueError(f"this state_dict is of another {what}: {key} "
-                                 f"{state[key]!r}, this engine has {mine[key]!r}")
+                                 f"{state[key]!r}, this engine has {mine[key]!r}{hint}")
         if "fast_path" in state and bool(state["fast_path"]) != self.fast_path:
             raise ValueError(f"this state_dict was saved with fast_path={state['fast_path']}, "
                              f"this engine has fast_path={self.fast_path}: the two step the "

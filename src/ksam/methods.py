@@ -31,7 +31,6 @@ from .schedule import Schedule
 from .selection import (
     RESCALE_KINDS,
     RULES,
-    LargestIncreaseTop,
     LargestLossIncrease,
     RandomSubset,
     RuleFactory,
@@ -72,8 +71,11 @@ class SAM(Method):
                          descent=WholeBatch(), schedule=Schedule(start_step, p), **engine)
 
 
+#: K-SAM's selection rule when none is given, for a cross-entropy loss scored by a forward
+#: pass: chosen by the decision rule of docs/experiments/default-rule.md.
+DEFAULT_SELECT = "auto"
 #: Default of K-SAM's ``k_warmup`` (steps per halving of the descent subset, B -> K); the
-#: stress test in docs/collapse.md supports it. 0 is the paper's plain K-SAM.
+#: stress test in docs/experiments/collapse.md supports it. 0 is the paper's plain K-SAM.
 K_WARMUP = 100
 #: Default of K-SAM's ``rescale`` (descent step scaled to a full-batch step's estimated
 #: size, :func:`ksam.selection.subset_gradient_scale`); False is the paper's plain K-SAM.
@@ -89,8 +91,8 @@ class KSAM(Method):
     sets both unless overridden. Three forward passes (B, K1, K2), two backward passes
     (K1, K2), none over the whole batch.
 
-    Two guards against collapse (docs/collapse.md), both on the descent rule: ``k_warmup``
-    starts the descent subset at the whole batch and halves it every ``k_warmup`` steps
+    Two guards against collapse (docs/experiments/collapse.md), both on the descent rule:
+    ``k_warmup`` starts the descent subset at the whole batch and halves it every ``k_warmup`` steps
     down to K2 (:class:`TopLoss`'s ``warmup``); ``rescale`` scales the descent step to a
     full-batch step's estimated size. ``k_warmup=0, rescale=False`` is the paper's plain
     K-SAM (also ``create("ksam-plain")``).
@@ -101,13 +103,19 @@ class KSAM(Method):
     label-smoothed loss, ...), for which there is no estimate: ``rescale`` then defaults
     to off, and an explicit ``rescale`` is refused.
 
-    ``select`` names the rule of both passes in :data:`ksam.selection.RULES`: ``"top"``
-    (default) is the paper's top-K; ``"band"`` and ``"median"`` take K examples below the
-    top of the loss order and ``"stratified"`` K examples spread over it, which hold up under
-    label noise (docs/label_noise.md); ``"balanced"`` takes the top-K class by class;
-    ``"auto"`` skips the share of examples below chance, estimated early in training. A
-    factory such as ``functools.partial(ksam.selection.AutoBand, estimate_steps=(2000,
-    4000))`` sets a rule's own options.
+    ``select`` names the rule of both passes in :data:`ksam.selection.RULES`. The default
+    (``None``) is :data:`DEFAULT_SELECT`, ``"auto"`` (:class:`ksam.selection.AutoBand`),
+    chosen among the measured candidates by the rule of docs/experiments/default-rule.md:
+    it skips the share of the batch the model rates below chance (estimated over steps
+    100-199, allowed only to fall afterwards) and takes the next K; it reads the labels of
+    ``(inputs, labels)`` batches (or a mapping's ``"labels"``). For a loss without a chance
+    level (``loss_kind="mse"`` or ``"other"``) and with ``scores="memory"`` the default is
+    the paper's ``"top"``. ``"top"`` is the paper's top-K, ``"stratified"`` K examples
+    spread evenly over the loss order, ``"auto-margin"`` the band that also skips the rows
+    the model confidently contradicts (reads the logits of a ``loss_fn`` that returns
+    :class:`ksam.LossOutput`). A factory such as
+    ``functools.partial(ksam.selection.AutoBand, estimate_steps=(2000, 4000))`` sets a
+    rule's own options.
 
     ``scores="memory"`` (with ``num_examples=N``, the size of the training set, and batches
     given as :class:`ksam.IndexedBatch`) ranks the batch by the loss each example had the
@@ -115,9 +123,8 @@ class KSAM(Method):
     scoring forward: two forwards (K1, K2) and two backwards a step. The ascent pass's
     losses refresh the memory; an example not scored yet ranks first. It takes the rules
     that read only the order of the scores and always take the first-ranked row,
-    ``select="top"`` or ``"stratified"`` (:data:`MEMORY_RULES`), and no ``rescale``:
-    ``band`` and ``median`` skip the top ranks, where the examples not scored yet sit, so
-    those would never be scored; ``auto`` and ``rescale`` read the losses' values, which a
+    ``select="top"`` (its default there) or ``"stratified"`` (:data:`MEMORY_RULES`), and no
+    ``rescale``: ``auto``, ``auto-margin`` and ``rescale`` read the losses' values, which a
     memory has only stale. ``scores="forward"`` (default) is the paper's scoring pass.
     """
 
@@ -126,8 +133,10 @@ class KSAM(Method):
                  k_descent: float | int | None = None, adaptive: bool = False,
                  eta: float = 0.01, k_warmup: int = K_WARMUP,
                  rescale: bool | float | None = None, loss_kind: str = "ce",
-                 start_step: int = 0, p: float = 1.0, select: str | RuleFactory = "top",
+                 start_step: int = 0, p: float = 1.0, select: str | RuleFactory | None = None,
                  scores: str = "forward", num_examples: int | None = None, **engine: Any):
+        if select is None:
+            select = DEFAULT_SELECT if scores == "forward" and loss_kind == "ce" else "top"
         rule_memory = select in RULES_WITH_MEMORY
         remembered = remembered_scores(scores, None if rule_memory else num_examples, select)
         if rule_memory:
@@ -143,10 +152,8 @@ class KSAM(Method):
         if rescale is None:  # the default: on where the loss kind has an estimate
             rescale = RESCALE if check_loss_kind(loss_kind) in RESCALE_KINDS else False
         rule = sam_perturbation(rho, adaptive, eta)
-        ascent = build_rule(
-            functools.partial(LargestIncreaseTop, descent=False) if select == "increase"
-            else select, k if k_ascent is None else k_ascent,
-            "k" if k_ascent is None else "k_ascent")
+        ascent = build_rule(select, k if k_ascent is None else k_ascent,
+                            "k" if k_ascent is None else "k_ascent").as_ascent()
         descent = build_rule(select, k if k_descent is None else k_descent,
                              "k" if k_descent is None else "k_descent", warmup=k_warmup,
                              rescale=rescale, loss_kind=loss_kind)
@@ -158,20 +165,17 @@ class KSAM(Method):
 
 #: The selection rules that keep a per-example memory of their own (they take
 #: ``num_examples`` and batches given as :class:`ksam.IndexedBatch`).
-RULES_WITH_MEMORY = ("aum", "fit-aum")
+RULES_WITH_MEMORY: set[str] = set()
 
 #: The rules that may rank by remembered losses (``scores="memory"``): both read only the
 #: order of the scores and take its first row, so a batch with examples not scored yet
 #: (they rank first) scores at least one of them; ``stratified`` takes one in every B/K.
 MEMORY_RULES = ("top", "stratified")
 
-_SKIPS_THE_TOP = ("it skips the top ranks, where the examples not scored yet sit, so those "
-                  "would never be scored")
 _NOT_FROM_MEMORY = {
-    "band": _SKIPS_THE_TOP,
-    "median": _SKIPS_THE_TOP,
     "auto": "it compares the losses' values with chance, and a memory has them only stale",
-    "balanced": "it has not been measured with a memory",
+    "auto-margin": "it compares the losses' values with chance, and a memory has them only "
+                   "stale",
 }
 
 
@@ -319,10 +323,11 @@ def _ksam_plain(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: floa
                 k_descent: float | int | None = None, adaptive: bool = False,
                 eta: float = 0.01, loss_kind: str = "ce", start_step: int = 0,
                 p: float = 1.0, **engine: Any) -> KSAM:
-    """The paper's K-SAM without the collapse guard (``KSAM(..., k_warmup=0)``)."""
+    """The paper's K-SAM: top-K selection without the collapse guard (``KSAM(...,
+    select="top", k_warmup=0, rescale=False)``)."""
     return KSAM(model, optimizer, rho=rho, k=k, k_ascent=k_ascent, k_descent=k_descent,
                 adaptive=adaptive, eta=eta, k_warmup=0, rescale=False, loss_kind=loss_kind,
-                start_step=start_step, p=p, **engine)
+                start_step=start_step, p=p, select="top", **engine)
 
 
 def _asam(model: nn.Module, optimizer: torch.optim.Optimizer, *, rho: float = 0.5,

@@ -168,10 +168,10 @@ class StepPasses:
             self._batchnorm_pending = False
         return torch.cat(parts)
 
-    def score(self) -> tuple[Tensor, Tensor]:
+    def score(self) -> tuple[Tensor, Tensor | None]:
         """A gradient-free pass over the whole batch: its per-sample losses and the logits
-        ``loss_fn`` returned with them (chunk by chunk with ``micro_batch_size``).
-        ValueError when ``loss_fn`` returns no logits."""
+        ``loss_fn`` returned with them (None when it returns none), chunk by chunk with
+        ``micro_batch_size``."""
         p = self.passes
         step = p.micro_batch_size if self.chunked(self.n) else self.n
         update = self._updates_batchnorm(None)
@@ -186,16 +186,14 @@ class StepPasses:
                         p.autocast(self.device), torch.no_grad():
                     part, part_logits = split_output(self.loss_fn(p.forward_model, inner),
                                                      stop - start)
-                if part_logits is None:
-                    raise ValueError("this selection rule reads the logits: loss_fn must "
-                                     "return ksam.LossOutput(losses, logits)")
                 losses.append(part.detach())
-                logits.append(part_logits.detach())
+                if part_logits is not None:
+                    logits.append(part_logits.detach())
         if update:
             self._batchnorm_pending = False
         if len(losses) == 1:
-            return losses[0], logits[0]
-        return torch.cat(losses), torch.cat(logits)
+            return losses[0], logits[0] if logits else None
+        return torch.cat(losses), torch.cat(logits) if logits else None
 
     def _updates_batchnorm(self, index: Tensor | None) -> bool:
         return self._batchnorm_pending and (index is None or self.subset_updates_batchnorm)

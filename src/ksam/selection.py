@@ -15,24 +15,25 @@ Rules:
 - :class:`LargestLossIncrease` - the examples whose loss rises most from w to w+eps
   (ESAM's sharpness-sensitive data selection).
 
-Rules for K-SAM and Ordered SGD that hold up under label noise (:data:`RULES`, chosen with
-``KSAM(..., select=NAME)`` / ``OrderedSGD(..., select=NAME)``; docs/label_noise.md): once
-the clean examples are fitted, the highest losses of a batch are mostly the mislabelled
-examples, so these rules take K examples *below* the top of the loss order.
+The rules of K-SAM and Ordered SGD by name (:data:`RULES`, ``KSAM(..., select=NAME)``):
+once the clean examples are fitted, the highest losses of a batch are mostly mislabelled
+examples (docs/experiments/label-noise.md), so all but ``top`` take K examples from *below*
+the top of the loss order or spread over it.
 
-- :class:`LossBand` (``"band"``) - skip the ``skip`` fraction of largest losses, take the next K.
-- :class:`MedianBand` (``"median"``) - the K examples around the median loss (Xia et al.).
+- :class:`TopLoss` (``"top"``) - the paper's rule.
 - :class:`StratifiedLoss` (``"stratified"``) - K examples at evenly spaced ranks of the loss
   order.
-- :class:`ClassBalancedTopLoss` (``"balanced"``) - top-K taken class by class in turn.
 - :class:`AutoBand` (``"auto"``) - a band whose skip is estimated from the losses: the share
   of examples the model rates below chance, measured early in training, never raised after.
+- :class:`AutoMarginBand` (``"auto-margin"``, K-SAM's default) - :class:`AutoBand` that also
+  counts the examples the model confidently contradicts (it reads the logits).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .stateful import Stateful
-from .validate import check_choice, check_fraction, check_int, check_number
+from .validate import check_fraction, check_int, check_number
 
 
 def check_subset_size(k: float | int, name: str = "k") -> float | int:
@@ -176,6 +177,11 @@ class SelectionRule(Stateful):
         """Keep one state with ``other``, a rule of the same step that estimates the same
         quantity (K-SAM's ascent and descent rules); nothing for a rule without state."""
 
+    def as_ascent(self) -> SelectionRule:
+        """The rule as K-SAM's ascent rule: itself, but for a rule defined only at w+eps
+        (which takes other rows for the ascent, where eps does not exist yet)."""
+        return self
+
 
 class WholeBatch(SelectionRule):
     """Every example: the pass runs on the whole batch."""
@@ -198,7 +204,7 @@ class TopLoss(SelectionRule):
 
     .. math:: K_t = \max\bigl(K,\ \lceil B / 2^{\lfloor t / \text{warmup} \rfloor}\rceil\bigr)
 
-    Why (docs/collapse.md): at initialization the per-sample losses are all close to
+    Why (docs/experiments/collapse.md): at initialization the per-sample losses are all close to
     :math:`\ln C`, so the top-K are just the examples of the classes the random network
     under-predicts; a full step on them makes the network predict one class, the next top-K
     are again all of other classes, and within ~20 steps most ReLUs are dead - the run never
@@ -308,7 +314,8 @@ def subset_gradient_scale(scores: Tensor, index: Tensor, kind: str = "ce") -> Te
 
     Scaling the top-K step by s keeps its size that of a full-batch step: s = 1 while all
     examples are hard (early training), s ~ error rate once most are fitted, when plain
-    top-K steps are B/K times larger than SGD's and can kill the network (docs/collapse.md).
+    top-K steps are B/K times larger than SGD's and can kill the network
+    (docs/experiments/collapse.md).
 
     Losses of both kinds are >= 0: a negative loss means the losses are of another kind,
     and the scale is then NaN, so the engine skips the step as non-finite (and counts it)
@@ -375,46 +382,8 @@ class LargestLossIncrease(SelectionRule):
 
 # ------------------------------------------------------------- rules for noisy labels
 
-#: Default ``skip`` of :class:`LossBand`: the share of largest losses it leaves out.
-BAND_SKIP = 0.3
-
-
 def _check_share(value: float, name: str) -> float:
     return check_fraction(name, value, high_open=True)
-
-
-class LossBand(TopLoss):
-    """The K examples that follow the ``skip`` fraction of largest losses at w.
-
-    Rows ``s .. s+K-1`` of the loss order, with ``s = round(skip * B)`` capped at ``B - K``
-    (a subset as large as the batch skips nothing). Once the clean examples are fitted the
-    mislabelled ones hold the top of the order; a ``skip`` at or above the noise rate
-    leaves them out and keeps the hardest of the rest. ``warmup`` and ``rescale`` act as in
-    :class:`TopLoss`.
-    """
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce",
-                 skip: float = BAND_SKIP) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.skip = _check_share(skip, "skip")
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        start = min(round(self.skip * ctx.batch_size), ctx.batch_size - count)
-        return order[start:start + count]
-
-    def _repr_options(self) -> str:
-        return f"{super()._repr_options()}, skip={self.skip:g}"
-
-
-class MedianBand(TopLoss):
-    """The K examples around the median loss at w: rows ``(B-K)//2 .. (B-K)//2+K-1`` of the
-    loss order (the "moderate" coreset of Xia et al., ICLR 2023, per batch). ``warmup`` and
-    ``rescale`` as in :class:`TopLoss`."""
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        start = (ctx.batch_size - count) // 2
-        return order[start:start + count]
 
 
 class StratifiedLoss(TopLoss):
@@ -426,47 +395,6 @@ class StratifiedLoss(TopLoss):
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         return _spread_rows(order, ctx.batch_size, count)
-
-
-def class_round_robin(order: Tensor, labels: Tensor) -> Tensor:
-    """Every row, reordered class by class in turn: each class's largest loss first, then
-    each class's second largest, and so on; within a round, classes by their loss.
-
-    ``order`` is the loss order (largest first, ties by the lower index), ``labels`` the
-    rows' integer labels. The first K rows of the result are the top-K per class, about
-    K/C of each class present. Sorts only, no host sync.
-    """
-    n = order.numel()
-    lab = labels.index_select(0, order)  # labels in loss order
-    by_class = torch.sort(lab, stable=True).indices  # grouped by class, loss order inside
-    grouped = lab.index_select(0, by_class)
-    pos = torch.arange(n, device=order.device)
-    starts = torch.ones(n, dtype=torch.bool, device=order.device)
-    starts[1:] = grouped[1:] != grouped[:-1]
-    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(0).values
-    rank_in_class = torch.empty_like(pos).index_copy_(0, by_class, pos - first)
-    # Unique keys: within-class rank first, then the global loss rank.
-    return order.index_select(0, torch.sort(rank_in_class * n + pos).indices)
-
-
-class ClassBalancedTopLoss(TopLoss):
-    """Top-K by loss at w, taken class by class in turn (:func:`class_round_robin`): the
-    hardest example of every class in the batch, then the second hardest of every class,
-    until K rows. No class can fill the subset alone, which removes the one-sided subsets
-    that start collapses (docs/collapse.md). Reads the labels: batches are
-    ``(inputs, labels)``. ``warmup`` and ``rescale`` as in :class:`TopLoss`."""
-
-    needs_labels = True
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        if ctx.labels is None:
-            raise ValueError(f"{self!r} needs the batch's labels: give batches as "
-                             "(inputs, labels)")
-        cached = ctx.cache.get("class_round_robin")
-        if cached is None or cached[0] is not order:
-            labels = ctx.labels.to(order.device, non_blocking=True)
-            cached = ctx.cache["class_round_robin"] = (order, class_round_robin(order, labels))
-        return cached[1][:count]
 
 
 #: Defaults of :class:`AutoBand`: the estimate's margin over the measured share, the steps
@@ -481,11 +409,6 @@ AUTO_MAX_SKIP = 0.5
 AUTO_ESTIMATE_FRACTION = 0.1
 
 
-#: What :class:`AutoBand` counts (``criterion``): ``"chance"`` the rows below chance,
-#: ``"either"`` also the rows the model confidently contradicts (reads the logits).
-CRITERIA = ("chance", "either")
-
-
 def auto_window(fraction: float, steps_total: int) -> tuple[int, int]:
     """:class:`AutoBand`'s ``estimate_steps`` for a run of ``steps_total`` steps when the CLI
     says ``estimate=FRACTION``: steps ``[round(F*T), round(2*F*T))``, at least one step."""
@@ -497,29 +420,33 @@ def auto_window(fraction: float, steps_total: int) -> tuple[int, int]:
     return start, max(start + 1, round(2 * float(fraction) * steps_total))
 
 
-def rule_options(options: dict, steps_total: int) -> dict:
-    """A method's options with the CLI's ``estimate=F`` (``select="auto"`` only) turned into
-    an :class:`AutoBand` that measures over :func:`auto_window` of a run of ``steps_total``
+def rule_options(options: dict, steps_total: int, default_select: str = "top") -> dict:
+    """A method's options with the CLI's ``estimate=F`` (for ``select="auto"`` and
+    ``"auto-margin"``; ``default_select`` is the method's rule when the options name none)
+    turned into that rule measuring over :func:`auto_window` of a run of ``steps_total``
     steps; without it the rule keeps its step window (:data:`AUTO_ESTIMATE_STEPS`).
     ``estimate`` with another rule is a ValueError."""
     out = dict(options)
     fraction = out.pop("estimate", None)
     if fraction is None:
         return out
-    if out.get("select") != "auto":
-        raise ValueError(f"estimate is an option of select='auto', not of select="
-                         f"{out.get('select', 'top')!r}")
-    out["select"] = functools.partial(AutoBand, estimate_steps=auto_window(fraction,
-                                                                           steps_total))
+    select = out.get("select") or default_select
+    if select not in ("auto", "auto-margin"):
+        raise ValueError(f"estimate is an option of select='auto' and 'auto-margin', not of "
+                         f"select={select!r}")
+    out["select"] = functools.partial(RULES[select],
+                                      estimate_steps=auto_window(fraction, steps_total))
     return out
 
 
 class AutoBand(TopLoss):
-    r"""A :class:`LossBand` whose skip is estimated from the losses, with no noise rate to set.
+    r"""A band of the loss order (skip the largest losses, take the next K) whose skip is
+    estimated from the losses, with no noise rate to set.
 
     An example is *below chance* when its loss exceeds :math:`\ln C` (cross-entropy of a
     uniform guess over C classes): the model rates its label less likely than a guess. Once
-    the clean examples are fitted, these are mostly the mislabelled ones (docs/label_noise.md).
+    the clean examples are fitted, these are mostly the mislabelled ones
+    (docs/experiments/label-noise.md).
 
     - Steps ``< estimate_until``: K rows at evenly spaced ranks, as :class:`StratifiedLoss`
       (every part of the loss order: the model learns from the whole batch, noisy rows at
@@ -553,10 +480,8 @@ class AutoBand(TopLoss):
                  margin: float = AUTO_MARGIN,
                  estimate_steps: tuple[int, int] = AUTO_ESTIMATE_STEPS,
                  decay: float = AUTO_DECAY, max_skip: float = AUTO_MAX_SKIP,
-                 classes: int | None = None, criterion: str = "chance") -> None:
+                 classes: int | None = None) -> None:
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.criterion = check_choice("criterion", criterion, CRITERIA)
-        self.needs_logits = criterion != "chance"
         if self.loss_kind != "ce":
             raise ValueError(f"{type(self).__name__} compares losses with chance level ln C: "
                              f"it needs cross-entropy losses, got loss_kind={loss_kind!r}")
@@ -565,7 +490,7 @@ class AutoBand(TopLoss):
         self.decay = check_fraction("decay", decay)
         self.max_skip = _check_share(max_skip, "max_skip")
         self.classes = None if classes is None else check_int("classes", classes, low=2)
-        self.needs_labels = classes is None or criterion != "chance"
+        self.needs_labels = classes is None
         self._estimate = _Estimate()
 
     def graph_key(self, step: int) -> object:
@@ -611,12 +536,8 @@ class AutoBand(TopLoss):
 
     def flagged(self, ctx: SelectionContext) -> Tensor:
         """Per row, whether it counts towards the measured share: below chance (loss >
-        ln C), or with ``criterion="either"`` also confidently contradicted
-        (:func:`confidently_contradicted`)."""
-        below = ctx.scores.float() > self._chance_loss(ctx)
-        if self.criterion == "chance":
-            return below
-        return below | confidently_contradicted(ctx)
+        ln C)."""
+        return ctx.scores.float() > self._chance_loss(ctx)
 
     def estimate(self) -> float | None:
         """The current (committed) estimate of the share to skip, before the margin (host
@@ -727,316 +648,59 @@ def label_margins(ctx: SelectionContext) -> Tensor:
     return margins
 
 
-def _kept_first(order: Tensor, dropped: Tensor) -> Tensor:
-    """``order`` with the rows not ``dropped`` first, each group in its order (a stable
-    sort on the group: static shapes, no host sync)."""
-    key = dropped.index_select(0, order).to(torch.uint8)
-    return order.index_select(0, torch.sort(key, stable=True).indices)
-
-
-class TopLossUncontradicted(TopLoss):
-    r"""Top-K among the rows the model does not *confidently contradict*, then the others,
-    each group largest loss first.
-
-    A row is confidently contradicted at w when the model's most likely class is not the
-    label and has probability at least 1/2 (:math:`\arg\max_c z_c \ne y` and
-    :math:`\max_c \operatorname{softmax}(z)_c \ge 1/2`). A mislabelled example - symmetric
-    noise, or a class flipped to a fixed other class - is one the model predicts as its
-    true class once it has learned that class from the correctly labelled majority: it is
-    confidently contradicted, whatever the noise structure, and left out. A hard clean
-    example, and every example early in training, gets a spread-out prediction (no class
-    at 1/2) and stays in: the rule is top-K until the model is sure of something. No
-    state, no estimate, no window. Reads the labels and the logits of the scoring pass.
-    ``warmup`` and ``rescale`` as in :class:`TopLoss`."""
-
-    needs_labels = True
-    needs_logits = True
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        cached = ctx.cache.get("uncontradicted_order")
-        if cached is None or cached[0] is not order:
-            cached = ctx.cache["uncontradicted_order"] = (
-                order, _kept_first(order, confidently_contradicted(ctx)))
-        return cached[1][:count]
-
-
 def confidently_contradicted(ctx: SelectionContext) -> Tensor:
-    """Per row: the model's most likely class is not the label and has probability >= 1/2
-    (see :class:`TopLossUncontradicted`)."""
+    """Per row: the model's most likely class is not the label and has probability >= 1/2:
+    a confident prediction of another class, which under pair noise marks the flipped
+    labels that are still above chance (:class:`AutoMarginBand`)."""
     probs = torch.softmax(ctx.logits.detach().float(), dim=1)
     return (label_margins(ctx) < 0) & (probs.amax(1) >= 0.5)
 
 
-class FitGated(TopLoss):
-    r"""A rule of two phases, switched by the model's fit, not by a step count: K rows at
-    evenly spaced ranks of the loss order (as :class:`StratifiedLoss`: the model learns
-    from every part of the batch, mislabelled rows at the batch's rate) while :math:`g_t`,
-    the running mean (``decay``) of the share of the batch the model misclassifies, is
-    above ``gate`` (1/2); from the first step with :math:`g_t \le \text{gate}` on, the rows
-    of :meth:`filtered`. Reads the labels and the scoring pass's logits."""
 
-    needs_labels = True
+class AutoMarginBand(AutoBand):
+    r""":class:`AutoBand` that also counts the rows the model *confidently contradicts*:
+    its most likely class is not the label and has probability at least 1/2
+    (:func:`confidently_contradicted`).
+
+    Under noise that maps a class to a fixed other class, a model trained on the batch
+    learns the mix: for an image of class c whose label is c+1 it predicts c, with c+1 as a
+    strong second. The flipped label is then above chance (its loss is below ln C), so
+    :class:`AutoBand` does not count the example, but it is contradicted by a confident
+    prediction of another class, so this rule does; under symmetric noise both counts
+    agree. Everything else - the window, the running minimum, the margin, the band - is
+    :class:`AutoBand`'s.
+
+    Reads the labels and the logits of the scoring pass (a ``loss_fn`` that returns
+    :class:`ksam.LossOutput`). Without logits it counts the rows below chance only, as
+    :class:`AutoBand`, and says so once (a UserWarning): noise of the second kind is then
+    not covered.
+    """
+
     needs_logits = True
 
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce",
-                 gate: float = 0.5, decay: float = AUTO_DECAY) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.gate = _check_share(gate, "gate")
-        self.decay = check_fraction("decay", decay, high_open=True)
-        self._estimate = _Estimate()
-
-    def share_state(self, other: SelectionRule) -> None:
-        if isinstance(other, FitGated):
-            self._estimate = other._estimate
-
-    def commit(self, keep: bool | Tensor, sharp: bool = True) -> None:
-        self._estimate.commit(keep)
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        (fit, measured, _, _, opened), new = self._estimate.views(order.device)
-        new_fit, new_measured, _, _, new_opened = new
-        self._estimate.pending = True
-        wrong = (label_margins(ctx) < 0).float().mean()
-        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
-                                  wrong))
-        new_measured.fill_(1.0)
-        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
-        filtered = self.filtered(ctx, order, count)
-        return torch.where(new_opened > 0, filtered,
-                           _spread_rows(order, ctx.batch_size, count))
-
-    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        state = self._estimate.state
-        return {} if state is None else {"estimate": state.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict, *, applied: bool = False) -> None:
-        self._estimate.load(state.get("estimate"))
-
-
-class GatedUncontradicted(FitGated):
-    """:class:`FitGated`, then top-K among the rows the model does not confidently
-    contradict (:func:`confidently_contradicted`), then the others."""
-
-    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        return _kept_first(order, confidently_contradicted(ctx))[:count]
-
-
-class GatedAreaUnderMargin(FitGated):
-    """:class:`FitGated`, then top-K among the examples whose remembered label margin (a
-    running mean over visits, ``visit_decay``, kept in a per-example memory from the first
-    step on) is at least ``threshold``, then the others."""
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce", *,
-                 num_examples: int, gate: float = 0.5, decay: float = AUTO_DECAY,
-                 visit_decay: float = 0.5, threshold: float = 0.0) -> None:
-        from .memory import ExampleMemory
-
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind,
-                         gate=gate, decay=decay)
-        self.visit_decay, self.threshold = float(visit_decay), float(threshold)
-        self.memory = ExampleMemory(num_examples)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.needs_labels = True
+        self._said = {"no logits": False}  # shared by K-SAM's two rules: one warning
 
     def share_state(self, other: SelectionRule) -> None:
         super().share_state(other)
-        if isinstance(other, GatedAreaUnderMargin):
-            self.memory = other.memory
-
-    def remembered(self, ctx: SelectionContext) -> Tensor:
-        cached = ctx.cache.get("gated_aum")
-        if cached is None:
-            if ctx.ids is None:
-                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
-                                 "ksam.IndexedBatch(batch, index)")
-            margins = label_margins(ctx)
-            mem = self.memory
-            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
-            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
-                0, ctx.ids)
-            d = self.visit_decay
-            cached = torch.where(visits > 0, d * mean + (1 - d) * margins, margins)
-            mem.stage(ctx.ids, aum=cached, aum_visits=visits + 1)
-            ctx.cache["gated_aum"] = cached
-        return cached
+        if isinstance(other, AutoMarginBand):
+            self._said = other._said
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        self.remembered(ctx)
+        if ctx.logits is None and not self._said["no logits"]:
+            self._said["no logits"] = True
+            warnings.warn(f"{self!r} counts the rows the model confidently contradicts "
+                          "from the logits, and loss_fn returns none: it counts the rows "
+                          "below chance only (label noise that maps a class to a fixed "
+                          "other class is then not covered); return "
+                          "ksam.LossOutput(losses, logits) from loss_fn", stacklevel=2)
         return super().pick(ctx, order, count)
 
-    def filtered(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        return _kept_first(order, self.remembered(ctx) < self.threshold)[:count]
-
-
-#: Default of :class:`FitGatedBand`'s ``gate``: the band starts once the running mean of
-#: the share of the batch the model misclassifies is at most 1/2.
-GATE_SHARE = 0.5
-
-
-class FitGatedBand(AutoBand):
-    r""":class:`AutoBand` with its estimate window set by the model's fit instead of step
-    counts: K rows at evenly spaced ranks while :math:`g_t`, the running mean (``decay``)
-    of the share of the batch the model misclassifies, is above ``gate`` (1/2); from the
-    first step with :math:`g_t \le \text{gate}` on, the band, whose skip follows the
-    running mean of the measured share (:meth:`AutoBand.flagged`) started at that step,
-    downwards only. Reads the labels and the scoring pass's logits."""
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce",
-                 margin: float = AUTO_MARGIN, decay: float = AUTO_DECAY,
-                 max_skip: float = AUTO_MAX_SKIP, criterion: str = "chance",
-                 gate: float = GATE_SHARE) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind,
-                         margin=margin, decay=decay, max_skip=max_skip, criterion=criterion)
-        self.gate = _check_share(gate, "gate")
-        self.needs_labels = self.needs_logits = True
-
-    def graph_key(self, step: int) -> object:
-        return None
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        n = ctx.batch_size
-        # state: (gate's running mean, measured, running mean, its minimum, open)
-        (fit, measured, mean, low, opened), new = self._estimate.views(order.device)
-        new_fit, new_measured, new_mean, new_low, new_opened = new
-        self._estimate.pending = True
-        wrong = (label_margins(ctx) < 0).float().mean()
-        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
-                                  wrong))
-        new_measured.fill_(1.0)
-        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
-        share = self.flagged(ctx).float().mean()
-        new_mean.copy_(torch.where(opened > 0, self.decay * mean + (1 - self.decay) * share,
-                                   share))
-        new_low.copy_(torch.where(opened > 0, torch.minimum(low, new_mean), new_mean))
-        cap = min(round(self.max_skip * n), n - count)
-        skip = torch.ceil(self.margin * new_low * n).clamp(0, cap).long()
-        band = order.index_select(0, torch.arange(count, device=order.device) + skip)
-        return torch.where(new_opened > 0, band, _spread_rows(order, n, count))
-
-
-#: Default of :class:`AreaUnderMargin`'s ``threshold``: a remembered margin below -ln 2
-#: means the model rates another class at least twice as likely as the label, on average
-#: over the example's visits.
-AUM_THRESHOLD = -math.log(2.0)
-#: Default of :class:`AreaUnderMargin`'s ``decay``: the weight of an example's earlier
-#: visits in its remembered margin.
-AUM_DECAY = 0.5
-
-
-class AreaUnderMargin(TopLoss):
-    r"""Top-K among the examples whose *remembered* label margin is at least ``threshold``
-    (-ln 2), then the others, each group largest loss first (after Pleiss et al. 2020,
-    "area under the margin"): per example, a running mean over its visits of
-    :func:`label_margins`, :math:`a \leftarrow \text{decay}\cdot a + (1-\text{decay})
-    \cdot\text{margin}` (the first visit's margin as it is), this visit included.
-    Examples the model persistently rates another class above their label, by more than
-    twice the odds, are left out, whatever the noise structure; early in training every
-    margin is near 0 and the rule is top-K. Keeps one fp32 value and a visit count per
-    example (``num_examples`` rows; batches given as :class:`ksam.IndexedBatch`), in the
-    engine's :meth:`state_dict`; a skipped step leaves it as it was. Reads the labels and
-    the logits of the scoring pass."""
-
-    needs_labels = True
-    needs_logits = True
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce", *,
-                 num_examples: int, threshold: float = AUM_THRESHOLD,
-                 decay: float = AUM_DECAY) -> None:
-        from .memory import ExampleMemory
-
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.decay = check_fraction("decay", decay, high_open=True)
-        self.threshold = check_number("threshold", threshold)
-        self.memory = ExampleMemory(num_examples)
-
-    def share_state(self, other: SelectionRule) -> None:
-        if isinstance(other, AreaUnderMargin):
-            self.memory = other.memory
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        cached = ctx.cache.get("aum_order")
-        if cached is None or cached[0] is not order:
-            if ctx.ids is None:
-                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
-                                 "ksam.IndexedBatch(batch, index)")
-            margins = label_margins(ctx)
-            mem = self.memory
-            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
-            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
-                0, ctx.ids)
-            new = torch.where(visits > 0, self.decay * mean + (1 - self.decay) * margins,
-                              margins)
-            mem.stage(ctx.ids, aum=new, aum_visits=visits + 1)
-            cached = ctx.cache["aum_order"] = (order, _kept_first(order, new < self.threshold))
-        return cached[1][:count]
-
-    def _repr_options(self) -> str:
-        return f"{super()._repr_options()}, num_examples={self.memory.num_examples}"
-
-
-#: Default of :class:`LossSampled`'s ``uniform``: the share of the sampling weight spread
-#: evenly over the batch, so that no example can own the subset.
-SAMPLE_UNIFORM = 0.5
-
-
-class LossSampled(TopLoss):
-    r"""K rows drawn without replacement with probability growing with the loss at w
-    (AUSAM, Zhao et al. 2025, samples by a remembered score; here the step's own losses),
-
-    .. math:: p_i \propto (1 - u)\,\frac{l_i}{\sum_j l_j} + \frac{u}{B},
-
-    ``u`` = ``uniform``: every example keeps at least :math:`u/B` of the weight, so no
-    example can own the subset. One draw a step (Gumbel top-K over the whole batch, from
-    the engine's generator on the host), shared by K-SAM's ascent and descent rules:
-    the ascent takes the first K1 rows of the drawn order, the descent the first K2.
-    """
-
-    draws_on_host = True
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce",
-                 uniform: float = SAMPLE_UNIFORM) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.uniform = _check_share(uniform, "uniform") if uniform != 1 else 1.0
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        cached = ctx.cache.get("sampled_order")
-        if cached is None or cached[0] is not ctx.scores:
-            losses = ctx.scores.detach().float().clamp_min(0)
-            total = losses.sum().clamp_min(1e-12)
-            weights = (1 - self.uniform) * losses / total + self.uniform / ctx.batch_size
-            gen = ctx.generator
-            u = torch.rand(ctx.batch_size, generator=gen,
-                           device=gen.device if gen is not None else "cpu")
-            gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
-            keys = weights.log() + gumbel.to(weights.device, non_blocking=True)
-            cached = ctx.cache["sampled_order"] = (ctx.scores, descending_order(keys))
-        return cached[1][:count]
-
-
-class LargestIncreaseTop(TopLoss):
-    """The K rows whose loss rises most from w to w+eps (ESAM's and AUSAM's sharpness
-    score) for K-SAM's descent; a full forward at w+eps gives the losses. K-SAM's ascent
-    with this rule takes evenly spaced ranks of the loss order (as :class:`StratifiedLoss`):
-    the score exists only once eps does. ``warmup`` and ``rescale`` as in :class:`TopLoss`
-    (the rescale reads the losses at w)."""
-
-    def __init__(self, k: float | int, name: str = "k", warmup: int = 0,
-                 rescale: bool | float = False, loss_kind: str = "ce",
-                 descent: bool = True) -> None:
-        super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
-        self.needs_perturbed_losses = bool(descent)
-
-    def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        if not self.needs_perturbed_losses:
-            return _spread_rows(order, ctx.batch_size, count)
-        assert ctx.perturbed_losses is not None
-        return top_indices(ctx.perturbed_losses - ctx.scores.float(), count)
+    def flagged(self, ctx: SelectionContext) -> Tensor:
+        below = super().flagged(ctx)
+        return below if ctx.logits is None else below | confidently_contradicted(ctx)
 
 
 #: What makes a rule of the top-K family: ``factory(k, name, warmup=, rescale=, loss_kind=)``.
@@ -1047,12 +711,15 @@ RuleFactory = Callable[..., TopLoss]
 #: options have defaults. ``"top"`` is the paper's top-K (:class:`TopLoss`).
 RULES: dict[str, RuleFactory] = {
     "top": TopLoss,
-    "band": LossBand,
-    "median": MedianBand,
     "stratified": StratifiedLoss,
-    "balanced": ClassBalancedTopLoss,
     "auto": AutoBand,
+    "auto-margin": AutoMarginBand,
 }
+
+
+#: Rules that left :data:`RULES` (they fail on clean labels or under noise); the scripts of
+#: the experiment pages register them again.
+RETIRED_RULES = ("band", "median", "balanced")
 
 
 def build_rule(select: str | RuleFactory, k: float | int, name: str = "k",
@@ -1070,6 +737,10 @@ def build_rule(select: str | RuleFactory, k: float | int, name: str = "k",
                              "top-K family (a ksam.selection.TopLoss)")
         return rule
     if factory is None:
+        retired = (f" ({select!r} left the library in 0.2.0: it fails on clean labels or "
+                   "under label noise, docs/experiments/selection-rules.md; "
+                   "experiments/scripts/rule_variants.py registers it)"
+                   if select in RETIRED_RULES else "")
         raise ValueError(f"unknown selection rule {select!r}; choose one of: "
-                         f"{', '.join(RULES)}")
+                         f"{', '.join(RULES)}{retired}")
     return factory(k, name, **options)

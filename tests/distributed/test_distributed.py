@@ -295,10 +295,12 @@ def test_every_method_under_fsdp_steps_as_ddp_with_synchronized_perturbation(ddp
 
 # ---------------------------------------------- 2 ranks x b == 1 process x 2b (sync, global)
 EQUIV_CONFIGS: dict[str, dict[str, Any]] = {
-    "ksam": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5),
+    # select="top": the global top-K and its one-process reference take the same rule
+    "ksam": dict(method="ksam", select="top", k=0.25, k_warmup=0, rho=0.5),
     # descent subset schedule on the global batch: 20, 20, 10, 10, 5, 5 rows
-    "ksam-warmup": dict(method="ksam", k=0.25, k_warmup=2, rho=0.5),
-    "ksam-k-int": dict(method="ksam", k_ascent=3, k_descent=0.5, k_warmup=0, rho=0.5),
+    "ksam-warmup": dict(method="ksam", select="top", k=0.25, k_warmup=2, rho=0.5),
+    "ksam-k-int": dict(method="ksam", select="top", k_ascent=3, k_descent=0.5, k_warmup=0,
+                       rho=0.5),
     "ksam-plain": dict(method="ksam-plain", k=0.25, rho=0.5),  # no warmup, no rescale
     "sam": dict(method="sam", rho=0.5),
     "osgd": dict(method="osgd", k=5),
@@ -723,7 +725,7 @@ def test_single_process_fallbacks(monkeypatch):
             with pytest.warns(UserWarning, match="without a process group"):
                 eng = kd.create("ksam", m, opt, k=0.25, k_warmup=1, seed=0, selection="global")
         else:
-            eng = ksam.create("ksam", m, opt, k=0.25, k_warmup=1, seed=0)
+            eng = ksam.create("ksam", m, opt, k=0.25, k_warmup=1, seed=0, select="top")
         for _ in range(3):
             eng.step((x, y), ce)
         runs.append(params(m))

@@ -32,7 +32,8 @@ pytestmark = [
 CONFIGS: dict[str, dict[str, Any]] = {
     "sam": dict(method="sam", rho=0.5),
     "asam": dict(method="asam", rho=0.5),
-    "ksam-global": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5, selection="global"),
+    "ksam-global": dict(method="ksam", select="top", k=0.25, k_warmup=0, rho=0.5,
+                        selection="global"),
     "osgd-global": dict(method="osgd", k=5, selection="global"),
     "sgd": dict(method="sgd"),
     "sam-chunks-clip": dict(method="sam", rho=0.5, micro_batch_size=3, max_grad_norm=0.2),
@@ -44,7 +45,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "looksam": dict(method="looksam", rho=0.5, interval=2, alpha=0.7),
     # plain steps of the schedule (a whole-batch step; K-SAM's on the global top-K rows)
     "sam+schedule": dict(method="sam", rho=0.5, **SCHEDULE),
-    "ksam-global+schedule": dict(method="ksam", k=0.25, k_warmup=0, rho=0.5,
+    "ksam-global+schedule": dict(method="ksam", select="top", k=0.25, k_warmup=0, rho=0.5,
                                  selection="global", **SCHEDULE),
     "rst": dict(method="rst", rho=0.5),
     # the method's own constructor on the FSDP2 model, no ksam.distributed.create

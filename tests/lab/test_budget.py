@@ -14,7 +14,8 @@ from ksam.lab.cli import main
 from ksam.lab.train import TrainConfig, train
 
 #: 240 training examples, batches of 32: 7 steps an epoch
-TINY = ["--task-option", "num_samples=300", "--batch-size", "32", "--no-lr-sweep", "--quiet"]
+TINY = ["--task", "mnist1d", "--task-option", "num_samples=300", "--batch-size", "32",
+        "--no-lr-sweep", "--quiet"]
 B, SPE = 32, 7
 
 #: every method, with options that put its warm-up, schedule or loss term inside 14 steps

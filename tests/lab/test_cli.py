@@ -31,8 +31,10 @@ from ksam.lab.outputs import (
 )
 from ksam.lab.train import RESUME_MAY_CHANGE, TrainConfig
 
-TINY = ["--task-option", "num_samples=600", "--batch-size", "32", "--quiet"]
-SMALL = ["--task-option", "num_samples=300", "--batch-size", "32", "--quiet"]
+TINY = ["--task", "mnist1d", "--task-option", "num_samples=600", "--batch-size", "32",
+        "--quiet"]
+SMALL = ["--task", "mnist1d", "--task-option", "num_samples=300", "--batch-size", "32",
+         "--quiet"]
 SHARED_LR = ["--no-lr-sweep"]  # one shared lr: no lr sweep before the comparison
 
 
@@ -354,7 +356,10 @@ def test_the_printed_table_and_the_plot_explain_collapsed_and_frontier(tmp_path,
                  "--out", str(out), *SMALL, *SHARED_LR]) == 0
     printed = capsys.readouterr().out
     notes = table_notes("sgd")
-    assert printed.rstrip().endswith(notes)
+    summary = json.loads((out / "summary.json").read_text())
+    # the notes under the table, then the reading of it
+    assert printed.rstrip().endswith(f"{notes}\n\n{summary['reading']}")
+    assert summary["reading"].startswith("Reading: the most accurate method here is ")
     assert "'collapsed' counts runs ending more than 10 points of test accuracy below sgd's " \
            "mean" in notes
     assert "'(frontier)' in accuracy_vs_cost.png marks the methods no other method beats" \
@@ -446,8 +451,9 @@ def test_compare_writes_the_accuracy_vs_cost_chart(tmp_path):
 def test_method_styles_tell_more_methods_than_colours_apart():
     colours = [f"C{i}" for i in range(10)]
     styles = method_styles(40, colours)
-    assert styles[:10] == [(f"C{i}", "o", "-") for i in range(10)]
-    assert styles[10] == ("C0", "s", "--")
+    assert [c for c, _, _ in styles[:10]] == colours  # a colour each, then the cycle again
+    assert len({m for _, m, _ in styles[:10]}) == 10  # and a marker each
+    assert styles[10][0] == "C0" and styles[10][2] == "--"
     assert len({(c, marker) for c, marker, _ in styles}) == 40  # the cost chart's points
     assert len({(c, line) for c, _, line in styles}) == 40  # the time chart's lines
 

@@ -1,5 +1,5 @@
 """The worked example, examples/digits_task.py: a task of the user's own on scikit-learn's
-bundled digits, run as the README and docs/compare.md say."""
+bundled digits, run as the README and docs/guide/compare.md say."""
 
 from __future__ import annotations
 

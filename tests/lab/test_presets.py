@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ksam.lab.cli import build_parser, config_from_args
-from ksam.lab.config import CliConfig, MethodSpec
+from ksam.lab.config import DEFAULT_LR_SWEEP, DEFAULT_METHODS, CliConfig, MethodSpec
 from ksam.lab.presets import PRESETS, Preset, preset_layer, register_preset
 from ksam.lab.tasks import TASKS
 from ksam.lab.train import build_engine
@@ -28,8 +28,9 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     args = _resolved(name)
     preset = PRESETS[name]
     assert args.task == preset.values["task"] and args.task in TASKS
-    for field in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "methods"):
+    for field in ("epochs", "batch_size", "momentum", "weight_decay", "methods"):
         assert getattr(args, field) is not None, field
+    assert args.lr is not None or args.sweep_lrs  # one lr, or each method's from a sweep
     assert _labels(args) == preset.values["methods"]
     assert len(args.seeds) >= (5 if name.startswith("mnist1d") else 2)
     if "gpu" in name or name in ("fashion-mnist-5k", "fashion-mnist-10k", "fashion-mnist-noise"):
@@ -59,7 +60,8 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     methods = [n for n, _, _ in named]
     reduced = name == "fashion-mnist-cpu"  # the CPU version keeps the core and the controls
     tuned = name == "mnist1d-lr"  # the methods whose lr was tuned: K=B/4 and its control
-    rules = name.startswith("fashion-cnn")  # SGD, SAM and K-SAM's rules, each tuned
+    # SGD, SAM and K-SAM's rules, each tuned (the default: at its own lr from the sweep)
+    rules = name.startswith("fashion-cnn") or name == "default"
     required = ("sgd", "sam", "ksam") + (() if rules else ("osgd",))
     required += () if tuned or rules else ("random-sam",) + (() if reduced else ("esam",))
     for method in required:
@@ -68,13 +70,14 @@ def test_every_preset_resolves_to_a_valid_configuration(name):
     k_osgd = {o["k"] for n, o, _ in named if n == "osgd"}
     if not rules:
         assert k_ksam == k_osgd
-    expected = {0.25} if rules else {cfg.batch_size // 4} if reduced or tuned \
+    expected = {cfg.batch_size // 4} if name == "default" else {0.25} if rules \
+        else {cfg.batch_size // 4} if reduced or tuned \
         else {cfg.batch_size // 8, cfg.batch_size // 4}
     assert k_ksam == expected
 
     # Every method builds and accepts the batch size (cheap: a linear model, no data).
     for method, options, spec in named:
-        run_cfg = replace(cfg, method_options=options, lr=spec.lr or cfg.lr)
+        run_cfg = replace(cfg, method_options=options, lr=spec.lr or cfg.lr or 0.1)
         run_cfg.validate()
         engine, _ = build_engine(method, nn.Linear(4, 3), run_cfg, 1,
                                  num_examples=cfg.batch_size)
@@ -190,3 +193,29 @@ def test_presets_and_config_do_not_import_the_cli():
     code = ("import sys, ksam.lab.presets, ksam.lab.config; "
             "assert 'ksam.lab.cli' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _compare(*argv: str) -> CliConfig:
+    return config_from_args(build_parser().parse_args(["compare", *argv]))
+
+
+def test_compare_without_task_or_preset_runs_the_default_preset():
+    """The main job's default: noisy MNIST-1D, SGD, SAM, K-SAM's default rule and K-SAM top,
+    each at its own lr from the default sweep on a held-out split as noisy as training."""
+    cfg = _compare()
+    assert cfg.preset is None and cfg.task == "mnist1d" and cfg.label_noise == 0.2
+    assert cfg.task_options["noisy_validation"] is True
+    assert _labels(cfg) == ["sgd", "sam:rho=0.05", "ksam:k=32,rho=0.05",
+                            "ksam:k=32,rho=0.05,select=top"]
+    assert cfg.seeds == [0, 1, 2] and cfg.epochs == 30 and cfg.lr is None
+    assert cfg.sweep_lrs == list(DEFAULT_LR_SWEEP)
+    assert _compare("--label-noise", "0").label_noise == 0.0  # the user's flag wins
+    assert _compare("--lr", "0.1").sweep_lrs is None
+
+
+def test_naming_a_task_leaves_the_default_preset_out():
+    cfg = _compare("--task", "mnist1d")
+    assert cfg.label_noise == 0.0 and "noisy_validation" not in cfg.task_options
+    assert _labels(cfg) == list(DEFAULT_METHODS) and cfg.seeds == [0, 1, 2]
+    assert _labels(_compare("--preset", "mnist1d-noise")) == _labels(
+        _compare("--task", "mnist1d", "--preset", "mnist1d-noise"))

@@ -372,8 +372,8 @@ def test_a_loss_fn_without_logits_is_refused_with_nothing_changed(method, kw):
 @pytest.mark.parametrize("kw,match", [
     ({"scores": "memory"}, "needs num_examples"),
     ({"scores": "memory", "num_examples": 0}, "num_examples must be"),
-    ({"scores": "memory", "num_examples": N, "select": "band"},
-     "takes select='top' or 'stratified', got 'band': it skips the top ranks"),
+    ({"scores": "memory", "num_examples": N, "select": "auto-margin"},
+     "takes select='top' or 'stratified', got 'auto-margin': it compares the losses' values"),
     ({"scores": "memory", "num_examples": N, "select": "auto"},
      "got 'auto': it compares the losses' values with chance"),
     ({"scores": "memory", "num_examples": N, "select": ksam.selection.TopLoss},

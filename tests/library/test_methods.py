@@ -420,11 +420,12 @@ def test_plain_mode_matches_a_hand_built_engine():
     rules."""
     models = [mlp(), mlp(), mlp()]
     engines = [
-        ksam.KSAM(models[0], sgd(models[0]), k=8, k_warmup=0, rescale=False, seed=0),
+        ksam.KSAM(models[0], sgd(models[0]), k=8, k_warmup=0, rescale=False, select="top",
+                  seed=0),
         ksam.create("ksam-plain", models[1], sgd(models[1]), k=8, seed=0),
         ksam.Method(models[2], sgd(models[2]), ascent=TopLoss(8),
-                                     perturbation=ksam.perturbation.GradientNormPerturbation(0.05),
-                                     descent=TopLoss(8), seed=0),
+                    perturbation=ksam.perturbation.GradientNormPerturbation(0.05),
+                    descent=TopLoss(8), seed=0),
     ]
     for s in range(4):
         idx = [e.step(data(seed=s), ce).descent_indices.tolist() for e in engines]

@@ -24,18 +24,15 @@ from ksam.selection import (
     AUTO_ESTIMATE_STEPS,
     RULES,
     AutoBand,
-    ClassBalancedTopLoss,
-    LossBand,
-    MedianBand,
+    AutoMarginBand,
     Selection,
     SelectionContext,
     StratifiedLoss,
     TopLoss,
-    class_round_robin,
     subset_gradient_scale,
 )
 
-NEW_RULES = ["band", "median", "stratified", "balanced", "auto"]
+NEW_RULES = ["stratified", "auto", "auto-margin"]
 AUTO_START, AUTO_STOP = AUTO_ESTIMATE_STEPS  # the measuring window of select="auto"
 
 
@@ -46,14 +43,13 @@ def test_registry_names_and_defaults():
     for name, factory in RULES.items():  # k is the only argument a rule needs
         rule = factory(8)
         assert isinstance(rule, TopLoss) and rule.size(32) == 8, name
-    assert LossBand(4).skip == ksam.selection.BAND_SKIP == 0.3
-    assert repr(LossBand(4, skip=0.3)) == "LossBand(k=4, skip=0.3)"
-    assert repr(MedianBand(0.25, warmup=5)) == "MedianBand(k=0.25, warmup=5)"
+    assert repr(StratifiedLoss(0.25, warmup=5)) == "StratifiedLoss(k=0.25, warmup=5)"
 
 
-@pytest.mark.parametrize("cls,kw", [(LossBand, {"skip": 1.0}), (LossBand, {"skip": -0.1}),
-                                    (LossBand, {"skip": True}), (LossBand, {"skip": "0.2"}),
-                                    (LossBand, {"skip": float("nan")})])
+@pytest.mark.parametrize("cls,kw", [(AutoBand, {"max_skip": 1.0}),
+                                    (AutoBand, {"max_skip": -0.1}),
+                                    (AutoBand, {"margin": True}), (AutoBand, {"margin": "2"}),
+                                    (AutoBand, {"decay": float("nan")})])
 def test_bad_rule_options(cls, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         cls(4, **kw)
@@ -64,21 +60,6 @@ SCORES = [0.1, 0.9, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8, 0.05, 0.6]
 # loss order (largest first, ties by the lower index): 1 3 7 5 9 2 4 6 0 8
 
 
-def test_band_skips_the_top_then_takes_the_next_k():
-    assert LossBand(3, skip=0.2).select(ctx(SCORES)).index.tolist() == [7, 5, 9]
-    assert LossBand(3, skip=0.0).select(ctx(SCORES)).index.tolist() == [1, 3, 7]  # = top-K
-    assert LossBand(2, skip=0.35).select(ctx(SCORES)).index.tolist() == [9, 2]  # round(3.5) = 4
-    # The skip is capped at B - K: the band never runs past the batch.
-    assert LossBand(4, skip=0.9).select(ctx(SCORES)).index.tolist() == [4, 6, 0, 8]
-    assert LossBand(0.5, skip=0.4).select(ctx(SCORES)).index.tolist() == [9, 2, 4, 6, 0]
-
-
-def test_median_band_is_centred():
-    assert MedianBand(2).select(ctx(SCORES)).index.tolist() == [9, 2]  # rows 4, 5 of 10
-    assert MedianBand(3).select(ctx(SCORES)).index.tolist() == [5, 9, 2]  # (10 - 3) // 2 = 3
-    assert MedianBand(10).select(ctx(SCORES)).index.tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
-
-
 def test_stratified_takes_evenly_spaced_ranks():
     # loss order 1 3 7 5 9 2 4 6 0 8
     # ranks 0 2 4 6 8
@@ -87,39 +68,6 @@ def test_stratified_takes_evenly_spaced_ranks():
     assert StratifiedLoss(1).select(ctx(SCORES)).index.tolist() == [1]  # the top example
     assert StratifiedLoss(10).select(ctx(SCORES)).index.tolist() == \
         [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
-
-
-def test_class_balanced_takes_classes_in_turn():
-    labels = [0, 1, 1, 1, 2, 1, 0, 1, 2, 2]
-    # loss order 1 3 7 5 9 2 4 6 0 8 -> labels 1 1 1 1 2 1 2 0 0 2
-    # round 1: class 1 (row 1), class 2 (row 9), class 0 (row 6); round 2: 3, 4, 0; ...
-    rule = ClassBalancedTopLoss(5)
-    assert rule.select(ctx(SCORES, labels=labels)).index.tolist() == [1, 9, 6, 3, 4]
-    assert ClassBalancedTopLoss(10).select(ctx(SCORES, labels=labels)).index.tolist() == \
-        [1, 9, 6, 3, 4, 0, 7, 8, 5, 2]
-    # One class only: the plain top-K.
-    one_class = ClassBalancedTopLoss(3).select(ctx(SCORES, labels=[7] * 10))
-    assert one_class.index.tolist() == [1, 3, 7]
-
-
-def test_class_round_robin_matches_a_reference():
-    g = torch.Generator().manual_seed(1)
-    for n, c in [(1, 1), (5, 2), (32, 4), (64, 10)]:
-        scores = torch.randint(0, 6, (n,), generator=g).float()  # many ties
-        labels = torch.randint(0, c, (n,), generator=g)
-        order = torch.sort(scores, descending=True, stable=True).indices
-        per_class: dict[int, list[int]] = {}
-        for i in order.tolist():
-            per_class.setdefault(int(labels[i]), []).append(i)
-        rank = {i: r for rows in per_class.values() for r, i in enumerate(rows)}
-        position = {i: p for p, i in enumerate(order.tolist())}
-        expect = sorted(range(n), key=lambda i: (rank[i], position[i]))
-        assert class_round_robin(order, labels).tolist() == expect
-
-
-def test_class_balanced_needs_labels_in_the_context():
-    with pytest.raises(ValueError, match="labels"):
-        ClassBalancedTopLoss(3).select(ctx(SCORES))
 
 
 @pytest.mark.parametrize("name", NEW_RULES)
@@ -154,16 +102,9 @@ def test_warmup_starts_at_the_whole_batch(name):
     assert sorted(rule.select(ctx(SCORES, 0, labels)).index.tolist()) == list(range(10))
 
 
-def test_band_rows_during_warmup():
-    rule = LossBand(2, skip=0.2, warmup=3)
-    assert rule.select(ctx(SCORES, 0)).index.tolist() == [1, 3, 7, 5, 9, 2, 4, 6, 0, 8]
-    assert rule.select(ctx(SCORES, 3)).index.tolist() == [7, 5, 9, 2, 4]  # skip 2 of 10
-    assert rule.select(ctx(SCORES, 9)).index.tolist() == [7, 5]
-
-
 def test_rescale_uses_the_selected_rows():
     scores = torch.tensor(SCORES)
-    rule = LossBand(3, skip=0.2, rescale=True)
+    rule = StratifiedLoss(3, rescale=True)
     selection = rule.select(ctx(SCORES))
     expect = ksam.selection.subset_gradient_scale(scores, selection.index)
     assert torch.equal(selection.scale, expect)
@@ -181,7 +122,7 @@ def test_ksam_sorts_the_losses_once_per_step(monkeypatch):
     monkeypatch.setattr(selection, "descending_order",
                         lambda v: calls.append(v) or real(v))
     model = mlp()
-    eng = ksam.create("ksam", model, sgd(model), k_ascent=12, k=5, k_warmup=0)
+    eng = ksam.create("ksam", model, sgd(model), k_ascent=12, k=5, k_warmup=0, select="top")
     x, y = data()
     result = eng.step((x, y), ce)
     assert len(calls) == 1
@@ -382,8 +323,7 @@ def test_ksam_and_osgd_use_the_rule_on_both_passes(name):
     assert eng.descent.warmup == ksam.methods.K_WARMUP and eng.descent.rescale is True
     osgd = ksam.OrderedSGD(model, sgd(model), k=8, k_warmup=3, select=name)
     assert type(osgd.descent) is RULES[name] and osgd.descent.warmup == 3
-    assert type(ksam.KSAM(model, sgd(model)).descent) is TopLoss  # default "top"
-    assert type(ksam.OrderedSGD(model, sgd(model)).descent) is TopLoss
+    assert type(ksam.OrderedSGD(model, sgd(model)).descent) is TopLoss  # the paper's
 
 
 def test_ksam_steps_on_the_rows_the_rule_selects():
@@ -394,34 +334,22 @@ def test_ksam_steps_on_the_rows_the_rule_selects():
     order = torch.sort(losses, descending=True, stable=True).indices
     sizes = []
     model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
-    eng = ksam.KSAM(model, sgd(model), k=8, k_ascent=4, k_warmup=0, select="band")
+    eng = ksam.KSAM(model, sgd(model), k=8, k_ascent=4, k_warmup=0, select="stratified")
     res = eng.step((x, y), ce)
     assert sizes == [32, 4, 8]  # one scoring forward, no extra pass
-    assert res.ascent_indices.tolist() == order[10:14].tolist()  # skip round(0.3 * 32) = 10
-    assert res.descent_indices.tolist() == order[10:18].tolist()
-
-
-def test_class_balanced_reads_the_batch_labels():
-    model = mlp()
-    x, y = data()
-    with torch.no_grad():
-        losses = F.cross_entropy(mlp()(x), y, reduction="none")
-    order = torch.sort(losses, descending=True, stable=True).indices
-    eng = ksam.OrderedSGD(model, sgd(model), k=8, select="balanced")
-    res = eng.step((x, y), ce)
-    assert res.descent_indices.tolist() == class_round_robin(order, y)[:8].tolist()
-    assert torch.bincount(y[res.descent_indices], minlength=4).tolist() == [2, 2, 2, 2]
+    assert res.ascent_indices.tolist() == order[0::8].tolist()  # ranks 0, 8, 16, 24
+    assert res.descent_indices.tolist() == order[0::4].tolist()  # ranks 0, 4, ..., 28
 
 
 @pytest.mark.parametrize("batch", [
     lambda x, y: x,                       # no labels
     lambda x, y: (x, y.float()),          # not integers
     lambda x, y: (x, y[:, None]),         # not 1-D
-    lambda x, y: {"x": x, "y": y},        # not (inputs, labels)
+    lambda x, y: {"x": x, "y": y},        # neither (inputs, labels) nor a "labels" entry
 ])
-def test_class_balanced_without_labels_fails_before_any_change(batch):
+def test_a_rule_that_reads_labels_refuses_a_batch_without_them(batch):
     model = mlp()
-    eng = ksam.KSAM(model, sgd(model), k=8, select="balanced")
+    eng = ksam.KSAM(model, sgd(model), k=8, select="auto-margin")
     before = params(model)
     x, y = data()
 
@@ -438,10 +366,14 @@ def test_class_balanced_without_labels_fails_before_any_change(batch):
 def test_unknown_rule_fails_at_construction():
     model = mlp()
     for factory in (ksam.KSAM, ksam.OrderedSGD):
-        with pytest.raises(ValueError, match="unknown selection rule 'nope'.*top, band"):
+        with pytest.raises(ValueError, match="unknown selection rule 'nope'.*top, stratified"):
             factory(model, sgd(model), select="nope")
-        with pytest.raises(ValueError, match="unknown selection rule"):
-            factory(model, sgd(model), select=None)
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        ksam.OrderedSGD(model, sgd(model), select=None)  # K-SAM's None is its default
+    for retired in ("band", "median", "balanced"):  # said where they went
+        with pytest.raises(ValueError, match=f"'{retired}' left the library in 0.2.0.*"
+                                             "rule_variants.py registers it"):
+            ksam.KSAM(model, sgd(model), select=retired)
 
 
 
@@ -464,10 +396,137 @@ AUTO_LABELS = [0, 1, 2, 3, 0, 1, 2, 3]
 # loss order: 1 3 6 5 4 2 0 7
 
 
+# ------------------------------------------------------------- K-SAM's default rule
+def test_ksam_uses_the_default_rule_where_a_chance_level_exists():
+    """``ksam.KSAM(model, opt)`` - and ``create("ksam")``, the CLI's ``ksam`` - select with
+    ``auto``; a loss without a chance level and remembered scores keep the paper's
+    ``top``; ``ksam-plain`` is the paper's rule."""
+    model = mlp()
+    assert ksam.methods.DEFAULT_SELECT == "auto"
+    for eng in (ksam.KSAM(model, sgd(model)), ksam.create("ksam", model, sgd(model))):
+        assert type(eng.ascent) is type(eng.descent) is AutoBand
+        assert eng.ascent._estimate is eng.descent._estimate  # one estimate for both passes
+    for kw in ({"loss_kind": "other"}, {"loss_kind": "mse"},
+               {"scores": "memory", "num_examples": 64}):
+        assert type(ksam.KSAM(model, sgd(model), **kw).descent) is TopLoss, kw
+    assert type(ksam.create("ksam-plain", model, sgd(model)).descent) is TopLoss
+
+
+def test_auto_margin_counts_what_the_model_confidently_contradicts():
+    """Row 0, labelled 1, rated 0.6 for class 0 and 0.4 for its label - the pair-noise
+    case - is above chance (0.4 > 1/10) and confidently contradicted: only auto-margin
+    counts it. Row 1, its label at chance and no class at 1/2, and row 2, clean and
+    fitted, are counted by neither."""
+    labels = [1, 1, 0]
+    probs = torch.tensor([[0.6, 0.4] + [0.0] * 8,   # pair noise: label 1 at 0.4 > 1/10
+                          [0.3, 0.1] + [0.075] * 8,  # label at chance, no confident class
+                          [0.9, 0.1 / 9] + [0.1 / 9] * 8]).clamp_min(1e-6)
+    c = SelectionContext(batch_size=3, device=torch.device("cpu"),
+                         scores=-probs.log()[torch.arange(3), torch.tensor(labels)],
+                         labels=torch.tensor(labels), logits=probs.log())
+    assert AutoBand(1, classes=10).flagged(c).tolist() == [False, False, False]
+    assert AutoMarginBand(1, classes=10).flagged(c).tolist() == [True, False, False]
+    assert ksam.selection.confidently_contradicted(c).tolist() == [True, False, False]
+
+
+def test_auto_margin_skips_the_pair_noise_auto_keeps():
+    """Rows 0-2 clean and fitted, rows 3-5 labelled with their class's pair (the model
+    says 0.6 for the true class, 0.4 for the label): after the window, ``auto`` skips
+    nothing (no row is below chance) and trains on the top losses - the flipped rows -
+    while ``auto-margin`` skips them."""
+    labels = [0, 1, 2, 1, 2, 3]
+    probs = torch.tensor([[0.9] + [0.1 / 9] * 9, [0.1 / 9, 0.9] + [0.1 / 9] * 8,
+                          [0.05, 0.05, 0.9] + [0.0] * 7,
+                          [0.6, 0.4] + [0.0] * 8, [0.0, 0.6, 0.4] + [0.0] * 7,
+                          [0.0, 0.0, 0.6, 0.4] + [0.0] * 6]).clamp_min(1e-6)
+    logits = probs.log()
+    scores = -logits.log_softmax(1)[torch.arange(6), torch.tensor(labels)]
+
+    def picks(cls):
+        rule = cls(2, estimate_steps=(0, 1), margin=1.0)
+        rows = []
+        for t in range(3):
+            c = SelectionContext(batch_size=6, device=torch.device("cpu"), scores=scores,
+                                 step=t, labels=torch.tensor(labels), logits=logits)
+            rows.append(applied(rule, c).index.tolist())
+        return rows[-1]
+
+    assert sorted(picks(AutoBand)) == [3, 4]  # the top losses: flipped rows
+    assert set(picks(AutoMarginBand)) <= {0, 1, 2, 5}  # skip ceil(0.5 * 6) = 3 rows
+    assert not set(picks(AutoMarginBand)) & {3, 4}
+
+
+def test_auto_margin_without_logits_is_auto_and_says_so_once():
+    """With a loss_fn that returns no logits ``auto-margin`` counts the rows below chance
+    only: the steps equal ``auto``'s bit for bit, and one UserWarning says why."""
+    import functools
+    import warnings
+
+    window = {"estimate_steps": (2, 4)}
+    a, b = mlp(), mlp()
+    ea = ksam.KSAM(a, sgd(a), k=8, k_warmup=1, seed=0,
+                   select=functools.partial(AutoBand, **window))
+    eb = ksam.KSAM(b, sgd(b), k=8, k_warmup=1, seed=0,
+                   select=functools.partial(AutoMarginBand, **window))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(8):
+            ra, rb = ea.step(data(seed=s), ce), eb.step(data(seed=s), ce)
+            assert ra.descent_indices.tolist() == rb.descent_indices.tolist()
+    assert sum("returns none" in str(w.message) for w in caught) == 1
+    assert all(torch.equal(p, q) for p, q in zip(params(a), params(b)))
+
+
+def test_the_default_rule_reads_the_labels_of_a_mapping_batch():
+    """A Hugging Face style batch: the labels are its ``labels`` entry."""
+    model = mlp()
+    eng = ksam.KSAM(model, sgd(model), k=8)
+    x, y = data()
+
+    def loss_fn(m, b):
+        logits = m(b["inputs"])
+        return ksam.LossOutput(F.cross_entropy(logits, b["labels"], reduction="none"),
+                               logits)
+
+    result = eng.step({"inputs": x, "labels": y}, loss_fn)
+    assert not result.skipped and result.descent_indices.numel() == 32  # the warm-up
+
+
+def test_a_top_k_state_into_the_default_rule_says_how_to_load_it():
+    """A K-SAM state of the paper's rule (the default before 0.2.0) is refused by a method
+    with the default rule, with the select= that loads it; nothing changes."""
+    model = mlp()
+    old = ksam.KSAM(model, sgd(model), k=8, select="top")
+    old.step(data(), ce)
+    state = old.state_dict()
+    new = ksam.KSAM(model, sgd(model), k=8)
+    with pytest.raises(ValueError, match="build the method with select='top'"):
+        new.load_state_dict(state)
+    assert new.steps == 0
+    again = ksam.KSAM(model, sgd(model), k=8, select="top")
+    again.load_state_dict(state)
+    assert again.steps == 1
+
+
+def test_the_default_rule_refuses_a_batch_without_labels_and_changes_nothing():
+    """A batch that is one tensor carries no labels to set the chance level: one clear
+    error on the first step, weights and state untouched; ``select="top"`` trains on it."""
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    eng = ksam.KSAM(model, sgd(model), k=8)
+    x, _ = data()
+    with pytest.raises(ValueError, match="reads class labels"):
+        eng.step(x, lambda m, b: m(b).logsumexp(1))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert eng.steps == 0 and not eng.optimizer.state
+    top = ksam.KSAM(model, sgd(model), k=8, select="top")
+    assert not top.step(x, lambda m, b: m(b).logsumexp(1)).skipped
+
+
 def applied(rule, context):
     """``rule.select(context)`` on a step that is applied: its staged update committed."""
     selection = rule.select(context)
-    rule.commit(True)
+    rule.commit(True, True)
     return selection
 
 
@@ -564,12 +623,18 @@ def test_the_cli_measures_auto_over_a_fraction_of_the_run():
     for bad in (0, 0.6, -0.1, True, "0.1", float("nan")):
         with pytest.raises(ValueError, match="estimate must be a fraction"):
             auto_window(bad, 100)
-    for plain in ({"select": "band", "k": 8}, {}, {"select": "auto"}):
+    for plain in ({"select": "stratified", "k": 8}, {}, {"select": "auto"}):
         assert rule_options(plain, 100) == plain
-    with pytest.raises(ValueError, match="estimate is an option of select='auto', not of "
-                                         "select='top'"):
+    with pytest.raises(ValueError, match="estimate is an option of select='auto' and "
+                                         "'auto-margin', not of select='top'"):
         rule_options({"estimate": 0.2}, 100)
     model = mlp()
+    # K-SAM's default rule measures over the fraction too (the CLI's ksam:estimate=0.2).
+    cfg = TrainConfig(method="ksam", method_options={"estimate": 0.2, "k": 8}, lr=0.1,
+                      momentum=0.9, weight_decay=0.0)
+    engine, _ = build_engine("ksam", model, cfg, steps_total=1000)
+    assert type(engine.descent) is AutoBand
+    assert (engine.descent.estimate_from, engine.descent.estimate_until) == (200, 400)
     for method in ("ksam", "osgd"):
         cfg = TrainConfig(method=method, method_options={"select": "auto", "estimate": 0.2,
                                                          "k": 8}, lr=0.1, momentum=0.9,

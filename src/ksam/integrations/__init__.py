@@ -21,6 +21,14 @@ import torch
 __all__ = ["ProxyOptimizer"]
 
 
+def _of_base(name: str) -> property:
+    """An attribute that reads, writes and deletes ``self.base``'s attribute ``name``."""
+    return property(lambda self: getattr(self.base, name),
+                    lambda self, value: setattr(self.base, name, value),
+                    lambda self: delattr(self.base, name),
+                    doc=f"The base optimizer's ``{name}``.")
+
+
 class ProxyOptimizer(torch.optim.Optimizer):
     """An optimizer that *is* ``base`` (same param_groups, state, defaults, state_dict) except
     for ``step``, which subclasses redirect (a no-op for the Trainer, a step through
@@ -33,56 +41,14 @@ class ProxyOptimizer(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer) -> None:
         self.base = base
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.base.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.base.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.base.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.base.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.base.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.base.defaults = value
-
+    param_groups = _of_base("param_groups")  # type: ignore[assignment]
+    state = _of_base("state")  # type: ignore[assignment]
+    defaults = _of_base("defaults")  # type: ignore[assignment]
     # The device-side skip flags a fused kernel reads (``getattr(opt, "found_inf", None)``),
     # which ksam's fast path and GradScaler set on the optimizer they step: they must reach
     # the optimizer that holds the parameters, or a skipped step would be applied.
-    @property
-    def found_inf(self) -> Any:
-        return self.base.found_inf
-
-    @found_inf.setter
-    def found_inf(self, value: Any) -> None:
-        self.base.found_inf = value
-
-    @found_inf.deleter
-    def found_inf(self) -> None:
-        del self.base.found_inf
-
-    @property
-    def grad_scale(self) -> Any:
-        return self.base.grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value: Any) -> None:
-        self.base.grad_scale = value
-
-    @grad_scale.deleter
-    def grad_scale(self) -> None:
-        del self.base.grad_scale
+    found_inf = _of_base("found_inf")
+    grad_scale = _of_base("grad_scale")
 
     def state_dict(self) -> dict[str, Any]:
         return self.base.state_dict()

@@ -359,8 +359,9 @@ class KSAMTrainer(transformers.Trainer):
                       **self._engine_kwargs()).plan
         #: the method keeps a per-example memory: every batch must carry INDEX_COLUMN
         self.needs_example_ids = plan.memory is not None
-        #: the method reads the logits: the per-sample loss returns ksam.LossOutput
-        self.needs_logits = plan.term is not None
+        #: the method reads the logits (a loss term, a rule of the label margin): the
+        #: per-sample loss returns ksam.LossOutput
+        self.needs_logits = plan.term is not None or plan.needs_logits
         if per_sample_loss_fn is None:
             per_sample_loss_fn = self._default_loss_fn(problem_type, shift_labels)
         self.per_sample_loss_fn = per_sample_loss_fn

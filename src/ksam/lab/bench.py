@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -121,7 +122,7 @@ def with_data_inputs(case: Case, data_dir: str | None) -> Case:
     (normalized, as training sees them) instead of random inputs: the data set is read here,
     so a missing file or a case without a data set fails before anything is timed. On one
     CPU thread some operators cost less on real inputs than on noise (max-pool over the
-    background of a Fashion-MNIST image: docs/benchmarks.md), which moves the ratios."""
+    background of a Fashion-MNIST image: docs/experiments/benchmarks.md), which moves the ratios."""
     from .tasks import get_task
 
     if case.task is None:
@@ -147,16 +148,20 @@ def with_data_inputs(case: Case, data_dir: str | None) -> Case:
 
 def methods_for(batch: int, example_memory: bool = True
                 ) -> list[tuple[str, str, dict[str, Any]]]:
-    """K-SAM is timed in its steady state: the K warm-up runs full-batch descents for its
-    first few hundred steps only. ``example_memory``: with the methods that keep a
-    per-example memory or an average model (SAF, MESA, K-SAM from memory); the bench steps
-    on one batch, its examples the training set (ids 0..B-1)."""
+    """K-SAM is timed in its steady state: the K warm-up runs full-batch descents for its first
+    few hundred steps only. ``ksam`` is the paper's rule (top-K), ``ksam-default`` K-SAM's
+    default rule in its steady state too (``steady``: :func:`engine_options`).
+    ``example_memory``: with the methods that keep a per-example memory or an average model
+    (SAF, MESA, K-SAM from memory); the bench steps on one batch, its examples the
+    training set (ids 0..B-1)."""
     rows = [
         ("sgd", "sgd", {}),
         ("sam", "sam", {}),
-        ("ksam K=B/2", "ksam", {"k": batch // 2, "k_warmup": 0}),
-        ("ksam K=B/4", "ksam", {"k": batch // 4, "k_warmup": 0}),
-        ("ksam K=B/8", "ksam", {"k": batch // 8, "k_warmup": 0}),
+        ("ksam K=B/2", "ksam", {"k": batch // 2, "k_warmup": 0, "select": "top"}),
+        ("ksam K=B/4", "ksam", {"k": batch // 4, "k_warmup": 0, "select": "top"}),
+        ("ksam K=B/8", "ksam", {"k": batch // 8, "k_warmup": 0, "select": "top"}),
+        ("ksam-default K=B/4", "ksam", {"k": batch // 4, "k_warmup": 0, "steady": True}),
+        ("ksam-default K=B/8", "ksam", {"k": batch // 8, "k_warmup": 0, "steady": True}),
         ("osgd K=B/8", "osgd", {"k": batch // 8}),
         ("random-sam B/4", "random-sam", {"k_ascent": 0.25}),
         ("esam", "esam", {}),
@@ -175,6 +180,20 @@ def methods_for(batch: int, example_memory: bool = True
                                            "scores": "memory", "num_examples": batch}),
         ]
     return rows
+
+
+def engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A bench row's options as the method takes them. ``steady=True`` (a K-SAM row without
+    ``select``) runs the default rule with its estimate measured over step 0, so that the
+    timed steps, after the warm-up steps, are those of its band phase, which a run reaches
+    after a few hundred steps (as ``k_warmup=0`` does for the descent subset)."""
+    options = dict(options)
+    if options.pop("steady", False):
+        from ..methods import DEFAULT_SELECT
+        from ..selection import RULES
+
+        options["select"] = functools.partial(RULES[DEFAULT_SELECT], estimate_steps=(0, 1))
+    return options
 
 
 def sharp_fraction(name: str, options: dict[str, Any]) -> float | None:
@@ -220,7 +239,7 @@ def step_args(engine: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
     batch: Any = (x, y)
     if engine.plan.memory is not None:
         batch = IndexedBatch(batch, torch.arange(len(y), device=y.device))
-    return batch, ce_logits if engine.plan.term is not None else ce
+    return batch, ce_logits if engine.plan.term is not None or engine.plan.needs_logits else ce
 
 
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -300,7 +319,7 @@ def bench_case(case: Case, device: torch.device, precision: str, fast: bool, ste
             if "start" in options:
                 options = {"start_step": 0}
             engine = create(name, model, opt, autocast_dtype=dtype, fast_path=fast, seed=0,
-                            compile=backend or False, **options)
+                            compile=backend or False, **engine_options(options))
             if fraction is not None:
                 # Scheduled methods alternate sharp and plain steps here, so that any
                 # number of timed steps times both kinds; the row weights the two medians
@@ -407,7 +426,7 @@ def measure_peak_memory(case_name: str, quick: bool, device: str, method: str,
     model = case.make_model().to(dev)
     x, y = case.make_batch(batch, dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    engine = create(method, model, opt, seed=0, **options)
+    engine = create(method, model, opt, seed=0, **engine_options(options))
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -496,7 +515,7 @@ def ddp_vs_fsdp(case: Case, device: torch.device, steps: int, warmup: int,
             model = kd.wrap(copy.deepcopy(base), device, fsdp=mode == "fsdp")
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             sync = {} if mode == "fsdp" else {"sync_perturbation": mode == "ddp-sync"}
-            engine = kd.create(name, model, opt, seed=0, **sync, **options)
+            engine = kd.create(name, model, opt, seed=0, **sync, **engine_options(options))
             entries.append({"label": label, "mode": mode, "engine": engine, "times": []})
     for e in entries:
         for _ in range(warmup):

@@ -30,7 +30,7 @@ from .config import (
     parse_seeds,
     parse_value,
 )
-from .presets import PRESETS, preset_layer
+from .presets import DEFAULT_COMPARE, PRESETS, preset_layer
 from .tasks.data import MissingDependencyError
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_seeds"]
@@ -106,7 +106,7 @@ def _add_task(p: argparse.ArgumentParser) -> None:
                                   "function of "
                                   "yours that returns its data and model: "
                                   "path/to/file.py:function or package.module:function "
-                                  "(docs/compare.md)")
+                                  "(docs/guide/compare.md)")
     g.add_argument("--data-dir", help="where the task's data files are")
     g.add_argument("--model", help="model variant of the task (e.g. cnn, mlp, resnet18)")
     g.add_argument("--train-subset", type=int, help="train on the first N examples only")
@@ -184,7 +184,7 @@ def _add_ray(g: argparse._ArgumentGroup) -> None:
                    help="run every run of the grid as a Ray task (pip install \"ksam[ray]\"):"
                         " alone, on a Ray instance started on this machine; with the head "
                         "node's HOST:PORT or 'auto', on that running cluster "
-                        "(docs/distributed.md)")
+                        "(docs/guide/distributed.md)")
     g.add_argument("--cpus-per-run", type=_FLOAT, metavar="N",
                    help="with --ray: CPUs each run's task asks for (default 1)")
     g.add_argument("--gpus-per-run", type=_FLOAT, metavar="N",
@@ -199,7 +199,7 @@ COMPARE_DESCRIPTION = (
     "equal cost. Without an lr, each method's lr is first chosen on a held-out part of the "
     "training set. The task may be a function of yours (--task path/to/file.py:function). "
     "The plan (runs, sweep, where results go) is printed before the first run. "
-    "Guide: docs/compare.md.")
+    "Guide: docs/guide/compare.md.")
 TRAIN_DESCRIPTION = (
     "Train one method once, with a checkpoint after every epoch (--resume continues it). "
     "On the CPU the run takes as many torch threads as there are cores not busy, and says "
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a count (3 = seeds 0,1,2; the default), a list (0,4,7) or a range "
                         "(0-4)")
     g.add_argument("--preset", help=f"a named configuration: {', '.join(PRESETS)} "
-                                    "(docs/results.md)")
+                                    "(docs/experiments/results.md)")
     _add_task(p)
     _add_training(p)
     g = p.add_argument_group("learning rate per method")
@@ -305,8 +305,11 @@ def config_from_args(args: argparse.Namespace) -> CliConfig:
         user["methods"] = [user.pop("method")]
     defaults: dict[str, Any] = {"methods": ["ksam"]} if args.command == "train" else {}
     layers = [defaults]
-    if user.get("preset") is not None:
-        layers.append(preset_layer(user["preset"], user))
+    preset = user.get("preset")
+    if preset is None and args.command == "compare" and user.get("task") is None:
+        preset = DEFAULT_COMPARE.name  # the main job's built-in default
+    if preset is not None:
+        layers.append(preset_layer(preset, user))
     return CliConfig.from_layers(*layers, user)
 
 
@@ -388,7 +391,7 @@ def cmd_tasks() -> int:
             note = f" ({spec.defaults_note})" if spec.defaults_note else ""
             print(f"{'':16s} defaults: {_defaults_text(spec.defaults)}{note}")
     print(f"\n{'FILE.py:FUNCTION':16s} a task of your own: a function that returns its data "
-          "and model (docs/compare.md)")
+          "and model (docs/guide/compare.md)")
     print(f"{'':16s} defaults: {_defaults_text(DEFAULTS)} (its dict's 'defaults' set others)")
     return 0
 

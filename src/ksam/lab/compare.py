@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..methods import DEFAULT_SELECT
 from .config import DEFAULT_SWEEP_SPLIT, CliConfig, MethodSpec
 from .outputs import atomic_write_bytes
 from .runs import GridRun, is_resumable, run_one, run_place, run_slug, task_for_run
@@ -174,38 +175,188 @@ def _save_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-# Past the colour cycle's length (10 in matplotlib's default) the colours repeat; each
-# further round of it changes the marker and line style, so no two methods look alike.
-_MARKERS = ("o", "s", "^", "D", "v", "P")
+#: Sixteen colours: matplotlib's ten, then six darker or stronger ones. No two of up to
+#: 16 methods share a colour, nor two of up to 15 a marker (matplotlib's 15 that can be
+#: drawn hollow).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#08306b", "#a50f15", "#ff00ff",
+           "#00a087", "#8c6d31")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "p", "h", "d", "8", "H")
 _LINESTYLES = ("-", "--", ":", "-.")
 
 
-def method_styles(count: int, colours: list[str]) -> list[tuple[str, str, str]]:
-    """(colour, marker, line style) for each of ``count`` methods. The cost chart tells
-    methods apart by colour and marker, the time chart by colour and line style; both
-    pairs are distinct across methods while ``count <= len(colours) * 4``."""
+def method_styles(count: int, colours: list[str] | tuple[str, ...] = PALETTE,
+                  ) -> list[tuple[str, str, str]]:
+    """(colour, marker, line style) for each of ``count`` methods. The first
+    ``len(colours)`` methods get a colour each, the first 15 a marker each; past that the
+    colours repeat, each time with the next marker and line style, so that the (colour,
+    marker) pairs of the cost chart stay distinct while ``count <= len(colours) * 15`` and
+    the (colour, line style) pairs of the time chart while ``count <= len(colours) * 4``."""
     styles = []
     for i in range(count):
-        rnd = i // len(colours)
-        styles.append((colours[i % len(colours)], _MARKERS[rnd % len(_MARKERS)],
+        colour, rnd = i % len(colours), i // len(colours)
+        styles.append((colours[colour], _MARKERS[(colour + rnd) % len(_MARKERS)],
                        _LINESTYLES[rnd % len(_LINESTYLES)]))
     return styles
 
 
-def _legend_outside(ax: Any) -> None:
-    # Beside the axes, not over them: a legend inside can hide a method's point.
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+#: The names charts give the methods (the CLI's names, as papers spell them).
+METHOD_NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "ksam": "K-SAM",
+                "ksam-plain": "plain K-SAM", "random-sam": "RandomSubsetSAM", "esam": "ESAM",
+                "osgd": "Ordered SGD", "msam": "MSAM", "looksam": "LookSAM",
+                "sam-late": "late-phase SAM", "rst": "RST", "saf": "SAF", "mesa": "MESA"}
+#: How a chart writes a method's option; those not here are written ``key=value``.
+_OPTION_NAMES = {"k": "K", "k_ascent": "ascent K", "k_descent": "descent K", "rho": "ρ",
+                 "lam": "λ"}
+#: Options a chart leaves out of a method's name unless two methods differ only by them:
+#: the lr is in the table, the others are details of a rule.
+_DETAIL_OPTIONS = ("estimate", "k_warmup", "lr")
+
+
+def _rule(spec: MethodSpec) -> str:
+    """The selection rule K-SAM or Ordered SGD runs with: the spec's, else the default."""
+    if "select" in spec.options:
+        return str(spec.options["select"])
+    if spec.name == "ksam" and spec.options.get("scores", "forward") == "forward" \
+            and spec.options.get("loss_kind", "ce") == "ce":
+        return DEFAULT_SELECT
+    return "top"
+
+
+def short_label(spec_label: str, details: tuple[str, ...] = ()) -> str:
+    """A method's name on a chart, from its spec: ``ksam:k=32,select=auto,estimate=0.1,
+    rho=0.1,lr=0.025`` -> ``K-SAM auto (K=32, ρ=0.1)``, ``sam:rho=0.2,lr=0.05`` -> ``SAM
+    (ρ=0.2)``, ``sgd:lr=0.1`` -> ``SGD``. K-SAM and Ordered SGD name their selection rule
+    (the default one where the spec sets none) and say ``from memory`` with
+    ``scores=memory``; the lr, ``estimate`` and ``k_warmup`` are left out unless named in
+    ``details``. A label that is not a method spec is returned as it is."""
+    try:
+        spec = MethodSpec.parse(spec_label)
+    except ValueError:
+        return spec_label
+    name = METHOD_NAMES.get(spec.name, spec.name)
+    if spec.name in ("ksam", "osgd"):
+        name += f" {_rule(spec)}"
+        if spec.options.get("scores") == "memory":
+            name += " from memory"
+    shown = [f"{_OPTION_NAMES.get(key, key)}={text}" for key, text in _spec_texts(spec).items()
+             if key not in ("select", "scores")
+             and (key not in _DETAIL_OPTIONS or key in details)]
+    return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def short_labels(spec_labels: list[str]) -> list[str]:
+    """:func:`short_label` of each spec, with the details (``estimate``, ``k_warmup``, the
+    lr) added where two specs would otherwise get the same name, and the whole spec where
+    even that does not tell them apart."""
+    details: dict[str, tuple[str, ...]] = {s: () for s in spec_labels}
+    names = [short_label(s) for s in spec_labels]
+    for name in set(names):
+        group = [s for s, n in zip(spec_labels, names) if n == name]
+        if len(group) < 2:
+            continue
+        options = [_spec_texts(s) for s in group]
+        differ = tuple(k for k in _DETAIL_OPTIONS
+                       if len({o.get(k) for o in options}) > 1)
+        for s in group:
+            details[s] = differ
+    out = [short_label(s, details[s]) for s in spec_labels]
+    return [s if out.count(n) > 1 else n for s, n in zip(spec_labels, out)]
+
+
+def _spec_texts(spec: str | MethodSpec) -> dict[str, str]:
+    """A spec's options as written (the lr as ``%g``); none for a label that is not a
+    method spec."""
+    try:
+        spec = MethodSpec.parse(spec)
+    except ValueError:
+        return {}
+    texts = dict(spec.items)
+    if spec.lr is not None:
+        texts["lr"] = f"{spec.lr:g}"
+    return texts
+
+
+#: How a chart's title names a task, its models and one of its training examples.
+_TASK_NAMES = {"mnist1d": "MNIST-1D", "fashion-mnist": "Fashion-MNIST",
+               "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+_MODEL_NAMES = {"mnist1d": {"cnn": "1-D CNN", "mlp": "MLP"},
+                "fashion-mnist": {"cnn": "small CNN", "resnet": "small ResNet"},
+                "cifar10": {"resnet18": "ResNet-18", "wrn16-8": "WRN-16-8",
+                            "wrn28-10": "WRN-28-10"}}
+_MODEL_NAMES["cifar100"] = _MODEL_NAMES["cifar10"]
+_EXAMPLES = {"fashion-mnist": "image", "cifar10": "image", "cifar100": "image"}
+
+
+def task_text(config: Mapping[str, Any]) -> str:
+    """The data a comparison trained on, from its config: ``Fashion-MNIST (5000-image
+    subset), small CNN, 40 % symmetric label noise``; the model where the task has one
+    (its default where the run set none), ``clean labels`` without label noise."""
+    task = str(config.get("task", ""))
+    options = dict(config.get("task_options") or {})
+    parts = [_TASK_NAMES.get(task, task)]
+    if options.get("train_subset"):
+        parts[0] += f" ({options['train_subset']}-{_EXAMPLES.get(task, 'example')} subset)"
+    model = options.get("model")
+    if model is None:
+        from .tasks import TASKS
+
+        model = TASKS[task].options.get("model") if task in TASKS else None
+    if model is not None:
+        parts.append(_MODEL_NAMES.get(task, {}).get(str(model), str(model)))
+    noise = float(options.get("label_noise") or 0.0)
+    if noise > 0:
+        kind = options.get("label_noise_type", "symmetric")
+        parts.append(f"{100 * noise:g} % {kind} label noise")
+    else:
+        parts.append("clean labels")
+    return ", ".join(parts)
+
+
+def _seeds_text(count: int) -> str:
+    return f"{count} seed{'s' if count != 1 else ''}"
+
+
+def chart_title(config: Mapping[str, Any], what: str, *, seeds: int | None = None,
+                lrs: list[float | None] | None = None) -> str:
+    """A chart's title: the data (:func:`task_text`) on the first line, then ``what`` with
+    the seeds, the epochs and the lr (one shared lr, or each method's own)."""
+    setup = []
+    if seeds:
+        setup.append(_seeds_text(seeds))
+    if config.get("epochs"):
+        setup.append(f"{config['epochs']} epochs")
+    known = {lr for lr in (lrs or []) if lr is not None}
+    if len(known) > 1:
+        setup.append("each method at its own lr")
+    elif known:
+        setup.append(f"lr {known.pop():g}")
+    return f"{task_text(config)}\n{what}" + (f": {', '.join(setup)}" if setup else "")
+
+
+def _legend_outside(ax: Any, fig: Any = None, *, width: float = 6.5, **kwargs: Any) -> Any:
+    """The legend beside the axes, not over them (a legend inside can hide a method's
+    point), in a readable font; with ``fig``, the figure widens by the legend's width so
+    that the axes keep ``width`` inches."""
+    legend = ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0, **kwargs)
+    if fig is not None:
+        fig.canvas.draw()
+        extra = legend.get_window_extent().width / fig.dpi
+        fig.set_size_inches(width + 1.2 + extra, fig.get_size_inches()[1])
+    return legend
 
 
 def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | None, str]:
     """The accuracy-vs-time plot's y range (from 10 points below the lowest final accuracy,
-    so that the final accuracies are told apart) and its label, which says where the axis
-    starts when that cuts off lower (early) accuracies."""
+    so that the final accuracies are told apart, to above the highest accuracy of any
+    epoch) and its label, which says where the axis starts when that cuts off lower
+    (early) accuracies."""
     finals = [e["test_acc"] for r in runs for e in r["epochs"][-1:] if e["test_acc"] is not None]
     if not finals:
         return None, None, "test accuracy (%)"
-    low, high = max(0.0, min(finals) - 10), min(100.0, max(finals) + 2)
     every = [e["test_acc"] for r in runs for e in r["epochs"] if e["test_acc"] is not None]
+    low, high = max(0.0, min(finals) - 10), min(100.0, max(every) + 2)
     if min(every) >= low:
         return low, high, "test accuracy (%)"
     # Two lines: on one line the label is taller than the axes and the figure cuts it off.
@@ -214,15 +365,20 @@ def accuracy_axis(runs: list[dict[str, Any]]) -> tuple[float | None, float | Non
 
 def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Test accuracy against training wall-clock: per method the mean over seeds and the
-    min-max band.
+    min-max band; each method by its :func:`short_label` (with its number of seeds where
+    the methods' numbers differ), a colour and line style of its own (:func:`method_styles`)
+    and, every few epochs, its marker. The legend's title says what the line and the band
+    are; the y axis is :func:`accuracy_axis`'.
     Returns False (and writes nothing) when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return False
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    styles = method_styles(len(labels), plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for lab, (colour, _, linestyle) in zip(labels, styles):
+    names = short_labels(labels)
+    counts = [sum(r["label"] == lab for r in runs) for lab in labels]
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
+    for lab, name, count, (colour, marker, linestyle) in zip(
+            labels, names, counts, method_styles(len(labels))):
         # Mean over seeds per epoch (x: mean wall-clock at that epoch), min-max band.
         # Evaluated epochs only (--eval-every leaves the others without an accuracy).
         group = [[e for e in r["epochs"] if e["test_acc"] is not None]
@@ -231,47 +387,143 @@ def plot_accuracy_vs_time(runs: list[dict[str, Any]], path: Path, title: str) ->
         ts = [statistics.fmean(g[e]["train_time"] for g in group) for e in range(n)]
         accs = [[g[e]["test_acc"] for g in group] for e in range(n)]
         ax.plot(ts, [statistics.fmean(a) for a in accs], color=colour, ls=linestyle, lw=1.5,
-                label=f"{lab} ({len(group)} seed{'s' if len(group) != 1 else ''})")
+                marker=marker, ms=4, markevery=max(1, n // 6),
+                label=name if len(set(counts)) == 1 else f"{name} ({_seeds_text(count)})")
         if len(group) > 1:
             ax.fill_between(ts, [min(a) for a in accs], [max(a) for a in accs],
-                            color=colour, alpha=0.15, lw=0)
+                            color=colour, alpha=0.12, lw=0)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     low, high, label = accuracy_axis(runs)
     ax.set_ylabel(label)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     if low is not None:
         ax.set_ylim(low, high)
     ax.grid(alpha=0.3)
-    _legend_outside(ax)
+    several = max(counts, default=0) > 1
+    _legend_outside(ax, fig, title="line: mean over seeds\nband: min-max" if several else None,
+                    title_fontsize=8)
     fig.tight_layout()
     _save_png(fig, path)
     return True
 
 
+#: The least gap (points of accuracy) that :func:`accuracy_ranges` breaks the axis at.
+BREAK_GAP = 5.0
+
+
+def accuracy_ranges(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """The y range(s) of the cost chart, top first: one range over every point's mean ±
+    std, or two when one gap splits them into a high cluster narrower than a third of the
+    whole and the rest, the gap wider than a sixth of the whole and than
+    :data:`BREAK_GAP` (a broken axis: one collapsed method would otherwise squeeze the
+    close ones into a line). Padded, within 0-100 where the data is."""
+    spans = sorted((p["acc_mean"] - (p["acc_std"] or 0), p["acc_mean"] + (p["acc_std"] or 0))
+                   for p in points if not math.isnan(p["acc_mean"]))
+    if not spans:
+        return [(0.0, 100.0)]
+    clusters: list[list[float]] = []
+    for lo, hi in spans:
+        if clusters and lo <= clusters[-1][1]:
+            clusters[-1][1] = max(clusters[-1][1], hi)
+        else:
+            clusters.append([lo, hi])
+    whole = max(hi for _, hi in spans) - spans[0][0]
+    ranges = [(spans[0][0], max(hi for _, hi in spans))]
+    if len(clusters) > 1 and whole > 0:
+        i = max(range(1, len(clusters)), key=lambda j: clusters[j][0] - clusters[j - 1][1])
+        top = (clusters[i][0], max(c[1] for c in clusters[i:]))
+        gap = clusters[i][0] - clusters[i - 1][1]
+        if top[1] - top[0] < whole / 3 and gap > max(whole / 6, BREAK_GAP):
+            ranges = [top, (spans[0][0], clusters[i - 1][1])]
+
+    def padded(lo: float, hi: float) -> tuple[float, float]:
+        pad = max(0.4, 0.08 * (hi - lo))
+        return (min(lo, max(0.0, lo - pad)), max(hi, min(100.0, hi + pad)))
+
+    return [padded(lo, hi) for lo, hi in ranges]
+
+
 def plot_accuracy_vs_cost(points: list[dict[str, Any]], reference: str, path: Path,
-                          title: str) -> bool:
+                          title: str, *, marks: Mapping[str, str] | None = None,
+                          caption: str = "") -> bool:
     """The :func:`accuracy_vs_cost` points with their std over seeds as error bars; the
-    frontier's points filled, the others hollow. False (nothing written) without
+    frontier's points filled, the others hollow; each method by its :func:`short_label`
+    and a colour and marker of its own (:func:`method_styles`). The y axis spans the data
+    (:func:`accuracy_ranges`: broken in two where a gap leaves the close methods
+    squeezed). ``marks``: text after a method's name (a footnote sign), ``caption``: a
+    line under the chart's own (what the sign says). False (nothing written) without
     matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    styles = method_styles(len(points), plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for p, (colour, marker, _) in zip(points, styles):
-        ax.errorbar(p["cost_mean"], p["acc_mean"], xerr=p["cost_std"], yerr=p["acc_std"],
-                    fmt=marker, color=colour, capsize=3, ms=7,
-                    mfc=colour if p["frontier"] else "white",
-                    label=f"{p['method']}{' (frontier)' if p['frontier'] else ''}")
-    ax.set_xlabel(f"training time / {reference}'s (evaluation excluded)")
-    ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
-    fig.text(0.01, 0.01, FRONTIER_CAPTION, fontsize=7, ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    ranges = accuracy_ranges(points)
+    if len(ranges) == 1:
+        fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
+        axes = [ax]
+    else:
+        fig, axes = plt.subplots(2, 1, sharex=True, figsize=(10, 5.4), dpi=120,
+                                 gridspec_kw={"height_ratios": (3, 1.4)})
+    names = short_labels([p["method"] for p in points])
+    by_method = dict(zip((p["method"] for p in points), names))
+    counts = {p["seeds"] for p in points}
+    for p, name, (colour, marker, _) in zip(points, names, method_styles(len(points))):
+        seeds = "" if len(counts) == 1 else f" ({_seeds_text(p['seeds'])})"
+        label = f"{name}{(marks or {}).get(p['method'], '')}{seeds}" \
+                f"{' (frontier)' if p['frontier'] else ''}"
+        for i, a in enumerate(axes):
+            a.errorbar(p["cost_mean"], p["acc_mean"], xerr=p["cost_std"], yerr=p["acc_std"],
+                       fmt=marker, color=colour, capsize=3, ms=8 if marker == "*" else 7,
+                       mfc=colour if p["frontier"] else "white", mew=1.3, elinewidth=1.1,
+                       label=label if i == 0 else None)
+    reference_name = by_method.get(reference, short_label(reference))
+    axes[-1].set_xlabel(f"training time / {reference_name}'s (evaluation excluded)")
+    for a, (lo, hi) in zip(axes, ranges):
+        a.set_ylim(lo, hi)
+        a.grid(alpha=0.3)
+    label = "final test accuracy (%)\nmean ± std over seeds"
+    if len(axes) == 1:
+        start = ranges[0][0]
+        # Where the axis is cut well above 0, the points' heights do not compare to 0.
+        axes[0].set_ylabel(f"{label}; axis from {start:.0f} %" if start >= 10 else label)
+    else:
+        _break_marks(axes)
+        axes[0].set_ylabel(label)
+        axes[1].set_ylabel(f"axis broken:\n{ranges[1][1]:.0f}-{ranges[0][0]:.0f} % left out",
+                           fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    _legend_outside(axes[0], fig)
+    text = FRONTIER_CAPTION if not caption else f"{FRONTIER_CAPTION}\n{caption}"
+    fig.text(0.01, 0.01, text, fontsize=8, ha="left", va="bottom")
+    lines = text.count("\n") + 1
+    # h_pad: the broken axis' two panels close together (tight_layout sets their spacing).
+    fig.tight_layout(rect=(0, 0.025 + 0.03 * lines, 1, 1), h_pad=0.6)
     _save_png(fig, path)
     return True
+
+
+def collapse_marks(rows: list[dict[str, Any]], reference: str) -> tuple[dict[str, str], str]:
+    """The cost chart's ``marks`` and ``caption`` for :func:`summarize`'s ``rows``: after
+    each method with collapsed runs ``, 3/5 collapsed``, and a caption that says what
+    counts as collapsed; none where no run collapsed."""
+    marks = {r["method"]: f", {r['collapsed']}/{r['seeds']} collapsed" for r in rows
+             if r.get("collapsed")}
+    if not marks:
+        return {}, ""
+    return marks, (f"collapsed: runs ending more than {COLLAPSE_MARGIN:.0f} points below "
+                   f"{short_label(reference)}'s mean accuracy")
+
+
+def _break_marks(axes: list[Any]) -> None:
+    """A broken y axis' two panels: no spine between them, short diagonal marks where
+    the axis is cut."""
+    upper, lower = axes
+    upper.spines.bottom.set_visible(False)
+    lower.spines.top.set_visible(False)
+    upper.tick_params(bottom=False)
+    kwargs = {"marker": [(-1, -0.5), (1, 0.5)], "markersize": 10, "linestyle": "none",
+              "color": "k", "mec": "k", "mew": 1, "clip_on": False}
+    upper.plot([0, 1], [0, 0], transform=upper.transAxes, **kwargs)
+    lower.plot([0, 1], [1, 1], transform=lower.transAxes, **kwargs)
 
 
 def environment() -> dict[str, Any]:
@@ -664,7 +916,8 @@ def _report(runs: list[dict[str, Any]], parsed: list[MethodSpec], resolved: Trai
     split = "validation" if base.task_options.get("validation_split") else "test"
     return {"rows": rows, "table": markdown_table(rows, reference, split),
             "reference": reference,
-            "notes": table_notes(reference) + device_note(rows, reference), "runs": runs,
+            "notes": table_notes(reference) + device_note(rows, reference),
+            "reading": reading(rows, reference, split), "runs": runs,
             "where": places(runs), "task_name": task.name,
             "lr_choice": lr_choice, "accuracy_vs_cost": accuracy_vs_cost(runs, reference),
             "split": split,
@@ -745,14 +998,52 @@ def table_notes(reference: str) -> str:
             "on both time and accuracy (at most the time and at least the accuracy).")
 
 
+def reading(rows: list[dict[str, Any]], reference: str, split: str = "test") -> str:
+    """A few sentences under the table that read it: the most accurate method and its
+    time against ``reference``'s, the methods a std's overlap does not tell apart from it
+    (and which of those is cheapest), and each method with collapsed runs."""
+    rows = [r for r in rows if not math.isnan(r["test_acc_mean"])]
+    if not rows:
+        return ""
+    best = max(rows, key=lambda r: r["test_acc_mean"])
+
+    def spread(r: dict[str, Any]) -> float:
+        return r["test_acc_std"] if r["seeds"] > 1 and not math.isnan(r["test_acc_std"]) else 0
+
+    def cost(r: dict[str, Any]) -> str:
+        ratio = r["time_vs_ref"]
+        return "" if math.isnan(ratio) else f", {ratio:.2f}x {reference}'s time"
+
+    lines = [f"Reading: the most accurate method here is {best['method']} "
+             f"({best['test_acc_mean']:.2f} % {split} accuracy{cost(best)})."]
+    close = [r for r in rows if r is not best and r["test_acc_mean"] + spread(r)
+             >= best["test_acc_mean"] - spread(best)]
+    if close:
+        names = ", ".join(f"{r['method']} ({r['test_acc_mean']:.2f} %{cost(r)})" for r in close)
+        cheapest = min([best, *close], key=lambda r: r["train_time_s"])
+        lines.append(f"Within one std of it (not told apart on these seeds): {names}; the "
+                     f"cheapest of them is {cheapest['method']}.")
+    for r in rows:
+        if r["collapsed"]:
+            lines.append(f"{r['method']} collapsed in {r['collapsed']} of {r['seeds']} runs: "
+                         f"they ended more than {COLLAPSE_MARGIN:.0f} points below "
+                         f"{reference}'s mean, a run that stopped learning (on noisy labels, "
+                         "a rule that trains on the largest losses fits the wrong labels).")
+    return "\n".join(lines)
+
+
 def _write_report(folder: Any, report: dict[str, Any], description: str,
                   seeds: list[int]) -> None:
     """summary.md, summary.json, metrics.csv and the plots, into the comparison's
     :class:`ksam.lab.outputs.OutputFolder`."""
-    cfg = report["config"]
-    title = f"{cfg['task']}: final test accuracy vs training cost"
+    # An equal-budget grid's methods ran for different numbers of steps: a method that ends
+    # lower there did not collapse (budget.py's table has no 'collapsed' column either).
+    marks, caption = ({}, "") if report.get("mode") else \
+        collapse_marks(report["rows"], report["reference"])
     drawn = plot_accuracy_vs_cost(report["accuracy_vs_cost"], report["reference"],
-                                  folder.record("accuracy_vs_cost.png"), title)
+                                  folder.record("accuracy_vs_cost.png"),
+                                  _report_title(report, "final test accuracy vs training time",
+                                                len(seeds)), marks=marks, caption=caption)
     note = "" if drawn else ("\n(matplotlib is not installed: no plots; the accuracy-vs-cost "
                              "points are in summary.json.)\n")
     budget = report.get("budget")
@@ -761,7 +1052,9 @@ def _write_report(folder: Any, report: dict[str, Any], description: str,
                                        f"{budget['table']}\n")
     heading = "## Equal epochs\n\n" if budget is not None else ""
     folder.write_text("summary.md", _report_header(report, description, seeds) + heading
-                      + report["table"] + "\n\n" + report["notes"] + "\n" + extra + note)
+                      + report["table"] + "\n\n" + report["notes"] + "\n"
+                      + (f"\n{report['reading']}\n" if report.get("reading") else "")
+                      + extra + note)
     slim = {k: v for k, v in report.items() if k not in ("runs", "budget")}
     slim["runs"] = _slim_runs(report["runs"])
     if budget is not None:
@@ -770,7 +1063,18 @@ def _write_report(folder: Any, report: dict[str, Any], description: str,
     folder.write_text("summary.json", json.dumps(slim, indent=2, default=str))
     folder.write_text("metrics.csv", _metrics_csv(report["runs"]))
     plot_accuracy_vs_time(report["runs"], folder.record("accuracy_vs_time.png"),
-                          f"{cfg['task']}: test accuracy vs training time")
+                          _report_title(report, "test accuracy vs training time", len(seeds)))
+
+
+def _report_title(report: dict[str, Any], what: str, seeds: int) -> str:
+    """:func:`chart_title` of a comparison's report (an equal-budget grid's methods ran
+    for different numbers of epochs: its title says the budget instead)."""
+    config = dict(report["config"])
+    if report.get("mode"):
+        config["epochs"] = None
+        what = f"{what}, equal budget ({report['mode']})"
+    return chart_title(config, what, seeds=seeds,
+                       lrs=[r.get("lr") for r in report.get("rows", [])])
 
 
 def _slim_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1153,6 +1457,8 @@ def run_comparison(cfg: CliConfig, *, echo: Echo = say,
              f"{lr_choice['text']}; results in {out}")
         echo(report["table"])
         echo(report["notes"])
+        if report.get("reading"):
+            echo(f"\n{report['reading']}")
         budget = report.get("budget")
         if budget is not None:
             echo(f"\n{budget['text']}\n{budget['table']}")

@@ -49,8 +49,8 @@ RENAMED_FIELDS = {"schedule": "lr_schedule", "selection": "selection_scope"}
 _NOT_TASK_OPTIONS = ("name", "seed", "device")
 
 #: Options of the run rather than the method, allowed in every spec ("sgd:lr=0.2"): each
-#: method can be compared at its own learning rate (docs/collapse.md section 5: at one shared
-#: lr a method that enlarges its effective step can look better than it is).
+#: method can be compared at its own learning rate (docs/experiments/collapse.md section 5:
+#: at one shared lr a method that enlarges its effective step can look better than it is).
 RUN_OPTIONS = {"lr"}
 #: Options the user may give once for every method that takes them (``--k``, ``--rho``).
 SHARED_OPTIONS = ("k", "rho")
@@ -231,7 +231,7 @@ def parse_seeds(value: str | int | Iterable[int]) -> list[int]:
 DEFAULT_METHODS = ("sgd", "sam", "ksam")
 #: Learning rates the default ``ksam compare`` chooses each method's lr from (on a held-out
 #: split). On MNIST-1D (the default task) every method's best lr is 0.1 or 0.2 and 0.05 is
-#: never the best (docs/results.md); three values keep the default run within 5 minutes
+#: never the best (docs/experiments/results.md); three values keep the default run within 5 minutes
 #: on a 2-core CPU. Other tasks: give ``--lr-sweep``.
 DEFAULT_LR_SWEEP = (0.1, 0.2, 0.4)
 #: Held-out fraction of the training set the lr sweep scores on.
@@ -276,7 +276,7 @@ class RunConfig:
     the task's default.
 
     ``selection_scope``, ``sync_perturbation`` and ``fsdp`` are for several processes
-    (docs/distributed.md: each rank's own top-K or the global one, per-rank or synchronized
+    (docs/guide/distributed.md: each rank's own top-K or the global one, per-rank or synchronized
     perturbation, FSDP2 instead of DDP); a single process refuses them
     (:meth:`check_processes`).
     """

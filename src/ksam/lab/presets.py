@@ -1,4 +1,5 @@
-"""Named configurations for ``ksam compare --preset NAME`` (the evidence in docs/results.md).
+"""Named configurations for ``ksam compare --preset NAME`` (the evidence in
+docs/experiments/results.md).
 
 A preset is a partial :class:`ksam.lab.config.CliConfig`: a mapping from its field names to
 values. ``ksam compare`` merges the command's defaults, then the preset, then the flags the
@@ -11,7 +12,7 @@ that takes it (specs that become identical, e.g. ``ksam:k=32`` and ``ksam:k=16``
 ``--k 8``, are merged). An explicit ``--methods`` replaces the preset's list entirely.
 
 A new preset is one :func:`register_preset` call. Every choice and its reason is written down
-in docs/results.md.
+in docs/experiments/results.md.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 
 from .config import MethodSpec
 
-__all__ = ["PRESETS", "Preset", "preset_layer", "register_preset"]
+__all__ = ["DEFAULT_COMPARE", "PRESETS", "Preset", "preset_layer", "register_preset"]
 
-# rho for SAM-family methods, chosen on MNIST-1D with --validation-split 0.2 (docs/results.md):
-# sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best validation accuracy per method.
+# rho for SAM-family methods, chosen on MNIST-1D with --validation-split 0.2
+# (docs/experiments/results.md): sweep {0.02, 0.05, 0.1, 0.2}, 2 seeds, 20 epochs, best
+# validation accuracy per method.
 MNIST1D_RHO_SAM = 0.02
 MNIST1D_RHO_KSAM = 0.02
 # Fashion-MNIST: not tuned; SAM's usual default.
@@ -58,8 +60,8 @@ def _methods(k_quarter: int, k_eighth: int, rho_sam: float, rho_ksam: float) -> 
     return [
         "sgd",
         f"sam:rho={rho_sam:g}",
-        f"ksam:k={k_quarter},rho={rho_ksam:g}",
-        f"ksam:k={k_eighth},rho={rho_ksam:g}",
+        f"ksam:select=top,k={k_quarter},rho={rho_ksam:g}",
+        f"ksam:select=top,k={k_eighth},rho={rho_ksam:g}",
         f"random-sam:rho={rho_sam:g}",
         f"esam:rho={rho_sam:g}",
         f"osgd:k={k_quarter}{osgd}",
@@ -69,7 +71,8 @@ def _methods(k_quarter: int, k_eighth: int, rho_sam: float, rho_ksam: float) -> 
 
 # MNIST-1D with 30 % label noise, 80 epochs (preset mnist1d-noise30): each method's lr, and
 # rho where it differs from SAM's 0.25, chosen on a held-out 20 % of the training set
-# (benchmarks/noise_search.sh, 2 seeds, best final validation accuracy; docs/results.md).
+# (experiments/scripts/noise_search.sh, 2 seeds, best final validation accuracy;
+# docs/experiments/results.md).
 NOISE30_RHO = 0.25
 
 
@@ -80,8 +83,8 @@ def _noise30_methods() -> list[str]:
     return [
         "sgd:lr=0.4",
         f"sam:rho={rho:g},lr=0.1",
-        "ksam:k=32,rho=0.05,lr=0.1",
-        "ksam:k=16,rho=0.05,lr=0.1",
+        "ksam:select=top,k=32,rho=0.05,lr=0.1",
+        "ksam:select=top,k=16,rho=0.05,lr=0.1",
         f"ksam-plain:k=32,rho={rho:g},lr=0.1",
         f"ksam-plain:k=16,rho={rho:g},lr=0.1",
         f"random-sam:rho={rho:g},lr=0.1",
@@ -137,17 +140,18 @@ _FASHION = {
     "precision": "fp32",
 }
 
-# Fashion-MNIST on a CPU where SGD memorizes wrong labels (docs/label_noise.md): the small
-# CNN, no augmentation, a 5k-image subset, 40 epochs; each method's lr (and rho) chosen on a
-# held-out 20 % whose labels carry the same noise (2 seeds, best final accuracy). The last
-# row of each list, K-SAM from memory with stratified ranks and 8 ascent / 24 descent rows,
-# is chosen by benchmarks/fashion_noise_search.sh memory-split.
+# Fashion-MNIST on a CPU where SGD memorizes wrong labels
+# (docs/experiments/label-noise-fashion.md): the small CNN, no augmentation, a 5k-image
+# subset, 40 epochs; each method's lr (and rho) chosen on a held-out 20 % whose labels
+# carry the same noise (2 seeds, best final accuracy). The last row of each list, K-SAM
+# from memory with stratified ranks and 8 ascent / 24 descent rows, is chosen by
+# experiments/scripts/fashion_noise_search.sh memory-split.
 _FASHION_CNN = {**_FASHION, "model": "cnn", "train_subset": 5000, "epochs": 40,
                 "batch_size": 128, "seeds": "5", "device": "cpu"}
 _FASHION_CNN_NOISE40_METHODS = [
     "sgd:lr=0.0125",
     "sam:rho=0.1,lr=0.025",
-    "ksam:rho=0.1,lr=0.1",
+    "ksam:select=top,rho=0.1,lr=0.1",
     "ksam:select=auto,estimate=0.1,rho=0.2,lr=0.025",
     "saf:lr=0.0125",
     "mesa:lr=0.0125",
@@ -156,11 +160,11 @@ _FASHION_CNN_NOISE40_METHODS = [
 ]
 
 # The same setting on clean labels and at 20 % symmetric noise, chosen by
-# benchmarks/fashion_noise_search.sh clean / noise20 (docs/label_noise.md).
+# experiments/scripts/fashion_noise_search.sh clean / noise20 (docs/experiments/label-noise.md).
 _FASHION_CNN_CLEAN_METHODS = [
     "sgd:lr=0.025",
     "sam:rho=0.1,lr=0.05",
-    "ksam:rho=0.1,lr=0.025",
+    "ksam:select=top,rho=0.1,lr=0.025",
     "ksam:select=auto,estimate=0.1,rho=0.1,lr=0.025",
     "saf:lr=0.025",
     "mesa:lr=0.025",
@@ -170,18 +174,19 @@ _FASHION_CNN_CLEAN_METHODS = [
 _FASHION_CNN_NOISE20_METHODS = [
     "sgd:lr=0.0125",
     "sam:rho=0.1,lr=0.025",
-    "ksam:rho=0.1,lr=0.05",
+    "ksam:select=top,rho=0.1,lr=0.05",
     "ksam:select=auto,estimate=0.1,rho=0.1,lr=0.025",
     "saf:lr=0.0125",
     "mesa:lr=0.0125",
     "ksam:rho=0.1,scores=memory,lr=0.0125",
     "ksam:select=stratified,scores=memory,k_ascent=8,k_descent=24,rho=0.025,lr=0.025",
 ]
-# 30 % pair noise: benchmarks/fashion_noise_search.sh pair30 (docs/label_noise.md).
+# 30 % pair noise: experiments/scripts/fashion_noise_search.sh pair30
+# (docs/experiments/label-noise-fashion.md).
 _FASHION_CNN_PAIR30_METHODS = [
     "sgd:lr=0.00625",
     "sam:rho=0.2,lr=0.025",
-    "ksam:rho=0.1,lr=0.05",
+    "ksam:select=top,rho=0.1,lr=0.05",
     "ksam:select=auto,estimate=0.1,rho=0.1,lr=0.025",
     "saf:lr=0.00625",
     "mesa:lr=0.0125",
@@ -198,7 +203,7 @@ def _fashion_cnn_noisy(name: str, noise: float, methods: list[str],
         name,
         f"Fashion-MNIST 5k-image subset with {noise:.0%} {noise_type} label noise, small CNN, "
         "no augmentation, 40 epochs, 5 seeds, CPU; the methods of fashion-cnn-clean, each at "
-        "its own lr and rho chosen on a noisy held-out split (docs/label_noise.md)",
+        "its own lr and rho chosen on a noisy held-out split (docs/experiments/label-noise.md)",
         {**_FASHION_CNN, "label_noise": noise, "lr": 0.05, "methods": list(methods)},
         {"augment": False, **({} if noise_type == "symmetric" else
                               {"label_noise_type": noise_type})},
@@ -216,7 +221,25 @@ def register_preset(preset: Preset) -> Preset:
     return preset
 
 
+#: What ``ksam compare`` runs with neither ``--task`` nor ``--preset``: MNIST-1D with 20 %
+#: of the training labels wrong (a setting where SAM beats SGD and K-SAM's selection rule
+#: decides whether it keeps SAM's gain: docs/experiments/default-rule.md), SGD, SAM,
+#: K-SAM with its default rule and with the paper's top-K rule, each at its own lr chosen
+#: from the default sweep on a held-out split whose labels are as noisy as the training
+#: labels; 3 seeds.
+DEFAULT_COMPARE = Preset(
+    "default",
+    "MNIST-1D CNN with 20 % symmetric label noise, 30 epochs, 3 seeds, CPU: SGD, SAM, K-SAM "
+    "(default rule) and K-SAM top, each at its own lr chosen on a held-out split with the "
+    "same label noise (what `ksam compare` runs without --task or --preset)",
+    {**{k: v for k, v in _MNIST1D.items() if k != "lr"}, "label_noise": 0.2, "seeds": "3",
+     "methods": ["sgd", "sam:rho=0.05", "ksam:k=32,rho=0.05",
+                 "ksam:k=32,rho=0.05,select=top"]},
+    {"noisy_validation": True},
+)
+
 for _preset in [
+    DEFAULT_COMPARE,
     Preset(
         "mnist1d",
         "MNIST-1D CNN, 4000 train / 1000 test, 30 epochs, 5 seeds, CPU",
@@ -225,12 +248,12 @@ for _preset in [
     Preset(
         "mnist1d-lr",
         "MNIST-1D CNN as `mnist1d`, each method at its own lr, chosen on a held-out split "
-        "(validation sweep over 0.05, 0.1, 0.2, 0.4; 3 seeds; docs/results.md)",
+        "(validation sweep over 0.05, 0.1, 0.2, 0.4; 3 seeds; docs/experiments/results.md)",
         {**_MNIST1D, "methods": [
             "sgd:lr=0.2",
             f"sam:rho={MNIST1D_RHO_SAM:g},lr=0.2",
-            f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
-            f"ksam:k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
+            f"ksam:select=top,k=32,rho={MNIST1D_RHO_KSAM:g},lr=0.2",
+            f"ksam:select=top,k=32,rho={MNIST1D_RHO_KSAM:g},rescale=0.5,lr=0.2",
             f"osgd:k=32,k_warmup={_ksam_k_warmup()},lr=0.1",
             "saf:lr=0.2",
             "mesa:decay=0.999,lr=0.2",
@@ -246,7 +269,7 @@ for _preset in [
         "mnist1d-noise30",
         "MNIST-1D CNN with 30% symmetric label noise, 80 epochs, 5 seeds, CPU; the whole "
         "field, each method at its own lr (and SAM's rho 0.25 unless said) chosen on a "
-        "held-out split (docs/results.md)",
+        "held-out split (docs/experiments/results.md)",
         {**_MNIST1D, "label_noise": 0.3, "epochs": 80, "methods": _noise30_methods()},
     ),
     _fashion_cnn_noisy("fashion-cnn-noise40", 0.4, _FASHION_CNN_NOISE40_METHODS),
@@ -255,7 +278,7 @@ for _preset in [
         "Fashion-MNIST 5k-image subset with clean labels, small CNN, no augmentation, 40 "
         "epochs, 5 seeds, CPU; SGD, SAM, K-SAM top, auto and from memory (top; stratified "
         "with 8 ascent / 24 descent rows), SAF, MESA, each at its own lr and rho chosen on a "
-        "held-out split (docs/label_noise.md)",
+        "held-out split (docs/experiments/label-noise.md)",
         {**_FASHION_CNN, "lr": 0.05, "methods": list(_FASHION_CNN_CLEAN_METHODS)},
         {"augment": False},
     ),

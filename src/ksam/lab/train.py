@@ -28,7 +28,7 @@ from torch import Tensor
 from ..batch import IndexedBatch
 from ..cost import step_rows
 from ..engine import Method
-from ..methods import create, takes_num_examples
+from ..methods import DEFAULT_SELECT, create, takes_num_examples
 from ..params import is_ddp
 from ..schedule import schedule_options
 from ..selection import rule_options
@@ -77,6 +77,14 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None
             f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed))
 
 
+def default_rule(method: str, options: dict[str, Any]) -> str:
+    """The selection rule method ``method`` takes when ``options`` name none."""
+    if method == "ksam" and options.get("scores", "forward") == "forward" \
+            and options.get("loss_kind", "ce") == "ce":
+        return DEFAULT_SELECT
+    return "top"
+
+
 def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                  steps_total: int, num_examples: int | None = None
                  ) -> tuple[Method, Any]:
@@ -96,7 +104,7 @@ def build_engine(method: str, model: torch.nn.Module, cfg: TrainConfig,
                    fast_path=bool(cfg.fast), seed=cfg.seed, compile=cfg.compile or False,
                    micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
                    **rule_options(schedule_options(method, cfg.method_options, steps_total),
-                                  steps_total))
+                                  steps_total, default_rule(method, cfg.method_options)))
     if num_examples is not None and takes_num_examples(method, options):
         given = options.setdefault("num_examples", num_examples)
         if given != num_examples:  # its ids would fail the first step, after writing
