@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ksam import methods, selection
 from ksam.lab.cli import main
+from ksam.memory import ExampleMemory
 from ksam.selection import (
     AUTO_DECAY,
     AUTO_MARGIN,
@@ -83,6 +84,36 @@ class TopLossUncontradicted(TopLoss):
         return cached[1][:count]
 
 
+def _update_gate(rule, ctx: SelectionContext, old, new) -> Tensor:
+    """The fit gate's staged update, state (gate's running mean, measured, ..., open): the
+    running mean of the share of the batch the model misclassifies, and the gate open
+    (for good) once that mean is at most ``rule.gate``. Returns the staged ``open``."""
+    fit, measured, opened = old[0], old[1], old[-1]
+    new_fit, new_measured, new_opened = new[0], new[1], new[-1]
+    wrong = (label_margins(ctx) < 0).float().mean()
+    new_fit.copy_(torch.where(measured > 0, rule.decay * fit + (1 - rule.decay) * wrong,
+                              wrong))
+    new_measured.fill_(1.0)
+    new_opened.copy_(torch.maximum(opened, (new_fit <= rule.gate).float()))
+    return new_opened
+
+
+def _remembered_margins(rule, ctx: SelectionContext, decay: float) -> Tensor:
+    """The batch's label margins averaged over each example's visits (``decay``: the
+    running mean's weight on the past; the first visit as it is), staged in ``rule``'s
+    per-example memory."""
+    if ctx.ids is None:
+        raise ValueError(f"{rule!r} needs the batch's example ids: give batches as "
+                         "ksam.IndexedBatch(batch, index)")
+    margins = label_margins(ctx)
+    mem = rule.memory
+    mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
+    visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(0, ctx.ids)
+    new = torch.where(visits > 0, decay * mean + (1 - decay) * margins, margins)
+    mem.stage(ctx.ids, aum=new, aum_visits=visits + 1)
+    return new
+
+
 class FitGated(TopLoss):
     r"""A rule of two phases, switched by the model's fit, not by a step count: K rows at
     evenly spaced ranks of the loss order (as :class:`StratifiedLoss`: the model learns
@@ -110,14 +141,9 @@ class FitGated(TopLoss):
         self._estimate.commit(keep)
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
-        (fit, measured, _, _, opened), new = self._estimate.views(order.device)
-        new_fit, new_measured, _, _, new_opened = new
+        old, new = self._estimate.views(order.device)
         self._estimate.pending = True
-        wrong = (label_margins(ctx) < 0).float().mean()
-        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
-                                  wrong))
-        new_measured.fill_(1.0)
-        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
+        new_opened = _update_gate(self, ctx, old, new)
         filtered = self.filtered(ctx, order, count)
         return torch.where(new_opened > 0, filtered,
                            _spread_rows(order, ctx.batch_size, count))
@@ -150,8 +176,6 @@ class GatedAreaUnderMargin(FitGated):
                  rescale: bool | float = False, loss_kind: str = "ce", *,
                  num_examples: int, gate: float = 0.5, decay: float = AUTO_DECAY,
                  visit_decay: float = 0.5, threshold: float = 0.0) -> None:
-        from .memory import ExampleMemory
-
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind,
                          gate=gate, decay=decay)
         self.visit_decay, self.threshold = float(visit_decay), float(threshold)
@@ -165,18 +189,8 @@ class GatedAreaUnderMargin(FitGated):
     def remembered(self, ctx: SelectionContext) -> Tensor:
         cached = ctx.cache.get("gated_aum")
         if cached is None:
-            if ctx.ids is None:
-                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
-                                 "ksam.IndexedBatch(batch, index)")
-            margins = label_margins(ctx)
-            mem = self.memory
-            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
-            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
-                0, ctx.ids)
-            d = self.visit_decay
-            cached = torch.where(visits > 0, d * mean + (1 - d) * margins, margins)
-            mem.stage(ctx.ids, aum=cached, aum_visits=visits + 1)
-            ctx.cache["gated_aum"] = cached
+            cached = ctx.cache["gated_aum"] = _remembered_margins(self, ctx,
+                                                                  self.visit_decay)
         return cached
 
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
@@ -215,14 +229,10 @@ class FitGatedBand(AutoMarginBand):
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         n = ctx.batch_size
         # state: (gate's running mean, measured, running mean, its minimum, open)
-        (fit, measured, mean, low, opened), new = self._estimate.views(order.device)
-        new_fit, new_measured, new_mean, new_low, new_opened = new
+        old, new = self._estimate.views(order.device)
+        (_, _, mean, low, opened), (_, _, new_mean, new_low, _) = old, new
         self._estimate.pending = True
-        wrong = (label_margins(ctx) < 0).float().mean()
-        new_fit.copy_(torch.where(measured > 0, self.decay * fit + (1 - self.decay) * wrong,
-                                  wrong))
-        new_measured.fill_(1.0)
-        new_opened.copy_(torch.maximum(opened, (new_fit <= self.gate).float()))
+        new_opened = _update_gate(self, ctx, old, new)
         share = self.flagged(ctx).float().mean()
         new_mean.copy_(torch.where(opened > 0, self.decay * mean + (1 - self.decay) * share,
                                    share))
@@ -262,8 +272,6 @@ class AreaUnderMargin(TopLoss):
                  rescale: bool | float = False, loss_kind: str = "ce", *,
                  num_examples: int, threshold: float = AUM_THRESHOLD,
                  decay: float = AUM_DECAY) -> None:
-        from .memory import ExampleMemory
-
         super().__init__(k, name, warmup=warmup, rescale=rescale, loss_kind=loss_kind)
         self.decay = check_fraction("decay", decay, high_open=True)
         self.threshold = check_number("threshold", threshold)
@@ -276,17 +284,7 @@ class AreaUnderMargin(TopLoss):
     def pick(self, ctx: SelectionContext, order: Tensor, count: int) -> Tensor:
         cached = ctx.cache.get("aum_order")
         if cached is None or cached[0] is not order:
-            if ctx.ids is None:
-                raise ValueError(f"{self!r} needs the batch's example ids: give batches as "
-                                 "ksam.IndexedBatch(batch, index)")
-            margins = label_margins(ctx)
-            mem = self.memory
-            mean = mem.table("aum", (), torch.float32, margins.device).index_select(0, ctx.ids)
-            visits = mem.table("aum_visits", (), torch.long, margins.device).index_select(
-                0, ctx.ids)
-            new = torch.where(visits > 0, self.decay * mean + (1 - self.decay) * margins,
-                              margins)
-            mem.stage(ctx.ids, aum=new, aum_visits=visits + 1)
+            new = _remembered_margins(self, ctx, self.decay)
             cached = ctx.cache["aum_order"] = (order, _kept_first(order, new < self.threshold))
         return cached[1][:count]
 

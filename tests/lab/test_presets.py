@@ -207,15 +207,18 @@ def test_compare_without_task_or_preset_runs_the_default_preset():
     assert cfg.task_options["noisy_validation"] is True
     assert _labels(cfg) == ["sgd", "sam:rho=0.05", "ksam:k=32,rho=0.05",
                             "ksam:k=32,rho=0.05,select=top"]
-    assert cfg.seeds == [0, 1, 2] and cfg.epochs == 30 and cfg.lr is None
-    assert cfg.sweep_lrs == list(DEFAULT_LR_SWEEP)
+    assert cfg.seeds == [0, 1, 2, 3, 4] and cfg.epochs == 30 and cfg.lr is None
+    assert cfg.sweep_lrs == [0.05, 0.1, 0.2]
     assert _compare("--label-noise", "0").label_noise == 0.0  # the user's flag wins
-    assert _compare("--lr", "0.1").sweep_lrs is None
+    for argv in (["--lr", "0.1"], ["--no-lr-sweep"], ["--validation-split", "0.2"]):
+        assert _compare(*argv).sweep_lrs is None, argv  # the preset's sweep gives way
+    assert _compare("--lr-sweep", "0.3", "0.6").sweep_lrs == [0.3, 0.6]
 
 
 def test_naming_a_task_leaves_the_default_preset_out():
     cfg = _compare("--task", "mnist1d")
     assert cfg.label_noise == 0.0 and "noisy_validation" not in cfg.task_options
     assert _labels(cfg) == list(DEFAULT_METHODS) and cfg.seeds == [0, 1, 2]
+    assert cfg.sweep_lrs == list(DEFAULT_LR_SWEEP)
     assert _labels(_compare("--preset", "mnist1d-noise")) == _labels(
         _compare("--task", "mnist1d", "--preset", "mnist1d-noise"))

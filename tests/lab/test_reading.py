@@ -34,3 +34,12 @@ def test_reading_of_one_seed_or_clear_winner_has_no_ties():
         "Reading: the most accurate method here is sam (80.50 % validation accuracy, 2.00x "
         "sgd's time).")
     assert reading([], "sgd") == ""
+
+
+def test_a_method_with_collapsed_runs_is_never_called_a_tie():
+    """SAM's wide std from two collapsed runs overlaps the best method's: it is reported as
+    collapsed, not as indistinguishable from the best."""
+    rows = [_row("sgd", 86.3, 0.4, 10.0), _row("sam", 53.0, 38.1, 18.0, collapsed=2),
+            _row("ksam", 91.7, 2.2, 19.0)]
+    text = reading(rows, "sgd").splitlines()
+    assert len(text) == 2 and text[1].startswith("sam collapsed in 2 of 3 runs")

@@ -1000,8 +1000,9 @@ def table_notes(reference: str) -> str:
 
 def reading(rows: list[dict[str, Any]], reference: str, split: str = "test") -> str:
     """A few sentences under the table that read it: the most accurate method and its
-    time against ``reference``'s, the methods a std's overlap does not tell apart from it
-    (and which of those is cheapest), and each method with collapsed runs."""
+    time against ``reference``'s, the methods without a collapsed run that a std's overlap
+    does not tell apart from it (and which of those is cheapest), and each method with
+    collapsed runs."""
     rows = [r for r in rows if not math.isnan(r["test_acc_mean"])]
     if not rows:
         return ""
@@ -1016,8 +1017,8 @@ def reading(rows: list[dict[str, Any]], reference: str, split: str = "test") -> 
 
     lines = [f"Reading: the most accurate method here is {best['method']} "
              f"({best['test_acc_mean']:.2f} % {split} accuracy{cost(best)})."]
-    close = [r for r in rows if r is not best and r["test_acc_mean"] + spread(r)
-             >= best["test_acc_mean"] - spread(best)]
+    close = [r for r in rows if r is not best and not r["collapsed"]
+             and r["test_acc_mean"] + spread(r) >= best["test_acc_mean"] - spread(best)]
     if close:
         names = ", ".join(f"{r['method']} ({r['test_acc_mean']:.2f} %{cost(r)})" for r in close)
         cheapest = min([best, *close], key=lambda r: r["train_time_s"])
@@ -1027,8 +1028,9 @@ def reading(rows: list[dict[str, Any]], reference: str, split: str = "test") -> 
         if r["collapsed"]:
             lines.append(f"{r['method']} collapsed in {r['collapsed']} of {r['seeds']} runs: "
                          f"they ended more than {COLLAPSE_MARGIN:.0f} points below "
-                         f"{reference}'s mean, a run that stopped learning (on noisy labels, "
-                         "a rule that trains on the largest losses fits the wrong labels).")
+                         f"{reference}'s mean, runs that stopped learning (a step too large "
+                         "for the run, or on noisy labels a method that fits the wrong "
+                         "labels).")
     return "\n".join(lines)
 
 
