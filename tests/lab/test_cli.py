@@ -211,14 +211,18 @@ def test_compare_help_describes_groups_and_names_its_defaults(capsys, monkeypatc
 
 
 def test_default_compare_sweeps_each_lr_and_a_given_lr_does_not():
-    assert _cfg("compare").sweep_lrs == list(DEFAULT_LR_SWEEP)
-    assert _cfg("compare", "--lr-sweep", "0.1", "0.3").sweep_lrs == [0.1, 0.3]
-    assert _cfg("compare", "--lr", "0.1").sweep_lrs is None
-    assert _cfg("compare", "--no-lr-sweep").sweep_lrs is None
-    assert _cfg("compare", "--methods", "sgd:lr=0.2", "sam").sweep_lrs is None
+    for task in ([], ["--task", "mnist1d"]):  # the default preset, and a task of one's own
+        assert _cfg("compare", *task, "--lr-sweep", "0.1", "0.3").sweep_lrs == [0.1, 0.3]
+        assert _cfg("compare", *task, "--lr", "0.1").sweep_lrs is None
+        assert _cfg("compare", *task, "--no-lr-sweep").sweep_lrs is None
+        assert _cfg("compare", *task, "--methods", "sgd:lr=0.2", "sam").sweep_lrs is None
+        assert _cfg("compare", *task, "--validation-split", "0.2").sweep_lrs is None  # tuning
+        assert _cfg("compare", *task, "--validation-split", "0.3", "--lr-sweep",
+                    "0.1").sweep_lrs == [0.1]
+    assert _cfg("compare", "--task", "mnist1d").sweep_lrs == list(DEFAULT_LR_SWEEP)
+    assert _cfg("compare", "--methods", "sgd", "sam").sweep_lrs == list(DEFAULT_LR_SWEEP)
+    assert _cfg("compare").sweep_lrs == [0.05, 0.1, 0.2]  # the default preset's grid
     assert _cfg("compare", "--preset", "mnist1d").sweep_lrs is None  # the preset's lr
-    assert _cfg("compare", "--validation-split", "0.2").sweep_lrs is None  # a tuning run
-    assert _cfg("compare", "--validation-split", "0.3", "--lr-sweep", "0.1").sweep_lrs == [0.1]
 
 
 def test_default_compare_reports_each_methods_lr(tmp_path, capsys):

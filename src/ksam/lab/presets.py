@@ -336,8 +336,8 @@ def preset_layer(name: str, user: Mapping[str, Any]) -> dict[str, Any]:
     """Preset ``name`` as a partial configuration to merge under the ``user``'s one (the
     fields the user gave). Where the user gives ``k``, ``rho`` or ``lr`` and no methods,
     those keys leave the preset's specs; specs that become identical are merged. A
-    preset's ``lr_sweep`` gives way to the user's ``lr``, ``no_lr_sweep`` and
-    ``validation_split``.
+    preset's ``lr_sweep`` gives way to the user's ``lr``, ``no_lr_sweep``,
+    ``validation_split`` and ``methods``.
 
     Raises ValueError, listing the presets, for an unknown name.
     """
@@ -346,8 +346,10 @@ def preset_layer(name: str, user: Mapping[str, Any]) -> dict[str, Any]:
     preset = PRESETS[name]
     layer = {key: list(v) if isinstance(v, list) else v for key, v in preset.values.items()}
     layer["task_options"] = dict(preset.task_options)
-    if user.get("lr") is not None or user.get("no_lr_sweep") or user.get("validation_split"):
-        layer.pop("lr_sweep", None)  # the user's one lr, or a tuning run of their own
+    if user.get("lr") is not None or user.get("no_lr_sweep") or user.get("validation_split") \
+            or user.get("methods"):
+        # the user's one lr, a tuning run of their own, or methods that may set their lrs
+        layer.pop("lr_sweep", None)
     if "methods" in layer:
         specs = [MethodSpec.parse(spec) for spec in layer["methods"]]
         given = {key for key in ("k", "rho", "lr") if user.get(key) is not None}
