@@ -7,8 +7,11 @@ Everything here is deterministic: a model from its seed, a batch from its seed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +201,22 @@ def assert_one_error(capsys, code: int, needle: str) -> str:
     assert len(err) == 1 and err[0].startswith("ksam: error:"), err
     assert needle in err[0], err[0]
     return err[0]
+
+
+@contextlib.contextmanager
+def lock_held(folder: Path):
+    """Another process holds ``folder``'s lock (an exclusive flock, as a running ksam
+    command does) until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+         "time.sleep(120)", str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def copy_folder(source: Path, target: Path) -> Path:

@@ -37,6 +37,7 @@ from conftest import (
     copy_folder,
     data,
     files_of,
+    lock_held,
     mlp,
     params,
     sgd,
@@ -521,18 +522,10 @@ def test_overwrite_keeps_a_users_own_config_json(tmp_path, capsys):
 
 def test_a_busy_out_is_refused_with_the_locks_message(two_epoch_run, tmp_path, capsys):
     out = copy_folder(two_epoch_run, tmp_path / "run")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
-         "time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(out):
         before = files_of(out)
         assert_one_error(capsys, _train(out), f"--out {out} is in use")
         assert files_of(out) == before
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 # ============================================ the command line checks before it writes

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
+from conftest import assert_one_error, copy_folder, files_of, lock_held, write_idx
 
 from ksam.lab.cli import build_parser, config_from_args, main
 from ksam.lab.compare import accuracy_vs_cost, compare, method_styles
@@ -36,25 +36,6 @@ TINY = ["--task", "mnist1d", "--task-option", "num_samples=600", "--batch-size",
 SMALL = ["--task", "mnist1d", "--task-option", "num_samples=300", "--batch-size", "32",
          "--quiet"]
 SHARED_LR = ["--no-lr-sweep"]  # one shared lr: no lr sweep before the comparison
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_error(capsys, code: int, needle: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("ksam: error:"), err
-    assert needle in err[0], err[0]
-
-
-def _one_error(capsys, code: int, needle: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("ksam: error:"), err
-    assert needle in err[0], err[0]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +170,7 @@ def test_the_plan_is_printed_before_the_first_run_ends_into_a_pipe(tmp_path):
 
 
 def test_compare_into_a_train_folder_names_the_other_command(finished_run, capsys):
-    _one_error(capsys, main(["compare", "--methods", "sgd", "--out", str(finished_run),
+    assert_one_error(capsys, main(["compare", "--methods", "sgd", "--out", str(finished_run),
                              *SMALL, *SHARED_LR]),
                "holds the results of a `ksam train`, which `ksam compare` neither resumes nor "
                "replaces; choose another --out")
@@ -551,17 +532,14 @@ def _garble(data: bytes) -> bytes:
 ], ids=["garbled", "truncated", "empty", "foreign"])
 def test_resume_refuses_a_bad_checkpoint_and_touches_nothing(finished_run, tmp_path, capsys,
                                                              damage, needle):
-    out = tmp_path / "copy"
-    out.mkdir()
-    for name, data in _snapshot(finished_run).items():
-        (out / name).write_bytes(data)
+    out = copy_folder(finished_run, tmp_path / "copy")
     ckpt = out / "checkpoint.pt"
     ckpt.write_bytes(damage(ckpt.read_bytes()))
-    before = _snapshot(out)
+    before = files_of(out)
     code = main(["train", "--method", "sgd", "--epochs", "2", "--out", str(out), "--resume",
                  *SMALL])
-    _one_error(capsys, code, needle)
-    assert _snapshot(out) == before
+    assert_one_error(capsys, code, needle)
+    assert files_of(out) == before
 
 
 def test_a_checkpoint_of_a_torch_save_is_foreign(tmp_path):
@@ -589,11 +567,11 @@ def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_scratch(tmp_
     # what a run killed during its first epoch leaves: its config (and ksam's manifest)
     (cut / "checkpoint.pt").unlink()
     (cut / "metrics.jsonl").unlink()
-    before = _snapshot(cut)
-    _one_error(capsys, main([*args, "--out", str(cut)]), "is not empty")  # a plain rerun
-    _one_error(capsys, main([*args, "--out", str(cut), "--resume", "--lr", "0.3"]),
+    before = files_of(cut)
+    assert_one_error(capsys, main([*args, "--out", str(cut)]), "is not empty")  # a plain rerun
+    assert_one_error(capsys, main([*args, "--out", str(cut), "--resume", "--lr", "0.3"]),
                "was made with lr=0.1 (now 0.3)")
-    assert _snapshot(cut) == before
+    assert files_of(cut) == before
     assert main([*args, "--out", str(cut), "--resume"]) == 0
     a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
     assert b["epoch"] == 2
@@ -603,15 +581,12 @@ def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_scratch(tmp_
 
 
 def test_resume_refuses_another_fast_setting_before_writing(finished_run, tmp_path, capsys):
-    out = tmp_path / "copy"
-    out.mkdir()
-    for name, data in _snapshot(finished_run).items():
-        (out / name).write_bytes(data)
-    before = _snapshot(out)
+    out = copy_folder(finished_run, tmp_path / "copy")
+    before = files_of(out)
     code = main(["train", "--method", "sgd", "--epochs", "1", "--out", str(out), "--resume",
                  "--fast", *SMALL])
-    _one_error(capsys, code, "was made with fast=False (now True)")
-    assert _snapshot(out) == before
+    assert_one_error(capsys, code, "was made with fast=False (now True)")
+    assert files_of(out) == before
     assert "fast" not in RESUME_MAY_CHANGE
 
 
@@ -626,7 +601,7 @@ def test_resume_reads_a_configuration_saved_under_the_earlier_field_names(tmp_pa
     config["schedule"] = config.pop("lr_schedule")
     config["selection"] = config.pop("selection_scope")
     save_checkpoint(state, out / "checkpoint.pt")
-    _one_error(capsys, main([*args, "--epochs", "1", "--resume", "--schedule", "cosine"]),
+    assert_one_error(capsys, main([*args, "--epochs", "1", "--resume", "--schedule", "cosine"]),
                "was made with lr_schedule='constant' (now 'cosine')")
     assert main([*args, "--epochs", "1", "--resume", "--schedule", "constant"]) == 0
 
@@ -635,16 +610,13 @@ def test_resume_reads_a_configuration_saved_under_the_earlier_field_names(tmp_pa
 
 def test_train_refuses_a_finished_run_unless_resume_or_overwrite(finished_run, tmp_path,
                                                                  capsys):
-    out = tmp_path / "again"
-    out.mkdir()
-    for name, data in _snapshot(finished_run).items():
-        (out / name).write_bytes(data)
+    out = copy_folder(finished_run, tmp_path / "again")
     (out / "notes.txt").write_text("mine")
-    before = _snapshot(out)
+    before = files_of(out)
     args = ["train", "--method", "sgd", "--epochs", "1", "--out", str(out), *SMALL]
-    _one_error(capsys, main(args), "is not empty")
-    assert _snapshot(out) == before
-    _one_error(capsys, main([*args, "--resume", "--overwrite"]), "not allowed with")
+    assert_one_error(capsys, main(args), "is not empty")
+    assert files_of(out) == before
+    assert_one_error(capsys, main([*args, "--resume", "--overwrite"]), "not allowed with")
 
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["seed"] == 1
@@ -658,9 +630,9 @@ def test_compare_refuses_another_comparison_and_overwrite_removes_stale_runs(tmp
             *SMALL]
     assert main([*args, "--methods", "sgd", "sam"]) == 0
     assert (out / "runs" / "sam-seed0").is_dir()
-    before = _snapshot(out)
-    _one_error(capsys, main([*args, "--methods", "sgd"]), "is not empty")
-    assert _snapshot(out) == before
+    before = files_of(out)
+    assert_one_error(capsys, main([*args, "--methods", "sgd"]), "is not empty")
+    assert files_of(out) == before
 
     assert main([*args, "--methods", "sgd", "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["sgd-seed0"]
@@ -671,8 +643,8 @@ def test_compare_refuses_another_comparison_and_overwrite_removes_stale_runs(tmp
 def test_out_on_a_file_or_a_read_only_folder(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    _one_error(capsys, main(["train", "--out", str(a_file), *SMALL]), "is a file")
-    _one_error(capsys, main(["compare", "--out", str(a_file / "sub"), *SMALL]), "is a file")
+    assert_one_error(capsys, main(["train", "--out", str(a_file), *SMALL]), "is a file")
+    assert_one_error(capsys, main(["compare", "--out", str(a_file / "sub"), *SMALL]), "is a file")
     assert a_file.read_text() == "x"
 
     locked = tmp_path / "locked"
@@ -682,7 +654,7 @@ def test_out_on_a_file_or_a_read_only_folder(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(os, "access", lambda p, m: Path(p) != locked and real(p, m))
     else:
         locked.chmod(0o500)
-    _one_error(capsys, main(["train", "--out", str(locked / "run"), *SMALL]), "not writable")
+    assert_one_error(capsys, main(["train", "--out", str(locked / "run"), *SMALL]), "not writable")
     assert not (locked / "run").exists()
 
 
@@ -704,39 +676,36 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_a_folder_of_the_other_command_is_neither_resumed_nor_replaced(finished_run, tmp_path,
                                                                        capsys):
-    out = tmp_path / "train-run"
-    out.mkdir()
-    for name, data in _snapshot(finished_run).items():
-        (out / name).write_bytes(data)
-    before = _snapshot(out)
+    out = copy_folder(finished_run, tmp_path / "train-run")
+    before = files_of(out)
     def compare_args(folder: Path) -> list[str]:
         return ["compare", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
                 "--out", str(folder), *SMALL, *SHARED_LR]
 
     for again in ("--resume", "--overwrite"):
-        _one_error(capsys, main([*compare_args(out), again]),
+        assert_one_error(capsys, main([*compare_args(out), again]),
                    "holds the results of a `ksam train`, which `ksam compare` neither "
                    "resumes nor replaces")
-        assert _snapshot(out) == before
+        assert files_of(out) == before
 
     cmp = tmp_path / "cmp"
     assert main(compare_args(cmp)) == 0
-    before = _snapshot(cmp)
+    before = files_of(cmp)
     for again in ("--resume", "--overwrite"):
-        _one_error(capsys, main(["train", "--method", "sgd", "--epochs", "1", "--out",
+        assert_one_error(capsys, main(["train", "--method", "sgd", "--epochs", "1", "--out",
                                  str(cmp), again, *SMALL]),
                    "holds the results of a `ksam compare`, which `ksam train` neither")
-        assert _snapshot(cmp) == before
+        assert files_of(cmp) == before
 
 
 def test_a_folder_written_before_manifests_is_still_told_apart(finished_run, tmp_path, capsys):
     out = tmp_path / "legacy"
     out.mkdir()
-    for name, data in _snapshot(finished_run).items():
+    for name, data in files_of(finished_run).items():
         if name != MANIFEST:
             (out / name).write_bytes(data)
     assert folder_contents(out) == ("train", list(TRAIN_OUTPUTS))
-    _one_error(capsys, main(["compare", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
+    assert_one_error(capsys, main(["compare", "--methods", "sgd", "--seeds", "1", "--epochs", "1",
                              "--out", str(out), "--resume", *SMALL, *SHARED_LR]),
                "holds the results of a `ksam train`")
     (out / "notes.txt").write_text("mine")
@@ -781,21 +750,13 @@ def test_overwrite_removes_what_ksam_wrote_and_nothing_else(tmp_path):
 def test_a_second_command_into_a_locked_folder_fails_naming_the_lock(tmp_path, capsys):
     out = tmp_path / "new"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
-         "time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(out):
         for argv in (["compare", "--methods", "sgd", "--seeds", "1", *SHARED_LR],
                      ["train", "--method", "sgd"]):
             code = main([*argv, "--epochs", "1", "--out", str(out), *SMALL])
-            _one_error(capsys, code, f"--out {out} is in use: another ksam command holds its "
+            assert_one_error(capsys, code, f"--out {out} is in use: another ksam command holds its "
                                      f"lock (an exclusive flock on the folder {out})")
             assert list(out.iterdir()) == []
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     # the lock is the holder's only while it runs: now the folder takes a run
     assert main(["train", "--method", "sgd", "--epochs", "1", "--out", str(out), *SMALL]) == 0
 
@@ -870,9 +831,9 @@ def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, argv, message
     (["compare", "--methods", "sgd", "sgd"], "given twice"),
 ], ids=["rho", "lr", "k", "spec-rho", "train-spec", "sweep", "task-option", "seeds",
         "seeds-2", "spec-twice"])
-def test_non_finite_options_and_repeats_are_one_error(tmp_path, capsys, argv, needle):
+def test_non_finite_options_and_repeats_areassert_one_error(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
-    _one_error(capsys, main([*argv, "--out", str(out), "--quiet"]), needle)
+    assert_one_error(capsys, main([*argv, "--out", str(out), "--quiet"]), needle)
     assert not out.exists()
 
 
@@ -894,7 +855,7 @@ def test_out_of_range_labels_fail_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--task", "fashion-mnist", "--data-dir", str(data), "--method", "sgd",
                  "--epochs", "1", "--batch-size", "16", "--out", str(out), "--quiet"])
-    _one_error(capsys, code, "training labels range over [0, 12]")
+    assert_one_error(capsys, code, "training labels range over [0, 12]")
     assert not out.exists()
 
 
@@ -919,7 +880,7 @@ def test_out_of_range_labels_fail_before_anything_is_written(tmp_path, capsys):
         "task-option-device", "fsdp", "global", "sync", "micro-batch"])
 def test_bad_values_are_one_error_before_anything_runs(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
-    _one_error(capsys, main([*argv, "--out", str(out), *SMALL]), needle)
+    assert_one_error(capsys, main([*argv, "--out", str(out), *SMALL]), needle)
     assert not out.exists()
 
 
@@ -940,14 +901,14 @@ def test_seeds_are_all_checked_by_the_configuration():
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number of processes"),
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: need at least one process"),
 ], ids=["nothing", "no-addr", "not-a-number", "zero"])
-def test_a_bad_torchrun_environment_is_one_error(tmp_path, capsys, monkeypatch, env, needle):
+def test_a_bad_torchrun_environment_isassert_one_error(tmp_path, capsys, monkeypatch, env, needle):
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     out = tmp_path / "out"
     for argv in (["train", "--method", "sgd"], ["compare", "--methods", "sgd", *SHARED_LR]):
-        _one_error(capsys, main([*argv, "--epochs", "1", "--out", str(out), *SMALL]), needle)
+        assert_one_error(capsys, main([*argv, "--epochs", "1", "--out", str(out), *SMALL]), needle)
         assert not out.exists()
 
 
