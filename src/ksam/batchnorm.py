@@ -1,7 +1,7 @@
 """BatchNorm bookkeeping for multi-pass steps.
 
 Running statistics must change only in the step's one full-batch pass at w. For the other
-passes we turn ``track_running_stats`` off: in train mode the layer still normalizes with
+passes ``track_running_stats`` is off: in train mode the layer still normalizes with
 the batch's own statistics but neither reads nor writes ``running_mean``, ``running_var``
 or ``num_batches_tracked``. That is exact for ``momentum=None`` (cumulative average) and for
 SyncBatchNorm too, where the common trick of setting momentum to 0 is not.

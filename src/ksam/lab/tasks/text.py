@@ -12,8 +12,8 @@ different labels). Label noise comes from :func:`ksam.lab.tasks.get_task`'s ``la
 Why these rates (``negation=0.1``, ``distractor=0.05``): with the CLI's momentum SGD the
 transformer learns the counting part in an epoch or two (about 88% test accuracy after 8
 epochs with the defaults, SGD or SAM) and the order part slowly; at higher negation rates
-(0.35) it stays on the bag-of-words plateau (about 62%) for as long as we tried, with SGD or
-Adam - measured on a CPU while building this task, not a benchmark.
+(0.35) it stays on the bag-of-words plateau (about 62%) for at least as many epochs, with
+SGD or Adam (a CPU observation, not a benchmark).
 
 Token ids ``[N, T]`` int64, padding id 0, first token ``[CLS]`` (id 1); the model
 (:class:`TextTransformer`, plain torch: 2 pre-LN encoder layers, d=64, pooled first token)
